@@ -1,0 +1,312 @@
+"""Turning file content into stored objects, in parallel, with a persistent content index.
+
+Compression and hashing run on a thread pool (zlib and hashlib release the GIL), so ingest uses every
+core while the caller keeps reading its input in order. In-flight bytes are bounded, so memory does not
+grow with the input. The content index maps the SHA-256 of a piece's *uncompressed* bytes to the stored
+object, so re-publishing unchanged content costs one hash pass and no compression.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, cast
+
+from .catalog import Chunk
+from .chunking import ChunkParams, iter_chunks
+from .hashes import ContentHash, Suffix
+from .objects import compress
+from .store import ObjectStore
+
+READ_BLOCK = 1 << 20
+
+
+class ContentIndex:
+    """SQLite map: SHA-256 of uncompressed bytes (+ kind) -> stored object(s). Safe across threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS pieces (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+        self._pending: list[tuple[bytes, bytes]] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            row = self.db.execute("SELECT value FROM pieces WHERE key = ?", (key,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def put(self, key: bytes, value: bytes) -> None:
+        with self._lock:
+            self._pending.append((key, value))
+
+    def flush(self) -> None:
+        """Persist the entries recorded since the last flush (after their objects are durable)."""
+        with self._lock:
+            if self._pending:
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT OR REPLACE INTO pieces (key, value) VALUES (?, ?)", self._pending)
+                self.db.execute("COMMIT")
+                self._pending.clear()
+
+    def discard_pending(self) -> None:
+        with self._lock:
+            self._pending.clear()
+
+    def remove_objects(self, digests: set[bytes]) -> int:
+        """Forget entries pointing at objects that were swept (used by garbage collection)."""
+        removed = 0
+        with self._lock:
+            for key, value in self.db.execute("SELECT key, value FROM pieces").fetchall():
+                if bytes(value[:20]) in digests:
+                    self.db.execute("DELETE FROM pieces WHERE key = ?", (key,))
+                    removed += 1
+        return removed
+
+    def close(self) -> None:
+        self.flush()
+        self.db.close()
+
+
+@dataclass
+class StoredContent:
+    """Where a file's content went: one object, or chunks (``hash`` None)."""
+
+    size: int
+    hash: ContentHash | None
+    chunks: list[Chunk] = field(default_factory=list)
+    written_bytes: int = 0  # compressed bytes newly written (0 when deduplicated)
+
+
+@dataclass
+class IngestStats:
+    files: int = 0
+    bytes_in: int = 0
+    objects_written: int = 0
+    bytes_written: int = 0
+    pieces_from_index: int = 0
+
+
+class PendingContent:
+    """The future result of ingesting one file."""
+
+    def __init__(
+        self,
+        size: int,
+        whole: Future[tuple[ContentHash, int]] | None,
+        pieces: list[tuple[int, int, Future[tuple[ContentHash, int]]]],
+        index_key: bytes | None,
+        writer: ContentWriter,
+    ) -> None:
+        self.size = size
+        self._whole = whole
+        self._pieces = pieces
+        self._index_key = index_key
+        self._writer = writer
+        self._result: StoredContent | None = None
+
+    def result(self) -> StoredContent:
+        if self._result is None:
+            if self._whole is not None:
+                h, written = self._whole.result()
+                self._result = StoredContent(self.size, h, [], written)
+            else:
+                chunks: list[Chunk] = []
+                written = 0
+                for offset, size, fut in self._pieces:
+                    h, w = fut.result()
+                    chunks.append(Chunk(offset, size, h))
+                    written += w
+                self._result = StoredContent(self.size, None, chunks, written)
+                if self._index_key is not None and self._writer.index is not None:
+                    self._writer.index.put(self._index_key, _encode_chunks(chunks))
+        return self._result
+
+
+def _encode_chunks(chunks: list[Chunk]) -> bytes:
+    return b"".join(struct.pack("<QQ", c.offset, c.size) + c.hash.digest for c in chunks)
+
+
+def _decode_chunks(value: bytes) -> list[Chunk]:
+    out = []
+    for i in range(0, len(value), 36):
+        off, size = struct.unpack_from("<QQ", value, i)
+        out.append(Chunk(off, size, ContentHash(value[i + 16 : i + 36])))
+    return out
+
+
+class _Done(Future[tuple[ContentHash, int]]):
+    def __init__(self, value: tuple[ContentHash, int]) -> None:
+        super().__init__()
+        self.set_result(value)
+
+
+class ContentWriter:
+    """Stores file content as objects; use one per transaction, then ``close``."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        index: ContentIndex | None,
+        params: ChunkParams | None = None,
+        workers: int | None = None,
+        max_inflight: int = 96 << 20,
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.params = params or ChunkParams()
+        self.pool = ThreadPoolExecutor(
+            max_workers=workers or os.cpu_count() or 2, thread_name_prefix="rcds-ingest"
+        )
+        self._budget = threading.Semaphore(max(1, max_inflight // READ_BLOCK))
+        self._stats_lock = threading.Lock()
+        self.stats = IngestStats()
+        self._max_inflight_blocks = max(1, max_inflight // READ_BLOCK)
+
+    # --- pieces ----------------------------------------------------------------------------------
+
+    def _acquire(self, nbytes: int) -> int:
+        blocks = min(self._max_inflight_blocks, max(1, nbytes // READ_BLOCK))
+        for _ in range(blocks):
+            self._budget.acquire()
+        return blocks
+
+    def _release(self, blocks: int) -> None:
+        for _ in range(blocks):
+            self._budget.release()
+
+    def _store_piece(self, data: bytes | memoryview, suffix: Suffix, blocks: int) -> tuple[ContentHash, int]:
+        try:
+            key = None
+            if self.index is not None:
+                key = hashlib.sha256(data).digest() + suffix.value.encode()
+                hit = self.index.get(key)
+                if hit is not None:
+                    h = ContentHash(hit[:20])
+                    if self.store.exists(h.object_name(suffix)):
+                        with self._stats_lock:
+                            self.stats.pieces_from_index += 1
+                        return h, 0
+            stored, h = compress(data)
+            written = self.store.put_object(h.object_name(suffix), stored)
+            if key is not None and self.index is not None:
+                self.index.put(key, h.digest)
+            with self._stats_lock:
+                if written:
+                    self.stats.objects_written += 1
+                    self.stats.bytes_written += len(stored)
+            return h, len(stored) if written else 0
+        finally:
+            self._release(blocks)
+
+    def _submit(self, data: bytes, suffix: Suffix) -> Future[tuple[ContentHash, int]]:
+        blocks = self._acquire(len(data))
+        return self.pool.submit(self._store_piece, data, suffix, blocks)
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def add_stream(self, stream: BinaryIO, size: int) -> PendingContent:
+        """Ingest exactly ``size`` bytes from ``stream`` (read now, in order; stored in the background)."""
+        with self._stats_lock:
+            self.stats.files += 1
+            self.stats.bytes_in += size
+        if size <= self.params.min_size:
+            data = _read_exact(stream, size)
+            return PendingContent(size, self._submit(data, Suffix.NONE), [], None, self)
+        limited = cast(BinaryIO, _Limited(stream, size))
+        pieces: list[tuple[int, int, Future[tuple[ContentHash, int]]]] = []
+        offset = 0
+        for chunk in iter_chunks(limited, self.params):
+            if offset == 0 and len(chunk) == size:  # the detector found no cut: a sole piece is a whole file
+                return PendingContent(size, self._submit(chunk, Suffix.NONE), [], None, self)
+            pieces.append((offset, len(chunk), self._submit(chunk, Suffix.PARTIAL)))
+            offset += len(chunk)
+        if offset != size:
+            raise EOFError(f"stream ended after {offset} of {size} bytes")
+        return PendingContent(size, None, pieces, None, self)
+
+    def add_file(self, path: Path | str, size: int | None = None) -> PendingContent:
+        """Ingest a file on disk. Large files are hashed first: unchanged ones skip chunking entirely."""
+        size = os.path.getsize(path) if size is None else size
+        if size > self.params.min_size and self.index is not None:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(4 * READ_BLOCK):
+                    h.update(block)
+            key = b"F" + h.digest() + struct.pack("<QQQ", *self._param_tuple())
+            hit = self.index.get(key)
+            if hit is not None:
+                chunks = _decode_chunks(hit)
+                if all(self.store.exists(c.hash.object_name(Suffix.PARTIAL)) for c in chunks):
+                    with self._stats_lock:
+                        self.stats.files += 1
+                        self.stats.bytes_in += size
+                        self.stats.pieces_from_index += len(chunks)
+                    return PendingContent(
+                        size, None, [(c.offset, c.size, _Done((c.hash, 0))) for c in chunks], None, self
+                    )
+            with open(path, "rb") as f:
+                pending = self.add_stream(f, size)
+            if pending._whole is None:
+                pending._index_key = key
+            return pending
+        with open(path, "rb") as f:
+            return self.add_stream(f, size)
+
+    def _param_tuple(self) -> tuple[int, int, int]:
+        return self.params.min_size, self.params.avg_size, self.params.max_size
+
+    def store_blob(self, data: bytes, suffix: Suffix) -> ContentHash:
+        """Store a small object now (markers, empty files)."""
+        h, _ = self._submit(data, suffix).result()
+        return h
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    parts = []
+    remaining = size
+    while remaining:
+        block = stream.read(min(remaining, 4 * READ_BLOCK))
+        if not block:
+            raise EOFError(f"stream ended {remaining} bytes early")
+        parts.append(block)
+        remaining -= len(block)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+class _Limited:
+    """A read-only view of the next ``size`` bytes of a stream."""
+
+    def __init__(self, stream: BinaryIO, size: int) -> None:
+        self._stream = stream
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._stream.read(n)
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buf: memoryview | bytearray) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+def iter_blocks(stream: BinaryIO) -> Iterator[bytes]:
+    while block := stream.read(READ_BLOCK):
+        yield block

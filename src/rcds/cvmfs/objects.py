@@ -1,0 +1,46 @@
+"""Compressing and naming content-addressed objects.
+
+Objects are zlib *streams* (level 6, the CVMFS default), named by the hash of the compressed bytes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+from .hashes import Algorithm, ContentHash
+
+ZLIB_LEVEL = 6
+
+
+class ObjectCorrupt(Exception):
+    """An object's bytes do not hash to its name or do not inflate."""
+
+
+def compress(data: bytes | memoryview, algorithm: Algorithm = Algorithm.SHA1) -> tuple[bytes, ContentHash]:
+    """Compress ``data`` and name it. zlib and hashlib release the GIL on large buffers."""
+    stored = zlib.compress(data, ZLIB_LEVEL)
+    return stored, ContentHash.of(stored, algorithm)
+
+
+def compress_iter(blocks: Iterable[bytes]) -> bytes:
+    comp = zlib.compressobj(ZLIB_LEVEL)
+    out = [comp.compress(b) for b in blocks]
+    out.append(comp.flush())
+    return b"".join(out)
+
+
+def decompress(stored: bytes) -> bytes:
+    try:
+        return zlib.decompress(stored)
+    except zlib.error as exc:
+        raise ObjectCorrupt(f"not a zlib stream: {exc}") from exc
+
+
+def verify(stored: bytes, expected: ContentHash) -> None:
+    actual = ContentHash.of(stored, expected.algorithm)
+    if actual != expected:
+        raise ObjectCorrupt(f"object {expected.hex} has content hash {actual.hex}")
+
+
+EMPTY_OBJECT, EMPTY_HASH = compress(b"")

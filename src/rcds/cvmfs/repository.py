@@ -1,0 +1,373 @@
+"""A stratum 0 repository on local storage: creation, keys, signing, and read access for the writer.
+
+Storage layout (the public part is exactly what a stock stratum 0 serves)::
+
+    <storage>/.cvmfspublished .cvmfswhitelist .cvmfsreflog .cvmfs_master_replica data/00..ff/
+    <storage>/.rcds/            private, never served: repo.json, keys/, catalogs/ (cache of
+                                uncompressed catalogs), content-index.db, lock, tmp/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import failpoints, signing, whitelist
+from .catalog import FLAG_DIR, Catalog, Dirent, make_hardlinks
+from .chunking import ChunkParams
+from .hashes import ContentHash, Suffix
+from .history import TRUNK, TRUNK_PREVIOUS, History, Tag
+from .manifest import Manifest
+from .objects import compress, decompress, verify
+from .reflog import Reflog, RefType
+from .store import PRIVATE_DIR, LocalStore
+from .whitelist import Whitelist
+
+if TYPE_CHECKING:
+    from .writer import Transaction
+
+DEFAULT_TTL = 15  # seconds: user code must appear fast (the CVMFS default is 240)
+MANIFEST = ".cvmfspublished"
+WHITELIST = ".cvmfswhitelist"
+REFLOG = ".cvmfsreflog"
+MASTER_REPLICA = ".cvmfs_master_replica"
+STATUS_JSON = ".cvmfs_status.json"
+WHITELIST_WARN = dt.timedelta(days=7)
+
+
+class RepositoryError(Exception):
+    """The repository does not exist, is locked, or is inconsistent."""
+
+
+@dataclass
+class RepoConfig:
+    fqrn: str
+    ttl: int = DEFAULT_TTL
+    keys_dir: str = ""
+    chunk_min: int = ChunkParams().min_size
+    chunk_avg: int = ChunkParams().avg_size
+    chunk_max: int = ChunkParams().max_size
+    whitelist_days: int = 30
+
+    @property
+    def chunk_params(self) -> ChunkParams:
+        return ChunkParams(self.chunk_min, self.chunk_avg, self.chunk_max)
+
+
+def _fsync_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class Repository:
+    """Open with ``Repository(storage)``; create with ``Repository.create(fqrn, storage)``."""
+
+    def __init__(self, storage: Path | str) -> None:
+        self.storage = Path(storage)
+        self.private = self.storage / PRIVATE_DIR
+        config_path = self.private / "repo.json"
+        if not config_path.is_file():
+            raise RepositoryError(f"{self.storage} is not an rcds repository (no {PRIVATE_DIR}/repo.json)")
+        self.config = RepoConfig(**json.loads(config_path.read_text()))
+        self.fqrn = self.config.fqrn
+        self.keys_dir = Path(self.config.keys_dir) if self.config.keys_dir else self.private / "keys"
+        self.store = LocalStore(self.storage)
+        self.catalog_cache = self.private / "catalogs"
+        self.catalog_cache.mkdir(exist_ok=True)
+
+    # --- creation --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        fqrn: str,
+        storage: Path | str,
+        ttl: int = DEFAULT_TTL,
+        keys_dir: Path | None = None,
+        chunk_params: ChunkParams | None = None,
+        now: int | None = None,
+    ) -> Repository:
+        storage = Path(storage)
+        if (storage / MANIFEST).exists() or (storage / PRIVATE_DIR / "repo.json").exists():
+            raise RepositoryError(f"{storage} already holds a repository")
+        _check_fqrn(fqrn)
+        store = LocalStore(storage)
+        store.initialize()
+        private = storage / PRIVATE_DIR
+        params = chunk_params or ChunkParams()
+        config = RepoConfig(
+            fqrn, ttl, str(keys_dir) if keys_dir else "", params.min_size, params.avg_size, params.max_size
+        )
+        kdir = keys_dir or private / "keys"
+        kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        master = signing.generate_key()
+        cert_key = signing.generate_key()
+        cert = signing.make_certificate(cert_key, fqrn)
+        _fsync_write(kdir / f"{fqrn}.masterkey", signing.private_key_pem(master), 0o600)
+        _fsync_write(kdir / f"{fqrn}.key", signing.private_key_pem(cert_key), 0o600)
+        _fsync_write(kdir / f"{fqrn}.crt", signing.certificate_pem(cert))
+        _fsync_write(kdir / f"{fqrn}.pub", signing.public_key_pem(master.public_key()))
+        _fsync_write(private / "repo.json", json.dumps(asdict(config), indent=2).encode())
+        repo = cls(storage)
+        repo.resign()
+        store.put(MASTER_REPLICA, b"")
+        repo._publish_initial(now if now is not None else int(time.time()))
+        return repo
+
+    def _publish_initial(self, now: int) -> None:
+        tmp = self.private / "tmp"
+        root_row = Dirent(
+            name="", mode=0o40755, flags=FLAG_DIR, size=4096, mtime=now, hardlinks=make_hardlinks(2)
+        )
+        cat_path = tmp / "root.db"
+        cat = Catalog.create(cat_path, "", root_row, ttl=self.config.ttl)
+        counters = cat.counters()
+        assert counters is not None
+        counters.self_ = cat.compute_self_counters()
+        cat.write_counters(counters)
+        cat.set_property("last_modified", now)
+        cat.close()
+        root_hash, root_size = self.store_catalog(cat_path)
+        cert_hash = self.store_certificate()
+        with self.history_for_update(None) as (hist_path, hist):
+            hist.put(Tag(TRUNK, root_hash, 0, now, root_size, "current HEAD"))
+        history_hash = self._store_sqlite_object(hist_path, Suffix.HISTORY)
+        reflog_path = tmp / "reflog.db"
+        reflog = Reflog.create(reflog_path, self.fqrn)
+        for h, kind in (
+            (root_hash, RefType.CATALOG),
+            (cert_hash, RefType.CERTIFICATE),
+            (history_hash, RefType.HISTORY),
+        ):
+            reflog.add(h, kind, now)
+        reflog.close()
+        manifest = Manifest(
+            root_hash, 0, self.config.ttl, self.fqrn, root_size, cert_hash, history_hash, None, None, now
+        )
+        self.publish_manifest(manifest, reflog_path)
+
+    # --- keys and signing ------------------------------------------------------------------------
+
+    def _key_path(self, ext: str) -> Path:
+        return self.keys_dir / f"{self.fqrn}.{ext}"
+
+    @property
+    def public_key_path(self) -> Path:
+        return self._key_path("pub")
+
+    def master_key(self) -> rsa.RSAPrivateKey:
+        return signing.load_private_key(self._key_path("masterkey").read_bytes())
+
+    def certificate_key(self) -> rsa.RSAPrivateKey:
+        return signing.load_private_key(self._key_path("key").read_bytes())
+
+    def certificate_pem(self) -> bytes:
+        return self._key_path("crt").read_bytes()
+
+    def public_keys(self) -> list[rsa.RSAPublicKey]:
+        return [signing.load_public_key(self.public_key_path.read_bytes())]
+
+    def resign(self, days: int | None = None, now: dt.datetime | None = None) -> Whitelist:
+        """Write a fresh whitelist for the current certificate (run well before the old one expires)."""
+        cert = signing.load_certificate(self.certificate_pem())
+        validity = dt.timedelta(days=days or self.config.whitelist_days)
+        data = whitelist.create(
+            self.fqrn, [signing.certificate_fingerprint(cert)], self.master_key(), now, validity
+        )
+        self.store.put_durable(WHITELIST, data)
+        wl, _ = Whitelist.parse(data)
+        return wl
+
+    def whitelist(self) -> Whitelist:
+        return Whitelist.parse(self.store.get(WHITELIST))[0]
+
+    def whitelist_warning(self, now: dt.datetime | None = None) -> str | None:
+        wl = self.whitelist()
+        now = now or dt.datetime.now(dt.UTC)
+        if wl.is_expired(now):
+            return f"whitelist EXPIRED at {wl.expires:%Y-%m-%d %H:%M} UTC: clients reject the repository; run 'rcds repo resign'"
+        if wl.expires - now < WHITELIST_WARN:
+            return f"whitelist expires {wl.expires:%Y-%m-%d %H:%M} UTC (in {wl.expires - now}); run 'rcds repo resign'"
+        return None
+
+    def store_certificate(self) -> ContentHash:
+        stored, h = compress(self.certificate_pem())
+        self.store.put_object(h.object_name(Suffix.CERTIFICATE), stored)
+        return h
+
+    # --- manifest, catalogs, history -------------------------------------------------------------
+
+    def manifest(self) -> Manifest:
+        return Manifest.parse(self.store.get(MANIFEST))[0]
+
+    def publish_manifest(self, manifest: Manifest, reflog_path: Path) -> Manifest:
+        """The last step of every publish: reflog, then the signed manifest, each durable."""
+        reflog_bytes = reflog_path.read_bytes()
+        manifest = dataclasses.replace(manifest, reflog=ContentHash.of(reflog_bytes))
+        self.store.put_durable(REFLOG, reflog_bytes)
+        failpoints.hit("after-reflog")
+        self.store.sync()
+        self.store.put_durable(MANIFEST, manifest.sign(self.certificate_key()))
+        return manifest
+
+    def recover(self) -> list[str]:
+        """Repair what an interrupted publish left behind; call with the writer lock held.
+
+        Staging files and transaction scratch directories are removed. If the process died between
+        replacing the reflog and replacing the manifest, the reflog is a superset of the published
+        one; the manifest is re-signed (same revision and root catalog) so that ``Y`` matches it.
+        """
+        done: list[str] = []
+        self.store.clean_staging()
+        txn_dir = self.private / "txn"
+        if txn_dir.is_dir():
+            for d in txn_dir.iterdir():
+                shutil.rmtree(d, ignore_errors=True)
+                done.append(f"removed scratch {d.name}")
+        if self.store.exists(REFLOG):
+            manifest = self.manifest()
+            actual = ContentHash.of(self.store.get(REFLOG))
+            if manifest.reflog is not None and actual != manifest.reflog:
+                self.store.put_durable(
+                    MANIFEST, dataclasses.replace(manifest, reflog=actual).sign(self.certificate_key())
+                )
+                done.append("re-signed the manifest for a reflog left by an interrupted publish")
+        return done
+
+    def store_catalog(self, path: Path) -> tuple[ContentHash, int]:
+        """Compress a finished catalog file into a ``C`` object; keep the uncompressed file in the cache."""
+        raw = path.read_bytes()
+        stored, h = compress(raw)
+        self.store.put_object(h.object_name(Suffix.CATALOG), stored)
+        cached = self.catalog_cache / h.hex
+        if not cached.exists():
+            os.replace(path, cached)
+        return h, len(raw)
+
+    def _store_sqlite_object(self, path: Path, suffix: Suffix) -> ContentHash:
+        stored, h = compress(path.read_bytes())
+        self.store.put_object(h.object_name(suffix), stored)
+        return h
+
+    def catalog_file(self, h: ContentHash) -> Path:
+        """Local uncompressed copy of catalog ``h`` (from the cache, else fetched and verified)."""
+        cached = self.catalog_cache / h.hex
+        if not cached.exists():
+            stored = self.store.get(h.object_name(Suffix.CATALOG))
+            verify(stored, h)
+            tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+            tmp.write_bytes(decompress(stored))
+            os.replace(tmp, cached)
+        return cached
+
+    def open_catalog(self, h: ContentHash) -> Catalog:
+        return Catalog(self.catalog_file(h))
+
+    @contextlib.contextmanager
+    def history_for_update(self, previous: ContentHash | None) -> Iterator[tuple[Path, History]]:
+        path = self.private / "tmp" / f"history.{os.getpid()}.db"
+        if previous is None:
+            hist = History.create(path, self.fqrn)
+        else:
+            stored = self.store.get(previous.object_name(Suffix.HISTORY))
+            verify(stored, previous)
+            path.write_bytes(decompress(stored))
+            hist = History(path, writable=True)
+            hist.set_property("previous_revision", previous.hex)
+        try:
+            yield path, hist
+        finally:
+            hist.close()
+
+    def store_history(self, path: Path) -> ContentHash:
+        return self._store_sqlite_object(path, Suffix.HISTORY)
+
+    def update_history(self, previous: ContentHash | None, head: Tag) -> ContentHash:
+        with self.history_for_update(previous) as (path, hist):
+            old = hist.get(TRUNK)
+            if old is not None:
+                hist.put(
+                    Tag(
+                        TRUNK_PREVIOUS,
+                        old.root_hash,
+                        old.revision,
+                        old.timestamp,
+                        old.size,
+                        "default undo target",
+                    )
+                )
+            hist.put(head)
+        return self.store_history(path)
+
+    def reflog_copy(self) -> Path:
+        """A private working copy of the published reflog."""
+        path = self.private / "tmp" / f"reflog.{os.getpid()}.db"
+        if self.store.exists(REFLOG):
+            path.write_bytes(self.store.get(REFLOG))
+        else:
+            Reflog.create(path, self.fqrn).close()
+        return path
+
+    # --- locking and transactions ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, blocking: bool = True) -> Iterator[None]:
+        """Exclusive writer lock (flock: released by the kernel if the process dies)."""
+        fd = os.open(self.private / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                raise RepositoryError(f"{self.fqrn} is locked by another writer") from exc
+            yield
+        finally:
+            os.close(fd)
+
+    def transaction(self) -> Transaction:
+        from .writer import Transaction
+
+        return Transaction(self)
+
+    def write_status(self, **fields: str) -> None:
+        path = self.storage / STATUS_JSON
+        status: dict[str, str] = {}
+        if path.exists():
+            with contextlib.suppress(ValueError):
+                status = json.loads(path.read_text())
+        status.update(fields)
+        self.store.put(STATUS_JSON, json.dumps(status, indent=2).encode())
+
+    def prune_catalog_cache(self, keep: set[str]) -> None:
+        for f in self.catalog_cache.iterdir():
+            if f.name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+
+
+def _check_fqrn(fqrn: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,126}", fqrn) or ".." in fqrn:
+        raise RepositoryError(f"bad repository name {fqrn!r} (letters, digits, '.', '-', '_')")
+
+
+def copy_catalog(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)

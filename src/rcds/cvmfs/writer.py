@@ -1,0 +1,697 @@
+"""The writer: transactions that change a repository and publish a new signed revision.
+
+A transaction holds the repository's writer lock. It opens working copies of only the catalogs on the
+paths it touches (root -> ... -> the catalog that holds the change), edits them with SQL, and on
+``commit`` finalizes them bottom-up::
+
+    data objects (written while ingesting)  -> sync
+    nested catalogs, deepest first, then the root catalog
+    history, reflog                          -> sync
+    signed manifest (atomic rename, fsync)
+
+so a crash at any point leaves the previous revision intact, and a stratum 1 never sees a catalog whose
+objects are missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import failpoints
+from .catalog import (
+    COUNTER_KINDS,
+    FLAG_DIR,
+    FLAG_FILE,
+    FLAG_LINK,
+    FLAG_NESTED_MOUNTPOINT,
+    FLAG_NESTED_ROOT,
+    FLAG_SPECIAL,
+    NESTED_MARKER,
+    Catalog,
+    Counters,
+    Dirent,
+    add_counts,
+    file_flags,
+    make_hardlinks,
+)
+from .content import ContentIndex, ContentWriter, IngestStats, PendingContent
+from .hashes import NULL_HASH_HEX, ContentHash, normalize_path, parent_path
+from .history import TRUNK, Tag
+from .manifest import Manifest
+from .objects import EMPTY_HASH, EMPTY_OBJECT
+from .reflog import Reflog, RefType
+from .tree import EntryKind, TreeEntry
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+DIR_SIZE = 4096
+
+
+class TransactionError(Exception):
+    """The requested change is invalid (bad path, missing parent, bad tree)."""
+
+
+class TreeError(TransactionError):
+    """A tree to add is malformed (e.g. a hard link to a path outside it)."""
+
+
+@dataclass
+class _OpenCatalog:
+    mount: str  # "" for the root catalog
+    cat: Catalog
+    old_hash: ContentHash | None  # None for a catalog new in this transaction
+    old_totals: dict[str, int]
+    parent: str | None
+    old_subtree: dict[str, int]
+    old_revision: int
+    dirty: bool = False
+    child_delta: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_KINDS, 0))
+    fix_hardlinks: bool = False
+
+
+@dataclass
+class CommitResult:
+    revision: int
+    root_hash: ContentHash
+    manifest: Manifest
+    catalogs_written: int
+    stats: IngestStats
+    seconds: float
+
+
+@dataclass
+class _Node:
+    dirent: Dirent
+    kind: EntryKind
+    pending: PendingContent | None = None
+    link_target: str | None = None  # for HARDLINK
+    subdirs: int = 0
+
+
+class Transaction:
+    """Use as a context manager: ``with repo.transaction() as txn: ...; txn.commit()``.
+
+    Leaving the block without ``commit`` aborts: nothing is published.
+    """
+
+    def __init__(self, repo: Repository, workers: int | None = None) -> None:
+        self.repo = repo
+        self._lock = repo.lock()
+        self._lock.__enter__()
+        self._closed = False
+        try:
+            repo.recover()
+            self.base = repo.manifest()
+            self.work = repo.private / "txn" / secrets.token_hex(6)
+            self.work.mkdir(parents=True)
+            self.index = ContentIndex(repo.private / "content-index.db")
+            self.content = ContentWriter(repo.store, self.index, repo.config.chunk_params, workers)
+            self.open: dict[str, _OpenCatalog] = {}
+            self._seq = itertools.count()
+            self.clock = time.time
+            self._load("", self.base.root_catalog, None)
+        except BaseException:
+            self._release()
+            raise
+
+    # --- context management ----------------------------------------------------------------------
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop every change not yet committed. Objects already written stay (they are harmless)."""
+        if not self._closed:
+            self.index.discard_pending()
+            self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        for oc in getattr(self, "open", {}).values():
+            oc.cat.close()
+        if hasattr(self, "content"):
+            self.content.close()
+        if hasattr(self, "index"):
+            self.index.close()
+        if hasattr(self, "work"):
+            shutil.rmtree(self.work, ignore_errors=True)
+        self._lock.__exit__(None, None, None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransactionError("transaction is closed")
+
+    # --- catalogs --------------------------------------------------------------------------------
+
+    def _work_file(self) -> Path:
+        return self.work / f"c{next(self._seq)}.db"
+
+    def _load(self, mount: str, h: ContentHash, parent: str | None) -> _OpenCatalog:
+        path = self._work_file()
+        shutil.copyfile(self.repo.catalog_file(h), path)
+        cat = Catalog(path, writable=True)
+        counters = cat.counters() or Counters()
+        oc = _OpenCatalog(mount, cat, h, counters.totals(), parent, dict(counters.subtree), cat.revision)
+        self.open[mount] = oc
+        return oc
+
+    def _catalog_for(self, path: str) -> _OpenCatalog:
+        """The catalog that holds the row of ``path`` (for a mountpoint: the nested catalog's root)."""
+        oc = self.open[""]
+        while True:
+            child = self._child_mount_for(oc, path)
+            if child is None:
+                return oc
+            oc = child
+
+    def _child_mount_for(self, oc: _OpenCatalog, path: str) -> _OpenCatalog | None:
+        probe = path
+        while probe and probe != oc.mount:
+            existing = self.open.get(probe)
+            if existing is not None and existing.parent == oc.mount:
+                return existing
+            ref = oc.cat.nested_ref(probe)
+            if ref is not None:
+                return self._load(probe, ref.hash, oc.mount)
+            probe = parent_path(probe)
+        return None
+
+    def _mark_dirty(self, oc: _OpenCatalog) -> None:
+        while True:
+            oc.dirty = True
+            if oc.parent is None:
+                return
+            oc = self.open[oc.parent]
+
+    def lookup(self, path: str) -> Dirent | None:
+        """The entry at ``path`` as this transaction sees it."""
+        self._check_open()
+        path = normalize_path(path)
+        return self._catalog_for(path).cat.lookup(path)
+
+    def exists(self, path: str) -> bool:
+        return self.lookup(path) is not None
+
+    def listdir(self, path: str) -> list[Dirent]:
+        self._check_open()
+        path = normalize_path(path)
+        return self._catalog_for(path).cat.listdir(path)
+
+    def _now(self) -> int:
+        return int(self.clock())
+
+    def _touch_dir(self, path: str, link_delta: int) -> None:
+        """Adjust a directory's link count (subdirectories) and mtime after a change below it."""
+        oc = self._catalog_for(path)
+        d = oc.cat.lookup(path, with_chunks=False)
+        if d is None or not d.is_dir:
+            raise TransactionError(f"{path or '/'} is not a directory")
+        oc.cat.update(path, replace(d, hardlinks=make_hardlinks(d.linkcount + link_delta), mtime=self._now()))
+        self._mark_dirty(oc)
+
+    # --- directories -----------------------------------------------------------------------------
+
+    def mkdir(self, path: str, nested: bool = False, mode: int = 0o755, parents: bool = True) -> None:
+        """Create a directory (and missing parents). ``nested`` gives it a catalog of its own."""
+        self._check_open()
+        path = normalize_path(path)
+        existing = self.lookup(path)
+        if existing is not None:
+            if not existing.is_dir:
+                raise TransactionError(f"{path} exists and is not a directory")
+            if nested and not existing.is_nested_root and path:
+                self._make_nested(path)
+            return
+        parent = parent_path(path)
+        if not self.exists(parent):
+            if not parents:
+                raise TransactionError(f"parent of {path} does not exist")
+            self.mkdir(parent, parents=True)
+        now = self._now()
+        row = Dirent(
+            name=path.rsplit("/", 1)[1],
+            mode=stat.S_IFDIR | (mode & 0o7777),
+            flags=FLAG_DIR,
+            size=DIR_SIZE,
+            mtime=now,
+            hardlinks=make_hardlinks(2),
+        )
+        holder = self._catalog_for(parent)
+        if nested:
+            child = self._new_nested_catalog(path, row, holder)
+            child.cat.insert(f"{path}/{NESTED_MARKER}", self._marker_row(now))
+        else:
+            holder.cat.insert(path, row)
+        self._touch_dir(parent, +1)
+
+    def _new_nested_catalog(self, path: str, row: Dirent, holder: _OpenCatalog) -> _OpenCatalog:
+        """Start a new catalog rooted at ``path``; its mountpoint row goes into ``holder``."""
+        cat = Catalog.create(self._work_file(), path, row)
+        holder.cat.insert(path, replace(row, flags=(row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT))
+        # Placeholder until the child is finalized and its hash is known.
+        holder.cat.db.execute(
+            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (?, ?, 0)",
+            (path, NULL_HASH_HEX),
+        )
+        zero = dict.fromkeys(COUNTER_KINDS, 0)
+        oc = _OpenCatalog(path, cat, None, zero, holder.mount, dict(zero), 0)
+        self.open[path] = oc
+        self._mark_dirty(oc)
+        return oc
+
+    def _marker_row(self, mtime: int) -> Dirent:
+        self.repo.store.put_object(EMPTY_HASH.object_name(), EMPTY_OBJECT)
+        return Dirent(
+            name=NESTED_MARKER,
+            mode=stat.S_IFREG | 0o644,
+            flags=file_flags(),
+            size=0,
+            mtime=mtime,
+            hash=EMPTY_HASH,
+        )
+
+    def _make_nested(self, path: str) -> None:
+        """Turn an existing empty directory into a nested catalog root."""
+        if self.listdir(path):
+            raise TransactionError(f"{path} is not empty: cannot make it a nested catalog")
+        holder = self._catalog_for(path)
+        row = holder.cat.lookup(path)
+        assert row is not None
+        holder.cat.delete(path)
+        child = self._new_nested_catalog(path, row, holder)
+        child.cat.insert(f"{path}/{NESTED_MARKER}", self._marker_row(self._now()))
+
+    # --- removal ---------------------------------------------------------------------------------
+
+    def remove(self, path: str) -> bool:
+        """Remove ``path`` and everything below it. Returns False if it did not exist."""
+        self._check_open()
+        path = normalize_path(path)
+        if not path:
+            raise TransactionError("cannot remove the repository root")
+        holder = self._catalog_for(parent_path(path))
+        d = holder.cat.lookup(path, with_chunks=False)
+        if d is None:
+            return False
+        if d.is_nested_mountpoint:
+            holder.cat.delete(path)
+            holder.cat.remove_nested(path)
+            self._drop_nested(holder, path)
+        elif d.is_dir:
+            for mount in holder.cat.delete_subtree(path):
+                self._drop_nested(holder, mount)
+        else:
+            holder.cat.delete(path)
+            if d.hardlink_group:
+                holder.fix_hardlinks = True
+        if d.is_dir:
+            holder.fix_hardlinks = True
+        self._mark_dirty(holder)
+        self._touch_dir(parent_path(path), -1 if d.is_dir else 0)
+        return True
+
+    def _drop_nested(self, holder: _OpenCatalog, mount: str) -> None:
+        """Account for a direct child catalog of ``holder`` cut off at ``mount``."""
+        child = self.open.get(mount)
+        if child is not None and child.parent == holder.mount:
+            old = child.old_totals
+        else:
+            ref_hash = self._nested_hash_in_base(holder, mount)
+            old = self._totals_of(ref_hash) if ref_hash else dict.fromkeys(COUNTER_KINDS, 0)
+        holder.child_delta = add_counts(holder.child_delta, old, -1)
+        for m in [m for m in self.open if m == mount or m.startswith(mount + "/")]:
+            self.open.pop(m).cat.close()
+
+    def _nested_hash_in_base(self, holder: _OpenCatalog, mount: str) -> ContentHash | None:
+        if holder.old_hash is None:
+            return None
+        base = self.repo.open_catalog(holder.old_hash)
+        try:
+            ref = base.nested_ref(mount)
+            return ref.hash if ref else None
+        finally:
+            base.close()
+
+    def _totals_of(self, h: ContentHash) -> dict[str, int]:
+        cat = self.repo.open_catalog(h)
+        try:
+            counters = cat.counters() or Counters()
+            return counters.totals()
+        finally:
+            cat.close()
+
+    # --- adding trees ----------------------------------------------------------------------------
+
+    def add_tree(self, path: str, entries: Iterable[TreeEntry], nested: bool = True) -> int:
+        """Publish ``entries`` as the tree at ``path``, replacing whatever was there.
+
+        With ``nested`` (the default) the tree gets its own nested catalog with a ``.cvmfscatalog``
+        marker. Directories in the tree that contain a ``.cvmfscatalog`` file become nested catalogs too.
+        Returns the number of entries added.
+        """
+        self._check_open()
+        path = normalize_path(path)
+        if not path:
+            raise TransactionError("cannot replace the repository root; add trees below it")
+        now = self._now()
+        nodes = self._collect(entries, now)
+        if self.exists(path):
+            self.remove(path)
+        parent = parent_path(path)
+        if not self.exists(parent):
+            self.mkdir(parent)
+        holder = self._catalog_for(parent)
+        root_node = nodes[""]
+        if not root_node.dirent.is_dir:
+            raise TreeError("the root of a tree must be a directory")
+        root_node.dirent.name = path.rsplit("/", 1)[1]
+        if nested and NESTED_MARKER not in {r.rsplit("/", 1)[-1] for r in nodes if r.count("/") == 0 and r}:
+            nodes[NESTED_MARKER] = _Node(self._marker_row(now), EntryKind.FILE)
+        boundaries = {
+            r for r in nodes if nodes[r].kind is EntryKind.DIRECTORY and r and f"{r}/{NESTED_MARKER}" in nodes
+        }
+        if nested:
+            boundaries.add("")
+        self._finish_nodes(nodes, boundaries)
+        self._write_nodes(path, nodes, boundaries, holder)
+        self._touch_dir(parent, +1)
+        return len(nodes)
+
+    def add_directory(self, path: str, source: Path, nested: bool = True) -> int:
+        """Publish a local directory tree at ``path``."""
+        from .tree import entries_from_directory
+
+        return self.add_tree(path, entries_from_directory(source), nested)
+
+    def _collect(self, entries: Iterable[TreeEntry], now: int) -> dict[str, _Node]:
+        nodes: dict[str, _Node] = {}
+        for e in entries:
+            rel = _relative(e.path)
+            if rel in nodes and not (
+                e.kind is EntryKind.DIRECTORY and nodes[rel].kind is EntryKind.DIRECTORY
+            ):
+                raise TreeError(f"duplicate entry {rel!r}")
+            nodes[rel] = self._node(e, rel)
+        # Directories the stream implied but did not list (tar files often omit them).
+        for rel in list(nodes):
+            p = rel
+            while p:
+                p = p.rsplit("/", 1)[0] if "/" in p else ""
+                if p in nodes:
+                    if nodes[p].kind is not EntryKind.DIRECTORY:
+                        raise TreeError(f"{p!r} is used as a directory but is not one")
+                    break
+                nodes[p] = _Node(_dir_row(p.rsplit("/", 1)[-1], 0o755, now), EntryKind.DIRECTORY)
+        if "" not in nodes:
+            nodes[""] = _Node(_dir_row("", 0o755, now), EntryKind.DIRECTORY)
+        return nodes
+
+    def _node(self, e: TreeEntry, rel: str) -> _Node:
+        """The catalog row for one entry; file content is handed to the content writer now."""
+        perm = e.mode & 0o7777
+        xattr = _xattr_blob(e.xattrs)
+        name = rel.rsplit("/", 1)[-1]
+
+        def row(mode: int, flags: int, size: int = 0, symlink: str = "") -> Dirent:
+            return Dirent(name=name, mode=mode, flags=flags, size=size, mtime=int(e.mtime), uid=int(e.uid),
+                          gid=int(e.gid), symlink=symlink, xattr=xattr)  # fmt: skip
+
+        if e.kind is EntryKind.DIRECTORY:
+            return _Node(row(stat.S_IFDIR | perm, FLAG_DIR, DIR_SIZE), e.kind)
+        if e.kind is EntryKind.FILE:
+            if e.source is not None:
+                pending = self.content.add_file(e.source, e.size)
+            elif e.stream is not None:
+                pending = self.content.add_stream(e.stream, e.size)
+            else:
+                raise TreeError(f"{rel}: file entry without content")
+            return _Node(row(stat.S_IFREG | perm, FLAG_FILE, e.size), e.kind, pending)
+        if e.kind is EntryKind.SYMLINK:
+            target_len = len(e.target.encode("utf-8", "surrogateescape"))
+            return _Node(row(stat.S_IFLNK | 0o777, FLAG_FILE | FLAG_LINK, target_len, e.target), e.kind)
+        if e.kind is EntryKind.HARDLINK:
+            return _Node(row(stat.S_IFREG | perm, FLAG_FILE), e.kind, link_target=_relative(e.target))
+        fmt = stat.S_IFMT(e.mode)
+        if fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise TreeError(f"{rel}: unknown special file type {oct(e.mode)}")
+        size = e.rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        return _Node(row(fmt | perm, FLAG_FILE | FLAG_SPECIAL, size), e.kind)
+
+    def _finish_nodes(self, nodes: dict[str, _Node], boundaries: set[str]) -> None:
+        """Resolve content, hard links and directory link counts."""
+        for node in nodes.values():
+            if node.pending is not None:
+                stored = node.pending.result()
+                d = node.dirent
+                d.hash = stored.hash
+                d.chunks = stored.chunks
+                d.flags = file_flags(chunked=stored.hash is None)
+                d.size = stored.size
+        groups: dict[str, list[str]] = {}
+        for rel, node in nodes.items():
+            if node.kind is EntryKind.HARDLINK:
+                target = node.link_target or ""
+                seen = set()
+                while target in nodes and nodes[target].kind is EntryKind.HARDLINK and target not in seen:
+                    seen.add(target)
+                    target = nodes[target].link_target or ""
+                if target not in nodes or nodes[target].kind is not EntryKind.FILE:
+                    raise TreeError(
+                        f"hard link {rel!r} points to {node.link_target!r}, not a file in the tree"
+                    )
+                groups.setdefault(target, [target]).append(rel)
+        for target, members in groups.items():
+            src = nodes[target].dirent
+            catalogs = {_catalog_root(m, boundaries) for m in members}
+            for m in members:
+                d = nodes[m].dirent
+                nodes[m].dirent = replace(
+                    src,
+                    name=d.name,
+                    chunks=list(src.chunks),
+                    hardlinks=make_hardlinks(len(members) if len(catalogs) == 1 else 1),
+                )
+                nodes[m].kind = EntryKind.FILE
+            if len(catalogs) == 1:
+                for m in members:
+                    nodes[m].link_target = target  # group key, numbered per catalog when written
+        for rel, node in nodes.items():
+            if rel and node.kind is EntryKind.DIRECTORY:
+                nodes[rel.rsplit("/", 1)[0] if "/" in rel else ""].subdirs += 1
+        for node in nodes.values():
+            if node.kind is EntryKind.DIRECTORY:
+                node.dirent.hardlinks = make_hardlinks(2 + node.subdirs)
+
+    def _write_nodes(
+        self, path: str, nodes: dict[str, _Node], boundaries: set[str], holder: _OpenCatalog
+    ) -> None:
+        catalogs: dict[str, Catalog] = {}
+        group_ids: dict[tuple[str, str], int] = {}
+        next_group: dict[str, int] = {}
+        top_holder_key = "\x00holder"
+        for b in sorted(boundaries, key=lambda r: r.count("/") + (1 if r else 0)):
+            abs_b = _absolute(path, b)
+            enclosing = _catalog_root(b, boundaries - {b}) if b else None
+            if b == "":
+                oc = self._new_nested_catalog(abs_b, nodes[""].dirent, holder)
+            else:
+                parent_oc = self.open[_absolute(path, enclosing)] if enclosing is not None else holder
+                oc = self._new_nested_catalog(abs_b, nodes[b].dirent, parent_oc)
+            catalogs[b] = oc.cat
+        for rel in sorted(nodes, key=lambda r: (r.count("/"), r)):
+            if rel in boundaries:
+                continue  # root rows were written with their catalogs
+            node = nodes[rel]
+            owner = _catalog_root(rel, boundaries)
+            cat = catalogs[owner] if owner is not None else holder.cat
+            key = owner if owner is not None else top_holder_key
+            d = node.dirent
+            if node.link_target is not None and d.linkcount > 1:
+                gkey = (key, node.link_target)
+                if gkey not in group_ids:
+                    if key not in next_group:
+                        next_group[key] = cat.max_hardlink_group() + 1
+                    group_ids[gkey] = next_group[key]
+                    next_group[key] += 1
+                d = replace(d, hardlinks=make_hardlinks(d.linkcount, group_ids[gkey]))
+            cat.insert(_absolute(path, rel), d)
+        if "" not in boundaries:
+            holder.cat.insert(path, nodes[""].dirent)
+        self._mark_dirty(holder)
+
+    # --- commit ----------------------------------------------------------------------------------
+
+    def commit(self, tag: str | None = None, description: str = "") -> CommitResult:
+        """Publish everything changed as a new revision; the transaction is closed afterwards."""
+        self._check_open()
+        started = time.monotonic()
+        try:
+            result = self._commit(tag, description, started)
+        finally:
+            self.abort()
+        return result
+
+    def _commit(self, tag: str | None, description: str, started: float) -> CommitResult:
+        repo = self.repo
+        root_catalog = self.open[""].cat
+        timestamp = max(self._now(), self.base.timestamp, root_catalog.last_modified)
+        revision = self.base.revision + 1
+        repo.store.sync()  # every data object is durable before any catalog names it
+        failpoints.hit("after-objects")
+        dirty = sorted((oc for oc in self.open.values() if oc.dirty), key=lambda oc: -_depth(oc.mount))
+        root_hash, root_size = self.base.root_catalog, self.base.root_catalog_size
+        for i, oc in enumerate(dirty):
+            h, size = self._finalize(oc, timestamp, revision)
+            if i == 0:
+                failpoints.hit("after-first-catalog")
+            if oc.parent is None:
+                root_hash, root_size = h, size
+        failpoints.hit("after-catalogs")
+        if not dirty:
+            return CommitResult(
+                self.base.revision,
+                self.base.root_catalog,
+                self.base,
+                0,
+                self.content.stats,
+                time.monotonic() - started,
+            )
+        history = repo.update_history(
+            self.base.history, Tag(TRUNK, root_hash, revision, timestamp, root_size, "current HEAD")
+        )
+        if tag:
+            history = self._add_named_tag(
+                history, Tag(tag, root_hash, revision, timestamp, root_size, description)
+            )
+        cert_hash = repo.store_certificate()
+        reflog_path = repo.reflog_copy()
+        reflog = Reflog(reflog_path, writable=True)
+        reflog.add(root_hash, RefType.CATALOG, timestamp)
+        reflog.add(history, RefType.HISTORY, timestamp)
+        reflog.add(cert_hash, RefType.CERTIFICATE, timestamp)
+        reflog.close()
+        failpoints.hit("before-manifest")
+        manifest = Manifest(
+            root_hash,
+            revision,
+            repo.config.ttl,
+            repo.fqrn,
+            root_size,
+            cert_hash,
+            history,
+            None,
+            None,
+            timestamp,
+        )
+        manifest = repo.publish_manifest(manifest, reflog_path)
+        failpoints.hit("after-manifest")
+        reflog_path.unlink(missing_ok=True)
+        self.index.flush()
+        return CommitResult(
+            revision, root_hash, manifest, len(dirty), self.content.stats, time.monotonic() - started
+        )
+
+    def _add_named_tag(self, history: ContentHash, tag: Tag) -> ContentHash:
+        with self.repo.history_for_update(history) as (path, hist):
+            hist.put(tag)
+        return self.repo.store_history(path)
+
+    def _finalize(self, oc: _OpenCatalog, timestamp: int, revision: int) -> tuple[ContentHash, int]:
+        cat = oc.cat
+        cat.begin()
+        if oc.fix_hardlinks:
+            _recount_hardlinks(cat)
+        counters = Counters()
+        counters.self_ = cat.compute_self_counters()
+        counters.subtree = add_counts(oc.old_subtree, oc.child_delta)
+        cat.write_counters(counters)
+        cat.set_property("revision", revision if oc.parent is None else oc.old_revision + 1)
+        cat.set_property("last_modified", timestamp)
+        if oc.old_hash is not None:
+            cat.set_property("previous_revision", oc.old_hash.hex)
+        if oc.parent is None:
+            cat.set_property("TTL", self.repo.config.ttl)
+        cat.commit()
+        cat.vacuum_if_needed()
+        root_row = cat.lookup(oc.mount, with_chunks=False)
+        cat.close()
+        h, size = self.repo.store_catalog(cat.path)
+        if oc.parent is not None:
+            parent = self.open[oc.parent]
+            parent.cat.set_nested(oc.mount, h, size)
+            assert root_row is not None
+            mount_row = replace(root_row, flags=(root_row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
+            parent.cat.update(oc.mount, mount_row)
+            parent.child_delta = add_counts(
+                parent.child_delta, add_counts(counters.totals(), oc.old_totals, -1)
+            )
+        return h, size
+
+
+def _recount_hardlinks(cat: Catalog) -> None:
+    rows = cat.db.execute(
+        "SELECT hardlinks >> 32, count(*) FROM catalog WHERE hardlinks >> 32 > 0 GROUP BY hardlinks >> 32"
+    ).fetchall()
+    for group, count in rows:
+        cat.db.execute(
+            "UPDATE catalog SET hardlinks = ? WHERE hardlinks >> 32 = ?",
+            (make_hardlinks(count, group), group),
+        )
+
+
+def _dir_row(name: str, perm: int, mtime: int) -> Dirent:
+    return Dirent(name=name, mode=stat.S_IFDIR | perm, flags=FLAG_DIR, size=DIR_SIZE, mtime=mtime)
+
+
+def _depth(mount: str) -> int:
+    return mount.count("/")
+
+
+def _relative(path: str) -> str:
+    try:
+        rel = normalize_path(path)
+    except ValueError as exc:
+        raise TreeError(str(exc)) from exc
+    return rel[1:]
+
+
+def _absolute(base: str, rel: str | None) -> str:
+    return f"{base}/{rel}" if rel else base
+
+
+def _catalog_root(rel: str, boundaries: set[str]) -> str | None:
+    """The nearest boundary at or above ``rel`` (a directory that roots a new catalog), if any."""
+    p = rel
+    while True:
+        if p in boundaries:
+            return p
+        if not p:
+            return None
+        p = p.rsplit("/", 1)[0] if "/" in p else ""
+
+
+def _xattr_blob(xattrs: dict[bytes, bytes] | None) -> bytes | None:
+    """Serialize extended attributes the way CVMFS does (version 1, byte lengths, sorted keys)."""
+    if not xattrs:
+        return None
+    items = sorted(xattrs.items())
+    if len(items) > 255:
+        raise TreeError("too many extended attributes (255 at most)")
+    out = bytearray([1, len(items)])
+    for k, v in items:
+        if not 0 < len(k) < 256 or len(v) > 255 or b"\x00" in k:
+            raise TreeError("extended attribute key or value too long")
+        out += bytes([len(k), len(v)]) + k + v
+    return bytes(out)
