@@ -1,0 +1,1 @@
+"""Thin aiohttp faces of rcds: serving repositories over HTTP."""
