@@ -30,7 +30,7 @@ from .chunking import ChunkParams
 from .hashes import ContentHash, Suffix
 from .history import TRUNK, TRUNK_PREVIOUS, History, Tag
 from .manifest import Manifest
-from .objects import compress, decompress, verify
+from .objects import CATALOG_ZLIB_LEVEL, compress, decompress, verify
 from .reflog import Reflog, RefType
 from .store import PRIVATE_DIR, LocalStore
 from .whitelist import Whitelist
@@ -92,6 +92,7 @@ class Repository:
         self.store = LocalStore(self.storage)
         self.catalog_cache = self.private / "catalogs"
         self.catalog_cache.mkdir(exist_ok=True)
+        self._certificate_key: rsa.RSAPrivateKey | None = None
 
     # --- creation --------------------------------------------------------------------------------
 
@@ -177,7 +178,9 @@ class Repository:
         return signing.load_private_key(self._key_path("masterkey").read_bytes())
 
     def certificate_key(self) -> rsa.RSAPrivateKey:
-        return signing.load_private_key(self._key_path("key").read_bytes())
+        if self._certificate_key is None:  # parsing and validating an RSA key costs ~25 ms
+            self._certificate_key = signing.load_private_key(self._key_path("key").read_bytes())
+        return self._certificate_key
 
     def certificate_pem(self) -> bytes:
         return self._key_path("crt").read_bytes()
@@ -255,7 +258,7 @@ class Repository:
     def store_catalog(self, path: Path) -> tuple[ContentHash, int]:
         """Compress a finished catalog file into a ``C`` object; keep the uncompressed file in the cache."""
         raw = path.read_bytes()
-        stored, h = compress(raw)
+        stored, h = compress(raw, level=CATALOG_ZLIB_LEVEL)
         self.store.put_object(h.object_name(Suffix.CATALOG), stored)
         cached = self.catalog_cache / h.hex
         if not cached.exists():
