@@ -185,7 +185,7 @@ class Checker:
         paths: dict[tuple[int, int], str] = {root_md5: mount}
         stack = [root]
         mountpoints: dict[str, Dirent] = {}
-        groups: dict[int, list[str]] = {}
+        groups: dict[tuple[str, int], list[str]] = {}  # hard link groups count per directory, as in CVMFS
         while stack:
             row = stack.pop()
             path = paths[row.md5]
@@ -209,7 +209,9 @@ class Checker:
                         stack.append(kid)
                 self._check_entry(kp, kid.d)
                 if kid.d.hardlink_group and not kid.d.is_dir:
-                    groups.setdefault(kid.d.hardlink_group, []).append(kp)
+                    groups.setdefault((path, kid.d.hardlink_group), []).append(kp)
+                elif kid.d.linkcount > 1 and not kid.d.is_dir:
+                    rep.error(kp, f"link count {kid.d.linkcount} without a hard link group")
             if row.d.is_dir and row.d.linkcount != 2 + subdirs and not legacy:
                 rep.error(path or "/", f"directory link count {row.d.linkcount}, expected {2 + subdirs}")
             if row.md5 != root_md5 and row.d.flags & FLAG_NESTED_ROOT:
@@ -225,7 +227,7 @@ class Checker:
             rep.error(where, "nested catalog root has an empty name")
         if mount and not legacy and md5_pair(f"{mount}/{NESTED_MARKER}") not in rows:
             rep.error(where, "nested catalog without .cvmfscatalog marker")
-        for g, members in groups.items():
+        for (_dir, g), members in groups.items():
             counts = {rows[md5_pair(p)].d.linkcount for p in members}
             if counts != {len(members)}:
                 rep.error(

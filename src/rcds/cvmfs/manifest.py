@@ -69,8 +69,11 @@ class Manifest:
 
     @classmethod
     def parse(cls, data: bytes) -> tuple[Manifest, SignedText]:
-        signed = SignedText.parse(data, "manifest")
-        signing.check_body_hash(signed, "manifest")
+        try:
+            signed = SignedText.parse(data, "manifest")
+            signing.check_body_hash(signed, "manifest")
+        except SignatureError as exc:  # a damaged manifest is a bad manifest, not a fetch failure
+            raise ManifestError(str(exc)) from exc
         fields: dict[str, str] = {}
         for line in signed.body.decode("utf-8", "replace").split("\n"):
             if line:

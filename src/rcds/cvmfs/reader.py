@@ -164,7 +164,10 @@ class RepositoryReader:
             )
         except signing.SignatureError as exc:
             self._distrust(str(exc))
-            wl = Whitelist.parse(wl_data)[0]
+            try:
+                wl = Whitelist.parse(wl_data)[0]
+            except signing.SignatureError as parse_exc:  # not even parsable: nothing to go on
+                raise ReaderError(f"bad whitelist: {parse_exc}") from parse_exc
         fingerprint = signing.parse_fingerprint(
             signing.certificate_fingerprint(signing.load_certificate(cert_pem))
         )

@@ -175,7 +175,11 @@ def sign_sha1(key: rsa.RSAPrivateKey, message: bytes) -> bytes:
 
 
 def verify_sha1(key: rsa.RSAPublicKey, message: bytes, signature: bytes) -> None:
-    if recover_raw(key, signature) != _SHA1_DIGEST_INFO + hashlib.sha1(message).digest():
+    try:
+        recovered = recover_raw(key, signature)
+    except SignatureError as exc:  # say what failed, not only how
+        raise SignatureError(f"manifest signature does not verify ({exc})") from exc
+    if recovered != _SHA1_DIGEST_INFO + hashlib.sha1(message).digest():
         raise SignatureError("manifest signature does not verify")
 
 

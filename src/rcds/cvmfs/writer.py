@@ -305,6 +305,10 @@ class Transaction:
         d = holder.cat.lookup(path, with_chunks=False)
         if d is None:
             return False
+        if holder.mount and holder.mount == parent_path(path) and d.name == NESTED_MARKER:
+            raise TransactionError(
+                f"{path} marks the nested catalog {holder.mount}: remove the directory instead"
+            )
         if d.is_nested_mountpoint:
             holder.cat.delete(path)
             holder.cat.remove_nested(path)
@@ -382,7 +386,7 @@ class Transaction:
         boundaries = {
             r for r in nodes if nodes[r].kind is EntryKind.DIRECTORY and r and f"{r}/{NESTED_MARKER}" in nodes
         }
-        if nested:
+        if nested or NESTED_MARKER in nodes:  # a marker at the tree's top nests the tree like any other
             boundaries.add("")
         self._finish_nodes(nodes, boundaries)
         self._write_nodes(path, nodes, boundaries, holder)
@@ -472,21 +476,22 @@ class Transaction:
                         f"hard link {rel!r} points to {node.link_target!r}, not a file in the tree"
                     )
                 groups.setdefault(target, [target]).append(rel)
+        # CVMFS forms hard link groups within one directory only (cvmfs_swissknife check counts the
+        # members per directory listing): names of one inode in different directories become copies.
         for target, members in groups.items():
             src = nodes[target].dirent
-            catalogs = {_catalog_root(m, boundaries) for m in members}
+            by_dir: dict[str, list[str]] = {}
             for m in members:
-                d = nodes[m].dirent
-                nodes[m].dirent = replace(
-                    src,
-                    name=d.name,
-                    chunks=list(src.chunks),
-                    hardlinks=make_hardlinks(len(members) if len(catalogs) == 1 else 1),
-                )
-                nodes[m].kind = EntryKind.FILE
-            if len(catalogs) == 1:
-                for m in members:
-                    nodes[m].link_target = target  # group key, numbered per catalog when written
+                by_dir.setdefault(m.rsplit("/", 1)[0] if "/" in m else "", []).append(m)
+            for directory, names in by_dir.items():
+                for m in names:
+                    d = nodes[m].dirent
+                    nodes[m].dirent = replace(
+                        src, name=d.name, chunks=list(src.chunks), hardlinks=make_hardlinks(len(names))
+                    )
+                    nodes[m].kind = EntryKind.FILE
+                    # group key, numbered per catalog when written
+                    nodes[m].link_target = f"{directory}/{target}" if len(names) > 1 else None
         for rel, node in nodes.items():
             if rel and node.kind is EntryKind.DIRECTORY:
                 nodes[rel.rsplit("/", 1)[0] if "/" in rel else ""].subdirs += 1
@@ -526,9 +531,7 @@ class Transaction:
                     group_ids[gkey] = next_group[key]
                     next_group[key] += 1
                 d = replace(d, hardlinks=make_hardlinks(d.linkcount, group_ids[gkey]))
-            cat.insert(_absolute(path, rel), d)
-        if "" not in boundaries:
-            holder.cat.insert(path, nodes[""].dirent)
+            cat.insert(_absolute(path, rel), d)  # without nesting this includes the tree's root row
         self._mark_dirty(holder)
 
     # --- commit ----------------------------------------------------------------------------------
