@@ -1,0 +1,280 @@
+"""Shared fixtures for the CVMFS format tests: reference repositories, fresh repositories, source trees.
+
+The reference repositories (written by the CernVM-FS tools, not by rcds) live beside the repository in
+``../shared/fixtures/cvmfs-reference``; they are unpacked once per test session.
+
+Source trees for publishing are described with a small spec language (see ``write_tree``)::
+
+    {"README": b"text", "bin": {"run.sh": File(b"#!/bin/sh\\n", mode=0o755)},
+     "link": Symlink("README"), "alias": Hardlink("README"), "empty_dir": {}}
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rcds.cvmfs.chunking import ChunkParams
+from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.repository import Repository
+
+FIXTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cvmfs-reference"
+
+FQRN = "test.rcds.example"
+# Small chunk sizes so that files of a few hundred KiB are chunked (the CVMFS defaults are 4/8/16 MiB).
+SMALL_CHUNKS = ChunkParams(64 * 1024, 128 * 1024, 256 * 1024)
+DEFAULT_MTIME = 1_700_000_000
+
+
+# --- source tree specs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class File:
+    data: bytes = b""
+    mode: int = 0o644
+    mtime: int | None = None
+
+
+@dataclass(frozen=True)
+class Symlink:
+    target: str
+    mtime: int | None = None
+
+
+@dataclass(frozen=True)
+class Hardlink:
+    """Another name for the file at ``target`` (a ``/``-separated path relative to the tree root)."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class Dir:
+    children: dict[str, object] = field(default_factory=dict)
+    mode: int = 0o755
+    mtime: int | None = None
+
+
+def write_tree(root: Path, spec: dict[str, object], mtime: int = DEFAULT_MTIME) -> Path:
+    """Create ``root`` with the entries of ``spec``; returns ``root``.
+
+    Values: ``bytes`` (a 0644 file), ``File``, ``Symlink``, ``Hardlink``, ``dict`` (a 0755 directory) or
+    ``Dir``. Entries without an explicit mtime get ``mtime``; directory mtimes are set last, after
+    their children were created. Hard links are created after everything else, in spec order.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    links: list[tuple[Path, str]] = []
+    dirs: list[tuple[Path, int, int]] = []
+
+    def build(directory: Path, entries: dict[str, object]) -> None:
+        for name, value in entries.items():
+            path = directory / name
+            if isinstance(value, bytes):
+                value = File(value)
+            if isinstance(value, dict):
+                value = Dir(value)
+            if isinstance(value, File):
+                path.write_bytes(value.data)
+                path.chmod(value.mode)
+                t = mtime if value.mtime is None else value.mtime
+                os.utime(path, (t, t))
+            elif isinstance(value, Symlink):
+                os.symlink(value.target, path)
+                t = mtime if value.mtime is None else value.mtime
+                os.utime(path, (t, t), follow_symlinks=False)
+            elif isinstance(value, Hardlink):
+                links.append((path, value.target))
+            elif isinstance(value, Dir):
+                path.mkdir()
+                build(path, value.children)
+                dirs.append((path, value.mode, mtime if value.mtime is None else value.mtime))
+            else:
+                raise TypeError(f"{path}: unsupported tree spec value {value!r}")
+
+    build(root, spec)
+    for path, target in links:
+        os.link(root / target, path)
+    for path, mode, t in reversed(dirs):  # deepest first: fixing a parent's mtime must come last
+        path.chmod(mode)
+        os.utime(path, (t, t))
+    os.utime(root, (mtime, mtime))
+    return root
+
+
+@pytest.fixture(name="write_tree")
+def write_tree_fixture() -> Callable[..., Path]:
+    return write_tree
+
+
+# --- repositories written by rcds ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def repo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One freshly created repository (revision 0), copied by ``make_repo``: key generation is slow."""
+    storage = tmp_path_factory.mktemp("template") / "storage"
+    Repository.create(FQRN, storage, chunk_params=SMALL_CHUNKS)
+    return storage
+
+
+def new_repo(
+    storage: Path, template: Path, fqrn: str = FQRN, fresh: bool = False, **kwargs: object
+) -> Repository:
+    """A new repository at ``storage``: a copy of ``template`` (same keys) unless ``fresh`` or customised."""
+    if fresh or kwargs or fqrn != FQRN:
+        kwargs.setdefault("chunk_params", SMALL_CHUNKS)
+        return Repository.create(fqrn, storage, **kwargs)  # type: ignore[arg-type]
+    shutil.copytree(template, storage, symlinks=True)
+    return Repository(storage)
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path, repo_template: Path) -> Callable[..., Repository]:
+    """Factory: ``make_repo(fqrn=..., fresh=False, **Repository.create kwargs)`` -> a new Repository.
+
+    Repositories use ``SMALL_CHUNKS``. Without arguments the repository is a copy of a session-wide
+    template (its own storage, same keys); ``fresh=True`` or any create argument generates new keys.
+    """
+    counter = iter(range(1_000_000))
+
+    def factory(fqrn: str = FQRN, fresh: bool = False, **kwargs: object) -> Repository:
+        return new_repo(tmp_path / f"storage{next(counter)}", repo_template, fqrn, fresh, **kwargs)
+
+    return factory
+
+
+@pytest.fixture
+def open_reader(tmp_path: Path) -> Iterator[Callable[..., RepositoryReader]]:
+    """Factory: ``open_reader(repo_or_location, key=None, **RepositoryReader.open kwargs)``; closed at teardown."""
+    readers: list[RepositoryReader] = []
+    counter = iter(range(1_000_000))
+
+    def factory(
+        target: Repository | Path | str, key: Path | None = None, **kwargs: object
+    ) -> RepositoryReader:
+        if isinstance(target, Repository):
+            location: Path | str = target.storage
+            key = key or target.public_key_path
+            kwargs.setdefault("fqrn", target.fqrn)
+        else:
+            location = target
+        kwargs.setdefault("cache_dir", tmp_path / f"reader-cache{next(counter)}")
+        reader = RepositoryReader.open(location, key, **kwargs)  # type: ignore[arg-type]
+        readers.append(reader)
+        return reader
+
+    yield factory
+    for reader in readers:
+        reader.close()
+
+
+# --- reference repositories written by the CernVM-FS tools ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferenceRepo:
+    """One unpacked reference repository: where its manifest is, its master key, its name."""
+
+    name: str
+    storage: Path  # the directory holding .cvmfspublished (the repository base URL)
+    public_key: Path
+    fqrn: str
+    expired: bool  # the whitelist has long expired: open with check_whitelist_expiry=False
+
+    def open(self, **kwargs: object) -> RepositoryReader:
+        kwargs.setdefault("check_whitelist_expiry", not self.expired)
+        return RepositoryReader.open(self.storage, self.public_key, **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    root: Path
+    repos: dict[str, ReferenceRepo]
+    content_rev1: Path  # source tree of revision 1 of the 2.12 repository
+    content_rev2: Path  # source tree of revision 2 (its lib/big.dat differs from the published one)
+
+    def __getitem__(self, name: str) -> ReferenceRepo:
+        return self.repos[name]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES_DIR.is_dir():
+        pytest.fail(f"reference fixtures not found at {FIXTURES_DIR} (shared/ must sit beside the repo)")
+    return FIXTURES_DIR
+
+
+def _extract(tarball: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball) as tar:
+        if hasattr(tarfile, "fully_trusted_filter"):
+            # Our own fixtures; they contain absolute symlink targets that the 'data' filter refuses.
+            tar.extractall(dest, filter="fully_trusted")
+        else:  # pragma: no cover - Python without extraction filters
+            tar.extractall(dest)
+        for member in tar.getmembers():  # tarfile leaves symlink mtimes at "now"
+            if member.issym():
+                os.utime(dest / member.name, (member.mtime, member.mtime), follow_symlinks=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def unpacked(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Unpacked:
+    """Every reference tarball unpacked into ``<tmp>/<fixture>/<tarball stem>/``."""
+    root = tmp_path_factory.mktemp("cvmfs-reference")
+    for tarball in sorted(fixtures_dir.glob("*/*.tar.gz")):
+        _extract(tarball, root / tarball.parent.name / tarball.name.removesuffix(".tar.gz"))
+    ref = root / "cvmfs-2.12-two-revisions"
+    gp = root / "guinea_pig_repo_20"
+    gp_key = gp / "keys/etc/cvmfs/keys/testmigration.cern.ch.pub"
+    corrupt = root / "corrupt_repo_20"
+    legacy = root / "legacy_aufs_repo_21"
+    repos = [
+        ReferenceRepo(
+            "cvmfs-2.12",
+            ref / "storage/reference.rcds.test",
+            ref / "keys/reference.rcds.test.pub",
+            "reference.rcds.test",
+            expired=False,
+        ),
+        ReferenceRepo(
+            "guinea_pig_rev2",
+            gp / "revision-2/srv/cvmfs/testmigration.cern.ch/pub/catalogs",
+            gp_key,
+            "testmigration.cern.ch",
+            expired=True,
+        ),
+        ReferenceRepo(
+            "guinea_pig_rev3",
+            gp / "revision-3/srv/cvmfs/testmigration.cern.ch/pub/catalogs",
+            gp_key,
+            "testmigration.cern.ch",
+            expired=True,
+        ),
+        ReferenceRepo(
+            "corrupt_repo_20",
+            corrupt / "corrupt_repo/srv/cvmfs/migrationtest01.cern.ch/pub/catalogs",
+            corrupt / "keys/etc/cvmfs/keys/migrationtest01.cern.ch.pub",
+            "migrationtest01.cern.ch",
+            expired=True,
+        ),
+        ReferenceRepo(
+            "legacy_aufs_repo_21",
+            legacy / "legacy_aufs_repo/srv/cvmfs/legacy_aufs.cern.ch",
+            legacy / "keys/etc/cvmfs/keys/legacy_aufs.cern.ch.pub",
+            "legacy_aufs.cern.ch",
+            expired=True,
+        ),
+    ]
+    for r in repos:
+        assert (r.storage / ".cvmfspublished").is_file(), f"fixture layout changed: {r.storage}"
+        assert r.public_key.is_file(), f"fixture layout changed: {r.public_key}"
+    return Unpacked(root, {r.name: r for r in repos}, ref / "content-rev1", ref / "content-rev2")
