@@ -825,11 +825,6 @@ def test_a_second_writer_cannot_take_the_lock_while_a_transaction_is_open(repo: 
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: catalog rows bind names as Python str; non-UTF-8 names (surrogate escapes) "
-    "cannot be encoded for SQLite (UnicodeEncodeError), although CVMFS stores raw name bytes",
-)
 def test_file_names_that_are_not_utf8_are_published_as_raw_bytes(
     repo: Repository, tmp_path: Path, open_reader: Callable[..., RepositoryReader]
 ) -> None:

@@ -243,6 +243,8 @@ class Catalog:
                     isolation_level=None,
                     check_same_thread=False,
                 )
+            # Names are raw bytes in CVMFS; undecodable ones round-trip as surrogate escapes.
+            self.db.text_factory = _text
             self.db.execute(f"PRAGMA query_only = {0 if writable else 1}")
             self.properties = dict(self.db.execute("SELECT key, value FROM properties").fetchall())
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(catalog)")}
@@ -407,7 +409,7 @@ class Catalog:
     def nested_ref(self, path: str) -> NestedRef | None:
         size = "size" if self._has_nested_size else "0"
         row = self.db.execute(
-            f"SELECT path, sha1, {size} FROM nested_catalogs WHERE path = ?", (path,)
+            f"SELECT path, sha1, {size} FROM nested_catalogs WHERE path = CAST(? AS TEXT)", (_raw(path),)
         ).fetchone()
         return NestedRef(row[0], ContentHash.from_hex(row[1]), int(row[2] or 0)) if row else None
 
@@ -480,7 +482,8 @@ class Catalog:
             parent = md5_pair(parent_path(path)) if path else (0, 0)
         self.db.execute(
             "INSERT INTO catalog (md5path_1, md5path_2, parent_1, parent_2, hardlinks, hash, size, mode, mtime,"
-            " mtimens, flags, name, symlink, uid, gid, xattr) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " mtimens, flags, name, symlink, uid, gid, xattr)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,CAST(? AS TEXT),CAST(? AS TEXT),?,?,?)",
             (
                 *md5,
                 *parent,
@@ -491,8 +494,8 @@ class Catalog:
                 d.mtime,
                 d.mtimens,
                 d.flags,
-                d.name,
-                d.symlink,
+                _raw(d.name),
+                _raw(d.symlink),
                 d.uid,
                 d.gid,
                 d.xattr,
@@ -508,8 +511,8 @@ class Catalog:
         """Rewrite the row at ``path`` (same path, new fields); chunks are replaced too."""
         md5 = md5_pair(path)
         self.db.execute(
-            "UPDATE catalog SET hardlinks=?, hash=?, size=?, mode=?, mtime=?, mtimens=?, flags=?, name=?,"
-            " symlink=?, uid=?, gid=?, xattr=? WHERE md5path_1=? AND md5path_2=?",
+            "UPDATE catalog SET hardlinks=?, hash=?, size=?, mode=?, mtime=?, mtimens=?, flags=?,"
+            " name=CAST(? AS TEXT), symlink=CAST(? AS TEXT), uid=?, gid=?, xattr=? WHERE md5path_1=? AND md5path_2=?",
             (
                 d.hardlinks,
                 d.hash.digest if d.hash else None,
@@ -518,8 +521,8 @@ class Catalog:
                 d.mtime,
                 d.mtimens,
                 d.flags,
-                d.name,
-                d.symlink,
+                _raw(d.name),
+                _raw(d.symlink),
                 d.uid,
                 d.gid,
                 d.xattr,
@@ -552,22 +555,22 @@ class Catalog:
                     self.delete(cp)
                 if child.is_nested_mountpoint:
                     cut.append(cp)
-                    self.db.execute("DELETE FROM nested_catalogs WHERE path = ?", (cp,))
+                    self.remove_nested(cp)
             self.delete(p)
         ref = self.nested_ref(path)
         if ref:
             cut.append(path)
-            self.db.execute("DELETE FROM nested_catalogs WHERE path = ?", (path,))
+            self.remove_nested(path)
         return cut
 
     def set_nested(self, path: str, catalog_hash: ContentHash, size: int) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (?, ?, ?)",
-            (path, catalog_hash.hex, size),
+            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (CAST(? AS TEXT), ?, ?)",
+            (_raw(path), catalog_hash.hex, size),
         )
 
     def remove_nested(self, path: str) -> None:
-        self.db.execute("DELETE FROM nested_catalogs WHERE path = ?", (path,))
+        self.db.execute("DELETE FROM nested_catalogs WHERE path = CAST(? AS TEXT)", (_raw(path),))
 
     def max_hardlink_group(self) -> int:
         (value,) = self.db.execute("SELECT coalesce(max(hardlinks >> 32), 0) FROM catalog").fetchone()
@@ -589,6 +592,15 @@ class Catalog:
         (pages,) = self.db.execute("PRAGMA page_count").fetchone()
         if pages and free / pages > max_free_ratio:
             self.db.execute("VACUUM")
+
+
+def _raw(text: str) -> bytes:
+    """Bind text as its raw bytes (``CAST(? AS TEXT)`` in SQL) so non-UTF-8 names survive."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def root_md5() -> tuple[int, int]:

@@ -43,7 +43,7 @@ from .catalog import (
     make_hardlinks,
 )
 from .content import ContentIndex, ContentWriter, IngestStats, PendingContent
-from .hashes import NULL_HASH_HEX, ContentHash, normalize_path, parent_path
+from .hashes import ContentHash, normalize_path, parent_path
 from .history import TRUNK, Tag
 from .manifest import Manifest
 from .objects import EMPTY_HASH, EMPTY_OBJECT
@@ -261,10 +261,7 @@ class Transaction:
         cat = Catalog.create(self._work_file(), path, row)
         holder.cat.insert(path, replace(row, flags=(row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT))
         # Placeholder until the child is finalized and its hash is known.
-        holder.cat.db.execute(
-            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (?, ?, 0)",
-            (path, NULL_HASH_HEX),
-        )
+        holder.cat.set_nested(path, ContentHash(bytes(20)), 0)
         zero = dict.fromkeys(COUNTER_KINDS, 0)
         oc = _OpenCatalog(path, cat, None, zero, holder.mount, dict(zero), 0)
         self.open[path] = oc
