@@ -26,6 +26,7 @@ from .objects import compress
 from .store import ObjectStore
 
 READ_BLOCK = 1 << 20
+INLINE_LOOKUP_MAX = 256 << 10
 
 
 class ContentIndex:
@@ -184,18 +185,30 @@ class ContentWriter:
         for _ in range(blocks):
             self._budget.release()
 
-    def _store_piece(self, data: bytes | memoryview, suffix: Suffix, blocks: int) -> tuple[ContentHash, int]:
+    def _lookup(self, data: bytes | memoryview, suffix: Suffix) -> tuple[bytes | None, ContentHash | None]:
+        """The index key of a piece and, if the index knows it and the object still exists, its hash."""
+        if self.index is None:
+            return None, None
+        key = hashlib.sha256(data).digest() + suffix.value.encode()
+        hit = self.index.get(key)
+        if hit is not None:
+            h = ContentHash(hit[:20])
+            if self.store.exists(h.object_name(suffix)):
+                with self._stats_lock:
+                    self.stats.pieces_from_index += 1
+                return key, h
+        return key, None
+
+    def _store_piece(self, data: bytes | memoryview, suffix: Suffix, blocks: int,
+                     looked_up: bool = False) -> tuple[ContentHash, int]:  # fmt: skip
         try:
             key = None
-            if self.index is not None:
+            if not looked_up:
+                key, known = self._lookup(data, suffix)
+                if known is not None:
+                    return known, 0
+            elif self.index is not None:
                 key = hashlib.sha256(data).digest() + suffix.value.encode()
-                hit = self.index.get(key)
-                if hit is not None:
-                    h = ContentHash(hit[:20])
-                    if self.store.exists(h.object_name(suffix)):
-                        with self._stats_lock:
-                            self.stats.pieces_from_index += 1
-                        return h, 0
             stored, h = compress(data)
             written = self.store.put_object(h.object_name(suffix), stored)
             if key is not None and self.index is not None:
@@ -221,6 +234,14 @@ class ContentWriter:
             self.stats.bytes_in += size
         if size <= self.params.min_size:
             data = _read_exact(stream, size)
+            if size <= INLINE_LOOKUP_MAX:
+                # Small files: a hash and an index probe cost less here than a trip through the pool.
+                _key, known = self._lookup(data, Suffix.NONE)
+                if known is not None:
+                    return PendingContent(size, _Done((known, 0)), [], None, self)
+                blocks = self._acquire(len(data))
+                fut = self.pool.submit(self._store_piece, data, Suffix.NONE, blocks, True)
+                return PendingContent(size, fut, [], None, self)
             return PendingContent(size, self._submit(data, Suffix.NONE), [], None, self)
         limited = cast(BinaryIO, _Limited(stream, size))
         pieces: list[tuple[int, int, Future[tuple[ContentHash, int]]]] = []
