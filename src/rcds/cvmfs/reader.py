@@ -339,29 +339,26 @@ class RepositoryReader:
         if d.is_external:
             raise ReaderError(f"{d.name} is an external file (not stored in the repository)")
         compressed = d.compression != COMPRESSION_NONE
+        pieces: list[tuple[ContentHash, Suffix, int, int]]  # hash, suffix, offset, size
         if d.is_chunked:
-            expected = 0
-            for c in d.chunks:
-                if c.offset != expected:
-                    raise ReaderError(f"{d.name}: chunk list has a gap at offset {expected}")
-                n = 0
-                for block in self.iter_object(c.hash, Suffix.PARTIAL, compressed):
-                    n += len(block)
-                    yield block
-                if n != c.size:
-                    raise ReaderError(f"{d.name}: chunk at {c.offset} has {n} bytes, catalog says {c.size}")
-                expected += c.size
-            if expected != d.size:
-                raise ReaderError(f"{d.name}: chunks cover {expected} bytes, file has {d.size}")
-            return
-        if d.hash is None:
+            pieces = [(c.hash, Suffix.PARTIAL, c.offset, c.size) for c in d.chunks]
+        elif d.hash is None:
             raise ReaderError(f"{d.name}: regular file without content hash")
-        n = 0
-        for block in self.iter_object(d.hash, Suffix.NONE, compressed):
-            n += len(block)
-            yield block
-        if n != d.size:
-            raise ReaderError(f"{d.name}: content has {n} bytes, catalog says {d.size}")
+        else:
+            pieces = [(d.hash, Suffix.NONE, 0, d.size)]
+        expected = 0
+        for h, suffix, offset, size in pieces:
+            if offset != expected:
+                raise ReaderError(f"{d.name}: chunk list has a gap at offset {expected}")
+            n = 0
+            for block in self.iter_object(h, suffix, compressed):
+                n += len(block)
+                yield block
+            if n != size:
+                raise ReaderError(f"{d.name}: piece at offset {offset} has {n} bytes, catalog says {size}")
+            expected += size
+        if expected != d.size:
+            raise ReaderError(f"{d.name}: content covers {expected} bytes, catalog says {d.size}")
 
     def read(self, path: str) -> bytes:
         return b"".join(self.iter_content(self.stat(path)))
