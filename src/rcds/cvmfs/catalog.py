@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .hashes import ROOT_MD5, Algorithm, ContentHash, md5_pair, parent_path
+from .hashes import Algorithm, ContentHash, md5_pair, parent_path
 
 SCHEMA = "2.5"
 SCHEMA_REVISION = 7
@@ -601,7 +601,3 @@ def _raw(text: str) -> bytes:
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
-
-
-def root_md5() -> tuple[int, int]:
-    return ROOT_MD5

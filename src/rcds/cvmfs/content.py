@@ -13,7 +13,6 @@ import os
 import sqlite3
 import struct
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,8 +325,3 @@ class _Limited:
         data = self.read(len(buf))
         buf[: len(data)] = data
         return len(data)
-
-
-def iter_blocks(stream: BinaryIO) -> Iterator[bytes]:
-    while block := stream.read(READ_BLOCK):
-        yield block

@@ -110,9 +110,6 @@ class ContentHash:
         return self.hex
 
 
-NULL_HASH_HEX = "0" * 40
-
-
 def md5_pair(path: str | bytes) -> tuple[int, int]:
     """MD5 of a repository path as the two signed little-endian int64 halves stored in catalogs."""
     raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path

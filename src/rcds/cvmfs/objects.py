@@ -6,7 +6,6 @@ Objects are zlib *streams* (level 6, the CVMFS default), named by the hash of th
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
 
 from .hashes import Algorithm, ContentHash
 
@@ -26,13 +25,6 @@ def compress(
     """Compress ``data`` and name it. zlib and hashlib release the GIL on large buffers."""
     stored = zlib.compress(data, level)
     return stored, ContentHash.of(stored, algorithm)
-
-
-def compress_iter(blocks: Iterable[bytes]) -> bytes:
-    comp = zlib.compressobj(ZLIB_LEVEL)
-    out = [comp.compress(b) for b in blocks]
-    out.append(comp.flush())
-    return b"".join(out)
 
 
 def decompress(stored: bytes) -> bytes:
