@@ -512,23 +512,34 @@ class Transaction:
                 parent_oc = self.open[_absolute(path, enclosing)] if enclosing is not None else holder
                 oc = self._new_nested_catalog(abs_b, nodes[b].dirent, parent_oc)
             catalogs[b] = oc.cat
-        for rel in sorted(nodes, key=lambda r: (r.count("/"), r)):
-            if rel in boundaries:
-                continue  # root rows were written with their catalogs
-            node = nodes[rel]
-            owner = _catalog_root(rel, boundaries)
-            cat = catalogs[owner] if owner is not None else holder.cat
-            key = owner if owner is not None else top_holder_key
-            d = node.dirent
-            if node.link_target is not None and d.linkcount > 1:
-                gkey = (key, node.link_target)
-                if gkey not in group_ids:
-                    if key not in next_group:
-                        next_group[key] = cat.max_hardlink_group() + 1
-                    group_ids[gkey] = next_group[key]
-                    next_group[key] += 1
-                d = replace(d, hardlinks=make_hardlinks(d.linkcount, group_ids[gkey]))
-            cat.insert(_absolute(path, rel), d)  # without nesting this includes the tree's root row
+        # One SQLite transaction per catalog: row-by-row autocommit costs a journal file per row.
+        touched = [holder.cat, *catalogs.values()]
+        for cat in touched:
+            cat.begin()
+        try:
+            for rel in sorted(nodes, key=lambda r: (r.count("/"), r)):
+                if rel in boundaries:
+                    continue  # root rows were written with their catalogs
+                node = nodes[rel]
+                owner = _catalog_root(rel, boundaries)
+                cat = catalogs[owner] if owner is not None else holder.cat
+                key = owner if owner is not None else top_holder_key
+                d = node.dirent
+                if node.link_target is not None and d.linkcount > 1:
+                    gkey = (key, node.link_target)
+                    if gkey not in group_ids:
+                        if key not in next_group:
+                            next_group[key] = cat.max_hardlink_group() + 1
+                        group_ids[gkey] = next_group[key]
+                        next_group[key] += 1
+                    d = replace(d, hardlinks=make_hardlinks(d.linkcount, group_ids[gkey]))
+                cat.insert(_absolute(path, rel), d)  # without nesting this includes the tree's root row
+        except BaseException:
+            for cat in touched:
+                cat.db.execute("ROLLBACK")
+            raise
+        for cat in touched:
+            cat.commit()
         self._mark_dirty(holder)
 
     # --- commit ----------------------------------------------------------------------------------
