@@ -199,15 +199,14 @@ class ContentWriter:
         return key, None
 
     def _store_piece(self, data: bytes | memoryview, suffix: Suffix, blocks: int,
-                     looked_up: bool = False) -> tuple[ContentHash, int]:  # fmt: skip
+                     missed_key: bytes | None = None) -> tuple[ContentHash, int]:  # fmt: skip
+        """Store one piece. ``missed_key``: the caller already probed the index under this key and missed."""
         try:
-            key = None
-            if not looked_up:
+            key = missed_key
+            if key is None:
                 key, known = self._lookup(data, suffix)
                 if known is not None:
                     return known, 0
-            elif self.index is not None:
-                key = hashlib.sha256(data).digest() + suffix.value.encode()
             stored, h = compress(data)
             written = self.store.put_object(h.object_name(suffix), stored)
             if key is not None and self.index is not None:
@@ -235,11 +234,11 @@ class ContentWriter:
             data = _read_exact(stream, size)
             if size <= INLINE_LOOKUP_MAX:
                 # Small files: a hash and an index probe cost less here than a trip through the pool.
-                _key, known = self._lookup(data, Suffix.NONE)
+                key, known = self._lookup(data, Suffix.NONE)
                 if known is not None:
                     return PendingContent(size, _Done((known, 0)), [], None, self)
                 blocks = self._acquire(len(data))
-                fut = self.pool.submit(self._store_piece, data, Suffix.NONE, blocks, True)
+                fut = self.pool.submit(self._store_piece, data, Suffix.NONE, blocks, key)
                 return PendingContent(size, fut, [], None, self)
             return PendingContent(size, self._submit(data, Suffix.NONE), [], None, self)
         limited = cast(BinaryIO, _Limited(stream, size))
