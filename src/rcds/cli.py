@@ -23,6 +23,37 @@ def main() -> None:
     """rcds: publish user code into CernVM-FS repositories within seconds."""
 
 
+@main.command("serve")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="TOML configuration file. Without it: the embedded local default (two repositories, 127.0.0.1).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("rcds-data"),
+    show_default=True,
+    help="Embedded default only: where repositories and the queue live.",
+)
+@click.option("--port", type=int, default=8080, show_default=True, help="Embedded default only: HTTP port.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def serve(config_path: Path | None, data_dir: Path, port: int, log_format: str) -> None:
+    """Run the publish server: /pubapi, /metrics and /cvmfs/<repo>/ on one port."""
+    from . import logs
+    from .publish.config import ConfigError, embedded_default, load_settings
+    from .web.server import run
+
+    logs.configure(log_format)
+    try:
+        settings = load_settings(config_path) if config_path else embedded_default(data_dir, port)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from exc
+    run(settings)
+
+
 @main.group()
 def repo() -> None:
     """Create, inspect, change, check and serve repositories (stratum 0)."""

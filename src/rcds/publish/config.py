@@ -1,0 +1,310 @@
+"""Service configuration: one TOML file, or the embedded local default.
+
+Every key has a default, so the smallest useful file names its repositories::
+
+    data_dir = "/srv/rcds"
+
+    [[repository]]
+    name = "user1.example.org"
+
+    [[repository]]
+    name = "user2.example.org"
+
+The full list of keys, with defaults, is in the README ("Configuration").
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..ingest.tarstream import IngestLimits
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+DEFAULT_REPOSITORIES = ("user1.rcds.local", "user2.rcds.local")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    name: str
+    storage: Path
+    # Whether this server is the stratum 0 (publishes) for it. Replicas of other servers come later.
+    local: bool = True
+
+
+@dataclass(frozen=True)
+class Listener:
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: Path
+    key: Path
+    ca_file: Path | None = None
+    ca_path: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    group: str
+    subjects: tuple[str, ...] = ()
+    issuers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    allow_localhost: bool = True
+    gridmapfile: Path | None = Path("/etc/grid-security/grid-mapfile")
+    # token issuer URL -> JWKS location (file path or URL), or "" to discover it from the issuer
+    issuers: dict[str, str] = field(default_factory=dict)
+    audiences: tuple[str, ...] = ()
+    groups: tuple[GroupSettings, ...] = ()
+    groups_default_allow: bool = True
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Server-side downloads (``publish?source=host/path``)."""
+
+    # Host names, or "*.domain" for its subdomains. GitHub archive links redirect to codeload.github.com.
+    allow: tuple[str, ...] = ("github.com", "*.github.com", "*.githubusercontent.com")
+    scheme: str = "https"
+    timeout: float = 300.0
+    max_size: int = 4 * GiB
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    data_dir: Path
+    repositories: tuple[RepositorySettings, ...]
+    queue_dir: Path
+    prefix: str = "sw"
+    maxdays: int = 30
+    gcstarthour: int = 3
+    max_upload: int = 4 * GiB
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    batch_max_jobs: int = 100
+    batch_max_bytes: int = 512 * MiB
+    publish_attempts: int = 3
+    touch_flush_seconds: float = 5.0
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    source: SourceSettings = field(default_factory=SourceSettings)
+    listeners: tuple[Listener, ...] = (Listener("127.0.0.1", 8080),)
+    tls: TlsSettings | None = None
+    create_missing: bool = True  # create local repositories on first start
+    embedded: bool = False
+
+    @property
+    def local_repositories(self) -> tuple[RepositorySettings, ...]:
+        return tuple(r for r in self.repositories if r.local)
+
+
+def embedded_default(data_dir: Path | str = "rcds-data", port: int = 8080) -> ServiceSettings:
+    """Two local repositories under ``data_dir``, HTTP on 127.0.0.1, localhost publishes without credentials."""
+    data_dir = Path(data_dir).absolute()
+    repos = tuple(RepositorySettings(name, data_dir / name) for name in DEFAULT_REPOSITORIES)
+    return ServiceSettings(
+        data_dir=data_dir,
+        repositories=repos,
+        queue_dir=data_dir / "queue",
+        listeners=(Listener("127.0.0.1", port),),
+        auth=AuthSettings(gridmapfile=None),
+        embedded=True,
+    )
+
+
+def load_settings(path: Path | str) -> ServiceSettings:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return settings_from_dict(raw, base=path.parent)
+
+
+def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSettings:
+    r = _Reader(raw, "")
+
+    def resolve(p: str) -> Path:
+        return (base / p).absolute()
+
+    data_dir = resolve(r.text("data_dir", "rcds-data"))
+    repos = []
+    for i, item in enumerate(r.items("repository")):
+        rr = _Reader(item, f"repository[{i}].")
+        name = rr.text("name")
+        storage = rr.text("storage", str(data_dir / name))
+        repos.append(RepositorySettings(name, resolve(storage), rr.flag("local", True)))
+        rr.done()
+    if not repos:
+        raise ConfigError("no [[repository]] configured")
+    if len({x.name for x in repos}) != len(repos):
+        raise ConfigError("repository names must be unique")
+
+    lim = _Reader(r.subtable("limits"), "limits.")
+    d = IngestLimits()
+    limits = IngestLimits(
+        max_total_size=lim.integer("max_total_size", d.max_total_size),
+        max_entries=lim.integer("max_entries", d.max_entries),
+        max_file_size=lim.integer("max_file_size", d.max_file_size),
+        max_path_length=lim.integer("max_path_length", d.max_path_length),
+        max_name_length=lim.integer("max_name_length", d.max_name_length),
+        max_compression_ratio=lim.number("max_compression_ratio", d.max_compression_ratio),
+        ratio_grace=lim.integer("ratio_grace", d.ratio_grace),
+    )
+    max_upload = lim.integer("max_upload", 4 * GiB)
+    batch_max_jobs = lim.integer("batch_max_jobs", 100)
+    batch_max_bytes = lim.integer("batch_max_bytes", 512 * MiB)
+    lim.done()
+
+    a = _Reader(r.subtable("auth"), "auth.")
+    groups = []
+    for g, spec in a.subtable("groups").items():
+        gr = _Reader(spec, f"auth.groups.{g}.")
+        groups.append(GroupSettings(g, tuple(gr.texts("subjects")), tuple(gr.texts("issuers"))))
+        gr.done()
+    gridmap = a.text("gridmapfile", "/etc/grid-security/grid-mapfile")
+    auth = AuthSettings(
+        allow_localhost=a.flag("allow_localhost", True),
+        gridmapfile=resolve(gridmap) if gridmap else None,
+        issuers={str(k): str(v) for k, v in a.subtable("issuers").items()},
+        audiences=tuple(a.texts("audiences", [f"https://{socket.gethostname()}"])),
+        groups=tuple(groups),
+        groups_default_allow=a.flag("groups_default_allow", True),
+    )
+    a.done()
+
+    s = _Reader(r.subtable("source"), "source.")
+    source = SourceSettings(
+        allow=tuple(s.texts("allow", list(SourceSettings.allow))),
+        scheme=s.text("scheme", "https"),
+        timeout=s.number("timeout", 300.0),
+        max_size=s.integer("max_size", 4 * GiB),
+    )
+    if source.scheme not in ("http", "https"):
+        raise ConfigError("source.scheme must be http or https")
+    s.done()
+
+    h = _Reader(r.subtable("server"), "server.")
+    listeners = []
+    for spec in h.texts("http", ["127.0.0.1:8080"]):
+        listeners.append(_listener(spec, tls=False))
+    for spec in h.texts("https", []):
+        listeners.append(_listener(spec, tls=True))
+    tls = None
+    if h.has("tls_cert"):
+        tls = TlsSettings(
+            cert=resolve(h.text("tls_cert")),
+            key=resolve(h.text("tls_key")),
+            ca_file=resolve(h.text("ca_file")) if h.has("ca_file") else None,
+            ca_path=resolve(h.text("ca_path", "/etc/grid-security/certificates"))
+            if not h.has("ca_file")
+            else None,
+            require_client_cert=h.flag("require_client_cert", False),
+        )
+    if any(li.tls for li in listeners) and tls is None:
+        raise ConfigError("server.https needs server.tls_cert and server.tls_key")
+    h.done()
+
+    settings = ServiceSettings(
+        data_dir=data_dir,
+        repositories=tuple(repos),
+        queue_dir=resolve(r.text("queue_dir", str(data_dir / "queue"))),
+        prefix=r.text("prefix", "sw").strip("/"),
+        maxdays=r.integer("maxdays", 30),
+        gcstarthour=r.integer("gcstarthour", 3),
+        max_upload=max_upload,
+        limits=limits,
+        batch_max_jobs=batch_max_jobs,
+        batch_max_bytes=batch_max_bytes,
+        publish_attempts=r.integer("publish_attempts", 3),
+        touch_flush_seconds=r.number("touch_flush_seconds", 5.0),
+        auth=auth,
+        source=source,
+        listeners=tuple(listeners),
+        tls=tls,
+        create_missing=r.flag("create_missing", True),
+    )
+    r.done()
+    if not settings.prefix or "/" in settings.prefix:
+        raise ConfigError("prefix must be one path component")
+    return settings
+
+
+def _listener(spec: str, tls: bool) -> Listener:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"listen address {spec!r} must be HOST:PORT")
+    return Listener(host.strip("[]"), int(port), tls)
+
+
+class _Reader:
+    """Typed access to one TOML table that remembers which keys were used, so typos are reported."""
+
+    def __init__(self, table: Any, where: str) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where or 'top level'} must be a table")
+        self.table_ = table
+        self.where = where
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.table_
+
+    def _get(self, key: str, default: Any, types: tuple[type, ...]) -> Any:
+        self.used.add(key)
+        if key not in self.table_:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.where}{key} is required")
+            return default
+        value = self.table_[key]
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(f"{self.where}{key} has the wrong type")
+        if not isinstance(value, types):
+            raise ConfigError(f"{self.where}{key} must be {' or '.join(t.__name__ for t in types)}")
+        return value
+
+    def text(self, key: str, default: Any = None) -> str:
+        return str(self._get(key, _REQUIRED if default is None else default, (str,)))
+
+    def integer(self, key: str, default: int) -> int:
+        return int(self._get(key, default, (int,)))
+
+    def number(self, key: str, default: float) -> float:
+        return float(self._get(key, default, (int, float)))
+
+    def flag(self, key: str, default: bool) -> bool:
+        return bool(self._get(key, default, (bool,)))
+
+    def texts(self, key: str, default: list[str] | None = None) -> list[str]:
+        value = self._get(key, [] if default is None else default, (list,))
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.where}{key} must be a list of strings")
+        return list(value)
+
+    def items(self, key: str) -> list[Any]:
+        return list(self._get(key, [], (list,)))
+
+    def subtable(self, key: str) -> dict[str, Any]:
+        return dict(self._get(key, {}, (dict,)))
+
+    def done(self) -> None:
+        unknown = set(self.table_) - self.used
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(self.where + k for k in sorted(unknown))}")
+
+
+_REQUIRED: Any = object()

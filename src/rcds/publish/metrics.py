@@ -1,0 +1,52 @@
+"""Prometheus metrics of the publish service (one registry per service, so tests can run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge(
+            "rcds_queue_depth", "Uploads acknowledged and waiting to be published", registry=r
+        )
+        self.publishing = Gauge("rcds_publishing", "Uploads being published now", ["repository"], registry=r)
+        self.publish_seconds = Histogram(
+            "rcds_publish_seconds",
+            "Upload acknowledged to CID live in a signed revision",
+            ["repository"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "rcds_commit_seconds", "One repository revision: ingest and commit", ["repository"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "rcds_batch_cids", "CIDs published per revision (group commit)", ["repository"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200), registry=r,
+        )  # fmt: skip
+        self.published = Counter("rcds_published_cids", "CIDs published", ["repository"], registry=r)
+        self.bytes_ingested = Counter(
+            "rcds_ingested_bytes", "Uncompressed file bytes published", ["repository"], registry=r
+        )
+        self.bytes_uploaded = Counter("rcds_uploaded_bytes", "Tarball bytes received", registry=r)
+        self.files_ingested = Counter(
+            "rcds_ingested_files", "Tree entries published", ["repository"], registry=r
+        )
+        self.failures = Counter("rcds_publish_failures", "Failed publishes by reason", ["reason"], registry=r)
+        self.requests = Counter("rcds_requests", "API requests", ["endpoint", "code"], registry=r)
+        self.cids_present = Gauge("rcds_cids", "CIDs in the live revision", ["repository"], registry=r)
+        self.revision = Gauge("rcds_revision", "Live revision", ["repository"], registry=r)
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(lambda: float(depth()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

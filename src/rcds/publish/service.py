@@ -1,0 +1,516 @@
+"""The publish service: uploads in, signed revisions out.
+
+* An upload is streamed into a spool file, fsynced and recorded as a queued job in the state database
+  before the caller is told ``OK`` (``accept``). Acknowledged work survives crashes and restarts.
+* One worker thread per local repository pulls queued jobs (the free worker takes the next work, so CIDs
+  go to the least busy repository) and publishes *all* jobs waiting at that moment in one revision (group
+  commit), up to a job and byte budget. A tarball that is rejected fails alone; the others still publish.
+* ``exists`` answers from the presence index: only CIDs in a live, signed revision are ``PRESENT``.
+* Last-use times (``update``, and ``publish`` of a present CID) are collected in memory and written to
+  the state database in batches, never as a repository publish.
+
+Nothing here knows about HTTP; the web layer (``rcds.web.pubapi``) is a thin face on this class.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..cvmfs.repository import Repository
+from ..cvmfs.store import PRIVATE_DIR
+from ..cvmfs.tree import EntryKind, TreeEntry
+from ..cvmfs.writer import Transaction, TreeError
+from ..ingest.tarstream import IngestError, tar_entries
+from ..logs import fields
+from .cid import cid_group
+from .config import RepositorySettings, ServiceSettings
+from .metrics import ServiceMetrics
+from .presence import PUBLISHER_FILE, Presence, PresenceIndex, scan_published_cids
+from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
+
+log = logging.getLogger("rcds.publish")
+
+RESIGN_DAYS_LEFT = 7  # re-sign a local repository's whitelist when it expires sooner than this
+RETRY_DELAY = 5.0
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class ServiceUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to a publish: ``OK`` (queued) or ``PRESENT`` with the path."""
+
+    present: Presence | None
+
+    @property
+    def body(self) -> str:
+        return f"PRESENT:{self.present.path}" if self.present else "OK"
+
+
+class SpoolFile:
+    """An upload being received: written to ``<id>.part``, renamed to ``<id>.tar`` once complete and fsynced."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        self.id = uuid.uuid4().hex
+        self.part = directory / f"{self.id}.part"
+        self.path = directory / f"{self.id}.tar"
+        self.limit = limit
+        self.size = 0
+        self._f: BinaryIO | None = open(self.part, "xb", buffering=0)  # noqa: SIM115 - closed in finish/discard
+
+    def write(self, data: bytes) -> None:
+        assert self._f is not None
+        self.size += len(data)
+        if self.size > self.limit:
+            raise UploadTooLarge(f"upload exceeds the limit of {self.limit} bytes")
+        view = memoryview(data)
+        while view:
+            n = self._f.write(view)
+            view = view[n or 0 :]
+
+    def finish(self) -> None:
+        """Make the complete upload durable under its final name."""
+        assert self._f is not None
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        os.rename(self.part, self.path)
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self.part.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
+class PublishService:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.prefix
+        self.metrics = ServiceMetrics()
+        self.spool_dir = settings.queue_dir / "spool"
+        self.presence = PresenceIndex([r.name for r in settings.repositories], settings.prefix)
+        self.repositories: dict[str, Repository] = {}
+        self.workers: list[RepositoryWorker] = []
+        self.state: StateDB | None = None
+        self.running = False
+        self.stopping = threading.Event()
+        self._wake = threading.Condition()
+        self._generation = 0
+        self._touches: dict[str, float] = {}
+        self._touch_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.state = StateDB(s.queue_dir / "state.db")
+        for rs in s.local_repositories:
+            self.repositories[rs.name] = self._open_repository(rs)
+        for name, repo in self.repositories.items():
+            started = time.monotonic()
+            cids = scan_published_cids(repo, self.prefix)
+            self.presence.replace(name, cids, repo.manifest().revision)
+            self._gauge_repo(name, repo.manifest().revision)
+            log.info(
+                "presence",
+                extra=fields(repository=name, cids=len(cids), seconds=round(time.monotonic() - started, 3)),
+            )
+        self._recover_jobs()
+        self.metrics.watch_queue(self.queued_count)
+        self.running = True
+        for name, repo in self.repositories.items():
+            worker = RepositoryWorker(self, name, repo)
+            worker.start()
+            self.workers.append(worker)
+        self._flusher = threading.Thread(target=self._flush_loop, name="touch-flusher", daemon=True)
+        self._flusher.start()
+
+    def stop(self, timeout: float = 600.0) -> None:
+        """Stop taking work; let each worker finish its current revision; write pending access times.
+
+        Jobs not yet taken stay queued in the state database and are published after the next start.
+        """
+        self.running = False
+        self.stopping.set()
+        self._notify()
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        if self._flusher is not None:
+            self._flusher.join(5)
+        self.flush_touches()
+        if self.state is not None:
+            self.state.close()
+
+    def _open_repository(self, rs: RepositorySettings) -> Repository:
+        if not (rs.storage / PRIVATE_DIR / "repo.json").exists():
+            if not self.settings.create_missing:
+                raise FileNotFoundError(f"repository {rs.name}: no repository in {rs.storage}")
+            log.info("create repository", extra=fields(repository=rs.name, storage=str(rs.storage)))
+            repo = Repository.create(rs.name, rs.storage)
+        else:
+            repo = Repository(rs.storage)
+            if repo.fqrn != rs.name:
+                raise ValueError(f"{rs.storage} holds {repo.fqrn}, not {rs.name}")
+        self._resign_if_due(repo)
+        return repo
+
+    def _resign_if_due(self, repo: Repository) -> None:
+        if repo.whitelist_warning() is not None:
+            with repo.lock():
+                wl = repo.resign()
+            log.info(
+                "whitelist re-signed", extra=fields(repository=repo.fqrn, expires=wl.expires.isoformat())
+            )
+
+    def _recover_jobs(self) -> None:
+        """Finish what a previous process left: interrupted jobs and stray spool files."""
+        assert self.state is not None
+        requeue = []
+        for job in self.state.interrupted():
+            where = self.presence.find(job.cid)
+            if where is not None:  # committed just before the crash: the manifest is live
+                self.state.mark_published([(job.id, None)], where.repository, where.revision or 0)
+                Path(job.spool).unlink(missing_ok=True)
+            else:
+                requeue.append(job.id)
+        self.state.reset_to_queued(requeue)
+        active = self.state.active_spools()
+        for f in self.spool_dir.iterdir():
+            # .part files were never acknowledged; a .tar without a job was fsynced but never recorded.
+            if str(f) not in active:
+                f.unlink(missing_ok=True)
+        if requeue:
+            log.info("requeued interrupted publishes", extra=fields(jobs=len(requeue)))
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    @property
+    def repository_names(self) -> list[str]:
+        return [r.name for r in self.settings.repositories]
+
+    def exists(self, cid: str) -> Presence | None:
+        return self.presence.find(cid)
+
+    def update(self, cid: str) -> Presence | None:
+        where = self.presence.find(cid)
+        if where is not None:
+            self.touch(cid)
+        return where
+
+    def queued_count(self) -> int:
+        return self.state.queued_count() if self.state is not None else 0
+
+    def status(self, cid: str) -> dict[str, object]:
+        assert self.state is not None
+        doc: dict[str, object] = {"cid": cid}
+        where = self.presence.find(cid)
+        job = self.state.latest(cid)
+        if job is not None and job.state in (QUEUED, PUBLISHING):
+            doc.update(state=job.state, submitted_at=job.submitted)
+            if job.state == PUBLISHING:
+                doc["repository"] = job.repository
+            if job.reason:  # the last attempt's error, for a retried job
+                doc["reason"] = job.reason
+            if job.attempts:
+                doc["attempts"] = job.attempts
+        elif where is not None:
+            doc.update(
+                state="published", repository=where.repository, revision=where.revision, path=where.path
+            )
+            if job is not None and job.state == PUBLISHED:
+                doc.update(files=job.files, published_at=job.finished)
+        elif job is not None and job.state == FAILED:
+            doc.update(state=FAILED, reason=job.reason, submitted_at=job.submitted, failed_at=job.finished)
+        else:
+            doc["state"] = "missing"
+        last = self.last_used(cid)
+        if last is not None:
+            doc["last_used"] = last
+        return doc
+
+    # --- uploads ---------------------------------------------------------------------------------
+
+    def before_upload(self, cid: str) -> Outcome | None:
+        """The answer to give without storing the body, or None if the upload must be received."""
+        self._check_running()
+        where = self.presence.find(cid)
+        if where is not None:
+            self.touch(cid)
+            return Outcome(where)
+        assert self.state is not None
+        if self.state.active(cid) is not None:
+            return Outcome(None)  # already queued or publishing: the body is not needed
+        return None
+
+    def new_spool(self) -> SpoolFile:
+        self._check_running()
+        return SpoolFile(self.spool_dir, self.settings.max_upload)
+
+    def accept(self, cid: str, spool: SpoolFile, striplevels: int, identity: str) -> Outcome:
+        """Make a received upload durable and queue it. Blocking (fsync): call it off the event loop."""
+        assert self.state is not None
+        self._check_running()
+        where = self.presence.find(cid)
+        if where is not None:  # published while this upload was on its way
+            spool.discard()
+            self.touch(cid)
+            return Outcome(where)
+        spool.finish()
+        job_id = self.state.enqueue(cid, str(spool.path), spool.size, striplevels, identity)
+        if job_id is None:  # a concurrent upload of the same CID was queued first
+            spool.discard()
+            return Outcome(self.presence.find(cid))
+        self.metrics.bytes_uploaded.inc(spool.size)
+        log.info("queued", extra=fields(cid=cid, job=job_id, bytes=spool.size, identity=identity))
+        self._notify()
+        return Outcome(None)
+
+    def _check_running(self) -> None:
+        if not self.running:
+            raise ServiceUnavailable("Service not running")
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._generation += 1
+            self._wake.notify_all()
+
+    def wait_for_work(self, seen: int, timeout: float) -> None:
+        with self._wake:
+            if self._generation == seen and not self.stopping.is_set():
+                self._wake.wait(timeout)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # --- access times ----------------------------------------------------------------------------
+
+    def touch(self, cid: str) -> None:
+        with self._touch_lock:
+            self._touches[cid] = time.time()
+
+    def flush_touches(self) -> None:
+        with self._touch_lock:
+            batch, self._touches = self._touches, {}
+        if batch and self.state is not None:
+            self.state.record_access(batch)
+
+    def last_used(self, cid: str) -> float | None:
+        with self._touch_lock:
+            pending = self._touches.get(cid)
+        stored = self.state.last_used(cid) if self.state is not None else None
+        return max(t for t in (pending, stored) if t is not None) if (pending or stored) else None
+
+    def _flush_loop(self) -> None:
+        while not self.stopping.wait(self.settings.touch_flush_seconds):
+            try:
+                self.flush_touches()
+                assert self.state is not None
+                self.state.prune(time.time() - 7 * 86400)
+            except Exception:
+                log.exception("flushing access times failed")
+
+    def _gauge_repo(self, name: str, revision: int) -> None:
+        self.metrics.revision.labels(name).set(revision)
+        self.metrics.cids_present.labels(name).set(self.presence.count(name))
+
+
+class RepositoryWorker(threading.Thread):
+    """Publishes queued jobs into one repository, one revision per batch."""
+
+    def __init__(self, service: PublishService, name: str, repo: Repository) -> None:
+        super().__init__(name=f"pub-{name}", daemon=True)
+        self.service = service
+        self.repo_name = name
+        self.repo = repo
+        self.accepting = threading.Event()  # cleared while cleanup owns the repository
+        self.accepting.set()
+        self._next_resign_check = 0.0
+
+    def run(self) -> None:
+        svc = self.service
+        assert svc.state is not None
+        while not svc.stopping.is_set():
+            seen = svc.generation
+            if not self.accepting.is_set():
+                svc.wait_for_work(seen, 1.0)
+                continue
+            if time.monotonic() > self._next_resign_check:
+                self._next_resign_check = time.monotonic() + 3600
+                svc._resign_if_due(self.repo)
+            jobs = svc.state.claim(self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes)
+            if not jobs:
+                retry_at = svc.state.next_retry_at()
+                timeout = 1.0 if retry_at is None else max(0.05, min(1.0, retry_at - time.time()))
+                svc.wait_for_work(seen, timeout)
+                continue
+            try:
+                self.publish(jobs)
+            except Exception:  # never let the worker die; the jobs were requeued or failed by publish()
+                log.exception("worker error", extra=fields(repository=self.repo_name))
+                time.sleep(1)
+
+    def publish(self, jobs: list[Job]) -> None:
+        svc = self.service
+        state = svc.state
+        assert state is not None
+        m = svc.metrics
+        started = time.monotonic()
+        m.publishing.labels(self.repo_name).set(len(jobs))
+        done: list[tuple[Job, int, int]] = []  # job, entries, bytes
+        try:
+            with self.repo.transaction() as txn:
+                top = f"/{svc.prefix}"
+                if not txn.exists(top):
+                    txn.mkdir(top, nested=True)
+                for job in jobs:
+                    outcome = self._add_job(txn, job)
+                    if outcome is not None:
+                        done.append((job, *outcome))
+                if not done:
+                    return
+                result = txn.commit()
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.exception("publish failed", extra=fields(repository=self.repo_name, jobs=len(jobs)))
+            for job, _, _ in done:
+                self._retry_or_fail(job, reason)
+            return
+        finally:
+            m.publishing.labels(self.repo_name).set(0)
+        seconds = time.monotonic() - started
+        cids = [job.cid for job, _, _ in done]
+        for job, _, _ in done:  # a crash from here on is fine: recovery finds the CIDs in the live revision
+            Path(job.spool).unlink(missing_ok=True)
+        svc.presence.add(self.repo_name, cids, result.revision)
+        state.mark_published([(job.id, n) for job, n, _ in done], self.repo_name, result.revision)
+        now = time.time()
+        state.record_access(dict.fromkeys(cids, now))
+        for job, n, nbytes in done:
+            m.publish_seconds.labels(self.repo_name).observe(now - job.submitted)
+            m.bytes_ingested.labels(self.repo_name).inc(nbytes)
+            m.files_ingested.labels(self.repo_name).inc(n)
+            log.info(
+                "published",
+                extra=fields(
+                    cid=job.cid, repository=self.repo_name, revision=result.revision, bytes=nbytes,
+                    tarball_bytes=job.size, files=n, seconds=round(now - job.submitted, 3),
+                    identity=job.identity,
+                ),
+            )  # fmt: skip
+        m.published.labels(self.repo_name).inc(len(done))
+        m.commit_seconds.labels(self.repo_name).observe(seconds)
+        m.batch_size.labels(self.repo_name).observe(len(done))
+        svc._gauge_repo(self.repo_name, result.revision)
+        log.info(
+            "revision",
+            extra=fields(
+                repository=self.repo_name, revision=result.revision, cids=len(done),
+                catalogs=result.catalogs_written, seconds=round(seconds, 3),
+            ),
+        )  # fmt: skip
+
+    def _add_job(self, txn: Transaction, job: Job) -> tuple[int, int] | None:
+        """Add one CID to the open transaction. None if its tarball was rejected (the job is failed)."""
+        svc = self.service
+        assert svc.state is not None
+        path = f"/{svc.prefix}/{job.cid}"
+        group = cid_group(job.cid)
+        group_path = f"/{svc.prefix}/{group}" if group else None
+        new_group = group_path is not None and not txn.exists(group_path)
+        if svc.presence.find(job.cid) is not None or txn.exists(path):
+            # Published meanwhile (another repository, or a previous attempt whose commit was live).
+            where = svc.presence.find(job.cid)
+            svc.state.mark_published([(job.id, None)], where.repository if where else self.repo_name, 0)
+            Path(job.spool).unlink(missing_ok=True)
+            return None
+        try:
+            if group_path is not None and new_group:
+                txn.mkdir(group_path, nested=True)
+            before = txn.content.stats.bytes_in
+            with open(job.spool, "rb") as f:
+                entries = _with_publisher(
+                    tar_entries(f, svc.settings.limits, job.striplevels), job.identity, int(time.time())
+                )
+                n = txn.add_tree(path, entries, nested=True)
+            return n, txn.content.stats.bytes_in - before
+        except (IngestError, TreeError) as exc:
+            if (
+                group_path is not None
+                and new_group
+                and txn.exists(group_path)
+                and not txn.listdir(group_path)
+            ):
+                txn.remove(group_path)
+            reason = f"rejected: {exc}"
+            svc.state.mark_failed(job.id, reason)
+            svc.metrics.failures.labels("rejected").inc()
+            Path(job.spool).unlink(missing_ok=True)
+            log.warning("publish rejected", extra=fields(cid=job.cid, reason=str(exc), identity=job.identity))
+            return None
+
+    def _retry_or_fail(self, job: Job, reason: str) -> None:
+        svc = self.service
+        assert svc.state is not None
+        if job.attempts + 1 >= svc.settings.publish_attempts:
+            svc.state.mark_failed(job.id, f"error: {reason}")
+            svc.metrics.failures.labels("error").inc()
+            Path(job.spool).unlink(missing_ok=True)
+        else:
+            svc.state.requeue(job.id, reason, RETRY_DELAY * (job.attempts + 1))
+            svc.metrics.failures.labels("retried").inc()
+
+
+def _with_publisher(entries: Iterator[TreeEntry], identity: str, now: int) -> Iterator[TreeEntry]:
+    """The tarball's entries plus ``.publisher`` (who published it), replacing any the tarball brought."""
+    for e in entries:
+        if e.path.strip("/") == PUBLISHER_FILE:
+            if e.stream is not None:  # consume it: the stream must be read before the next member
+                _drain(e.stream, e.size)
+            continue
+        yield e
+    data = (identity + "\n").encode("utf-8", "replace")
+    yield TreeEntry(
+        PUBLISHER_FILE, EntryKind.FILE, mode=0o644, mtime=now, size=len(data), stream=io.BytesIO(data)
+    )
+
+
+def _drain(stream: BinaryIO, size: int) -> None:
+    left = size
+    while left > 0:
+        block = stream.read(min(left, 1 << 20))
+        if not block:
+            break
+        left -= len(block)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["Outcome", "PublishService", "ServiceUnavailable", "SpoolFile", "UploadTooLarge"]

@@ -1,0 +1,247 @@
+"""The durable state of the service: the publish queue and the CIDs' last-use times, in one SQLite file.
+
+An upload is acknowledged (``OK``) only after its spool file is fsynced and its job row is committed with
+``synchronous=FULL``, so an acknowledged upload survives a crash or a power cut. The queue is the ``jobs``
+table; a partial unique index allows at most one *active* (queued or publishing) job per CID, which is what
+makes two concurrent uploads of one CID publish it once.
+
+Job states: ``queued`` -> ``publishing`` -> ``published`` | ``failed`` (or back to ``queued`` for a retry).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+QUEUED: Final = "queued"
+PUBLISHING: Final = "publishing"
+PUBLISHED: Final = "published"
+FAILED: Final = "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    cid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spool TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    striplevels INTEGER NOT NULL DEFAULT 0,
+    identity TEXT NOT NULL,
+    submitted REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    repository TEXT,
+    revision INTEGER,
+    files INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    reason TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_cid ON jobs(cid) WHERE state IN ('queued', 'publishing');
+CREATE INDEX IF NOT EXISTS jobs_cid ON jobs(cid, id);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS access (
+    cid TEXT PRIMARY KEY,
+    last_used REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    cid: str
+    state: str
+    spool: str
+    size: int
+    striplevels: int
+    identity: str
+    submitted: float
+    started: float | None
+    finished: float | None
+    repository: str | None
+    revision: int | None
+    files: int | None
+    attempts: int
+    reason: str | None
+
+
+_JOB_COLUMNS = (
+    "id, cid, state, spool, size, striplevels, identity, submitted, started, finished, repository, "
+    "revision, files, attempts, reason"
+)
+
+
+class StateDB:
+    """Thread-safe: one connection, one lock; every call is a short transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- the queue -------------------------------------------------------------------------------
+
+    def enqueue(self, cid: str, spool: str, size: int, striplevels: int, identity: str) -> int | None:
+        """Record an uploaded spool file as a queued job. None if the CID already has an active job."""
+        try:
+            with self._txn() as db:
+                cur = db.execute(
+                    "INSERT INTO jobs (cid, state, spool, size, striplevels, identity, submitted) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (cid, QUEUED, spool, size, striplevels, identity, time.time()),
+                )
+                return cur.lastrowid
+        except sqlite3.IntegrityError:
+            return None
+
+    def active(self, cid: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE cid = ? AND state IN (?, ?)",
+                (cid, QUEUED, PUBLISHING),
+            ).fetchone()
+        return Job(*row) if row else None
+
+    def latest(self, cid: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE cid = ? ORDER BY id DESC LIMIT 1", (cid,)
+            ).fetchone()
+        return Job(*row) if row else None
+
+    def claim(self, repository: str, max_jobs: int, max_bytes: int, now: float | None = None) -> list[Job]:
+        """Move the oldest queued jobs (at least one, then up to the limits) to ``publishing``."""
+        now = time.time() if now is None else now
+        with self._txn() as db:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? AND not_before <= ? ORDER BY id LIMIT ?",
+                (QUEUED, now, max_jobs),
+            ).fetchall()
+            jobs: list[Job] = []
+            total = 0
+            for row in rows:
+                job = Job(*row)
+                # A job that failed once is retried alone, so that it cannot sink a batch twice.
+                if jobs and (total + job.size > max_bytes or job.attempts or jobs[0].attempts):
+                    break
+                jobs.append(job)
+                total += job.size
+            db.executemany(
+                "UPDATE jobs SET state = ?, started = ?, repository = ? WHERE id = ?",
+                [(PUBLISHING, now, repository, j.id) for j in jobs],
+            )
+        return jobs
+
+    def queued_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()[0])
+
+    def next_retry_at(self) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT min(not_before) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def mark_published(self, jobs: Iterable[tuple[int, int | None]], repository: str, revision: int) -> None:
+        """``jobs``: (job id, number of files)."""
+        now = time.time()
+        with self._txn() as db:
+            db.executemany(
+                "UPDATE jobs SET state = ?, finished = ?, repository = ?, revision = ?, files = ?, reason = NULL "
+                "WHERE id = ?",
+                [(PUBLISHED, now, repository, revision, files, job_id) for job_id, files in jobs],
+            )
+
+    def mark_failed(self, job_id: int, reason: str) -> None:
+        with self._txn() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, reason = ? WHERE id = ?",
+                (FAILED, time.time(), reason, job_id),
+            )
+
+    def requeue(self, job_id: int, reason: str, delay: float) -> None:
+        """Back to the queue after a failure that was not the tarball's fault (one more attempt)."""
+        with self._txn() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, reason = ?, started = NULL, "
+                "repository = NULL, not_before = ? WHERE id = ?",
+                (QUEUED, reason, time.time() + delay, job_id),
+            )
+
+    def interrupted(self) -> list[Job]:
+        """Jobs a previous process was publishing when it stopped."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ?", (PUBLISHING,)
+            ).fetchall()
+        return [Job(*r) for r in rows]
+
+    def reset_to_queued(self, job_ids: Iterable[int]) -> None:
+        with self._txn() as db:
+            db.executemany(
+                "UPDATE jobs SET state = ?, started = NULL, repository = NULL WHERE id = ?",
+                [(QUEUED, i) for i in job_ids],
+            )
+
+    def active_spools(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT spool FROM jobs WHERE state IN (?, ?)", (QUEUED, PUBLISHING)
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def prune(self, older_than: float) -> int:
+        """Forget finished jobs; the newest job of each CID is kept for ``status``."""
+        with self._txn() as db:
+            cur = db.execute(
+                "DELETE FROM jobs WHERE state IN (?, ?) AND finished < ? "
+                "AND id NOT IN (SELECT max(id) FROM jobs GROUP BY cid)",
+                (PUBLISHED, FAILED, older_than),
+            )
+            return cur.rowcount
+
+    # --- access times ----------------------------------------------------------------------------
+
+    def record_access(self, times: dict[str, float]) -> None:
+        """Store a batch of last-use times (never moving one backwards)."""
+        if not times:
+            return
+        with self._txn() as db:
+            db.executemany(
+                "INSERT INTO access (cid, last_used) VALUES (?, ?) "
+                "ON CONFLICT(cid) DO UPDATE SET last_used = max(last_used, excluded.last_used)",
+                sorted(times.items()),
+            )
+
+    def last_used(self, cid: str) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT last_used FROM access WHERE cid = ?", (cid,)).fetchone()
+        return float(row[0]) if row else None
+
+    def access_times(self) -> dict[str, float]:
+        with self._lock:
+            return {c: float(t) for c, t in self._db.execute("SELECT cid, last_used FROM access")}

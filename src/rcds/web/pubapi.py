@@ -1,0 +1,226 @@
+"""The ``/pubapi`` web API, wire-compatible with cvmfs-user-pub (see README "Publish API").
+
+Bodies are plain text ending in a newline: ``OK``, ``PRESENT:/cvmfs/<repo>/<prefix>/<cid>``, ``MISSING``,
+``repos:a,b``, ``Bad request: <reason>`` (400), ``<reason>`` (403), ``Unrecognized api`` (404). Every
+response carries ``Cache-control: max-age=0``. Any method is accepted, as in the original (clients POST
+and GET interchangeably), and a doubled leading slash (``//pubapi/...``, sent by some clients) works.
+
+Processing order, as in the original: ``config`` and ``ping`` need no credentials; everything else is
+authenticated first, then the CID is validated, then the endpoint runs. An unknown identity gets its 403
+before a byte of the body is read, so it leaves nothing on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+from aiohttp import web
+
+from ..logs import fields
+from ..publish.auth import Authenticator, AuthError, Authorizer, Identity, peer_dn_from_ssl_object
+from ..publish.cid import CidError, validate_cid
+from ..publish.download import DownloadError, SourceNotAllowed, download, source_url
+from ..publish.service import PublishService, ServiceUnavailable, SpoolFile, UploadTooLarge
+
+log = logging.getLogger("rcds.api")
+
+READ_BLOCK = 1 << 20
+SERVICE_KEY = web.AppKey("rcds_service", PublishService)
+_ENDPOINTS = frozenset({"publish", "exists", "update", "config", "ping", "status"})
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(body)
+        self.status = status
+        self.body = body
+
+
+def bad_request(reason: str) -> ApiError:
+    return ApiError(400, f"Bad request: {reason}")
+
+
+_REASONS = {200: "OK", 400: "Bad request", 403: "Access denied", 404: "Not found", 413: "Request too large",
+            503: "Service unavailable", 507: "Insufficient storage"}  # fmt: skip
+
+
+def text(status: int, body: str) -> web.Response:
+    return web.Response(
+        status=status,
+        reason=_REASONS.get(status),
+        text=body + "\n",
+        content_type="text/plain",
+        headers={"Cache-control": "max-age=0"},
+    )
+
+
+class PubApi:
+    def __init__(self, service: PublishService, authenticator: Authenticator, authorizer: Authorizer) -> None:
+        self.service = service
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/pubapi/{endpoint}", self.handle)
+        app.router.add_route("*", r"/{lead:/+}pubapi/{endpoint}", self.handle)
+        app.router.add_get("/metrics", self.metrics)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(self.service.metrics.render)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        endpoint = request.match_info["endpoint"]
+        info: dict[str, object] = {}
+        try:
+            response = await self._dispatch(request, endpoint, info)
+        except ApiError as err:
+            response = text(err.status, err.body)
+            info.setdefault("error", err.body)
+        except ServiceUnavailable as exc:
+            response = text(400, f"Bad request: {exc}")
+        name = endpoint if endpoint in _ENDPOINTS else "other"
+        self.service.metrics.requests.labels(name, str(response.status)).inc()
+        log.info(
+            "request",
+            extra=fields(
+                method=request.method, endpoint=endpoint, remote=request.remote, status=response.status,
+                seconds=round(time.monotonic() - started, 4), **info,
+            ),
+        )  # fmt: skip
+        return response
+
+    async def _dispatch(self, request: web.Request, endpoint: str, info: dict[str, object]) -> web.Response:
+        svc = self.service
+        if not svc.running:
+            raise bad_request("Service not running")
+        if endpoint == "config":
+            return text(200, "repos:" + ",".join(svc.repository_names))
+        if endpoint == "ping":
+            return text(200, "OK") if svc.repository_names else bad_request_response("not configured")
+        raw_cid = request.query.get("cid")
+        cid, cid_error = None, None
+        if raw_cid is not None:
+            try:
+                cid = validate_cid(raw_cid)
+            except CidError as exc:
+                cid_error = bad_request(str(exc))
+        # As in the original: credentials first, then the CID.
+        identity = await self._authenticate(request, cid)
+        info["identity"] = identity.name
+        if cid_error is not None:
+            raise cid_error
+        if cid is not None:
+            info["cid"] = cid
+        if endpoint not in _ENDPOINTS:
+            raise ApiError(404, "Unrecognized api")
+        if cid is None:
+            raise bad_request(f"{endpoint} with no cid")
+        if endpoint == "exists":
+            where = svc.exists(cid)
+            return text(200, f"PRESENT:{where.path}" if where else "MISSING")
+        if endpoint == "update":
+            where = svc.update(cid)
+            return text(200, f"PRESENT:{where.path}" if where else "MISSING")
+        if endpoint == "status":
+            doc = await asyncio.to_thread(svc.status, cid)
+            return web.json_response(doc, headers={"Cache-control": "max-age=0"})
+        return await self._publish(request, cid, identity, info)
+
+    async def _authenticate(self, request: web.Request, cid: str | None) -> Identity:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        authorization = request.headers.get("Authorization")
+        call = functools.partial(
+            self.authenticator.authenticate,
+            remote_addr=request.remote or "",
+            authorization=authorization,
+            peer_dn=peer_dn_from_ssl_object(ssl_object) if ssl_object is not None else None,
+            secure=request.secure,
+            cid=cid,
+        )
+        try:
+            # A token may need its issuer's keys fetched (seconds): keep that off the event loop.
+            return await asyncio.to_thread(call) if authorization else call()
+        except AuthError as err:
+            raise ApiError(403, err.message) from err
+
+    async def _publish(
+        self, request: web.Request, cid: str, identity: Identity, info: dict[str, object]
+    ) -> web.Response:
+        svc = self.service
+        try:
+            self.authorizer.check(identity, cid)
+        except AuthError as err:
+            raise ApiError(403, err.message) from err
+        striplevels_raw = request.query.get("striplevels", "0")
+        if striplevels_raw not in ("0", "1", "2"):
+            raise bad_request("only striplevels 0, 1, and 2 supported")
+        striplevels = int(striplevels_raw)
+        source = request.query.get("source")
+        url = None
+        if source is not None:
+            try:
+                url = source_url(source, svc.settings.source)
+            except SourceNotAllowed as exc:
+                raise bad_request(str(exc)) from exc
+            info["source"] = url
+        elif request.content_length is not None and request.content_length > svc.settings.max_upload:
+            raise ApiError(413, f"Bad request: upload exceeds the limit of {svc.settings.max_upload} bytes")
+
+        early = await asyncio.to_thread(svc.before_upload, cid)
+        if early is not None:  # present, or already queued: the body is not needed
+            await _drain(request)
+            info["outcome"] = "present" if early.present else "already-queued"
+            return text(200, early.body)
+
+        spool = svc.new_spool()
+        accepted = False
+        try:
+            if url is not None:
+                await _drain(request)
+                await download(url, svc.settings.source, spool)
+            else:
+                await _receive(request, spool)
+            if spool.size == 0:
+                raise bad_request("error getting publish data: empty upload")
+            info["bytes"] = spool.size
+            outcome = await asyncio.to_thread(svc.accept, cid, spool, striplevels, identity.name)
+            accepted = True
+            info["outcome"] = "present" if outcome.present else "queued"
+            return text(200, outcome.body)
+        except UploadTooLarge as exc:
+            raise ApiError(413, f"Bad request: {exc}") from exc
+        except DownloadError as exc:
+            raise bad_request(f"error getting publish data: {exc}") from exc
+        except OSError as exc:  # a full spool disk, a dropped connection: nothing was acknowledged
+            log.warning("upload failed", extra=fields(cid=cid, error=str(exc)))
+            raise bad_request(f"error getting publish data: {exc.strerror or exc}") from exc
+        finally:
+            if not accepted:
+                await asyncio.to_thread(spool.discard)
+
+
+def bad_request_response(reason: str) -> web.Response:
+    return text(400, f"Bad request: {reason}")
+
+
+async def _receive(request: web.Request, spool: SpoolFile) -> None:
+    buffered: list[bytes] = []
+    size = 0
+    async for block in request.content.iter_chunked(READ_BLOCK):
+        buffered.append(block)
+        size += len(block)
+        if size >= READ_BLOCK:  # write in ~1 MiB pieces, off the event loop
+            await asyncio.to_thread(spool.write, b"".join(buffered))
+            buffered, size = [], 0
+    if buffered:
+        await asyncio.to_thread(spool.write, b"".join(buffered))
+
+
+async def _drain(request: web.Request) -> None:
+    async for _ in request.content.iter_chunked(READ_BLOCK):
+        pass
