@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -45,7 +46,12 @@ def make_tarball(files: dict[str, bytes | str], mode: str = "w:gz", mtime: int =
 
 class RcdsServer:
     def __init__(
-        self, root: Path, extra_config: str = "", repos: tuple[str, ...] = REPOS, server_config: str = ""
+        self,
+        root: Path,
+        extra_config: str = "",
+        repos: tuple[str, ...] = REPOS,
+        server_config: str = "",
+        top_config: str = "",
     ) -> None:
         self.root = root
         self.port = free_port()
@@ -54,7 +60,7 @@ class RcdsServer:
         self.log_path = root / "server.log"
         self.repos = repos
         self.proc: subprocess.Popen[bytes] | None = None
-        lines = [f'data_dir = "{root / "data"}"', "touch_flush_seconds = 0.2", "[server]",
+        lines = [f'data_dir = "{root / "data"}"', "touch_flush_seconds = 0.2", top_config, "[server]",
                  f'http = ["127.0.0.1:{self.port}"]', server_config, extra_config]  # fmt: skip
         if "[auth]" not in extra_config:
             lines += ["[auth]", 'gridmapfile = ""']
@@ -66,7 +72,15 @@ class RcdsServer:
     def storage(self, repo: str) -> Path:
         return self.root / "data" / repo
 
-    def start(self, env: dict[str, str] | None = None, timeout: float = 60) -> RcdsServer:
+    def start(
+        self, env: dict[str, str] | None = None, timeout: float = 60, max_file_size: int | None = None
+    ) -> RcdsServer:
+        """``max_file_size``: RLIMIT_FSIZE of the server, to make writes fail as on a full disk."""
+
+        def limit() -> None:
+            if max_file_size is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             [
@@ -82,6 +96,7 @@ class RcdsServer:
             stdout=log,
             stderr=log,
             env={**os.environ, **(env or {})},
+            preexec_fn=limit,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -19,7 +19,6 @@ import pytest
 from rcds.cvmfs.checker import check_repository
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
-
 from server import REPOS, RcdsServer, make_tarball
 
 CODE = {"run.sh": "#!/bin/sh\necho hello\n", "lib/": b"", "lib/util.py": "X = 1\n", "README": "readme\n"}
@@ -207,7 +206,9 @@ def test_a_rejected_tarball_is_failed_with_its_reason_and_changes_nothing(server
 
 
 def assert_repository_ok(repo: Repository) -> None:
-    with RepositoryReader.open(repo.storage, repo.public_key_path, cache_dir=repo.storage.parent / "check-cache") as r:
+    with RepositoryReader.open(
+        repo.storage, repo.public_key_path, cache_dir=repo.storage.parent / "check-cache"
+    ) as r:
         report = check_repository(r)
     assert report.ok, report.errors
 
@@ -373,3 +374,35 @@ def test_sigterm_finishes_or_keeps_in_flight_work(fresh_server: RcdsServer) -> N
     srv.start()
     for cid in cids:
         assert srv.wait_state(cid)["state"] == "published"
+
+
+def test_a_full_disk_during_publish_is_retried_then_reported_and_nothing_is_half_published(
+    tmp_path: Path,
+) -> None:
+    srv = RcdsServer(tmp_path, top_config="retry_delay = 0.1\npublish_attempts = 3")
+    try:
+        srv.start(env={"RCDS_FAILPOINT": "after-objects:enospc"})
+        assert srv.publish("full/disk", make_tarball(CODE)).text == "OK\n"
+        doc = srv.wait_state("full/disk", ("failed",))
+        assert doc["reason"] == "error: OSError: [Errno 28] No space left on device"
+        for r in REPOS:
+            repo = Repository(srv.storage(r))
+            assert repo.manifest().revision == 0  # every attempt aborted before any catalog
+            assert_repository_ok(repo)
+        assert 'rcds_publish_failures_total{reason="retried"} 2.0' in srv.client.get("/metrics").text
+        srv.stop()
+        srv.start()  # the disk has space again: the same CID publishes, it is not stuck
+        assert srv.publish("full/disk", make_tarball(CODE)).text == "OK\n"
+        assert srv.wait_state("full/disk")["state"] == "published"
+    finally:
+        srv.close()
+
+
+def test_a_full_spool_disk_refuses_the_upload_cleanly(fresh_server: RcdsServer) -> None:
+    srv = fresh_server.start(max_file_size=2_000_000)  # writes beyond 2 MB fail (EFBIG), like a full disk
+    r = srv.publish("spool/full", make_tarball({"big.bin": os.urandom(3_000_000)}))
+    assert (r.status_code, r.text) == (400, "Bad request: error getting publish data: File too large\n")
+    assert list((srv.root / "data" / "queue" / "spool").iterdir()) == []
+    assert srv.status("spool/full")["state"] == "missing"
+    assert srv.publish("spool/fine", make_tarball(CODE)).text == "OK\n"
+    assert srv.wait_state("spool/fine")["state"] == "published"

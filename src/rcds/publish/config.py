@@ -99,6 +99,7 @@ class ServiceSettings:
     batch_max_jobs: int = 100
     batch_max_bytes: int = 512 * MiB
     publish_attempts: int = 3
+    retry_delay: float = 5.0  # seconds before the first retry; doubles with each attempt
     touch_flush_seconds: float = 5.0
     auth: AuthSettings = field(default_factory=AuthSettings)
     source: SourceSettings = field(default_factory=SourceSettings)
@@ -231,6 +232,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         batch_max_jobs=batch_max_jobs,
         batch_max_bytes=batch_max_bytes,
         publish_attempts=r.integer("publish_attempts", 3),
+        retry_delay=r.number("retry_delay", 5.0),
         touch_flush_seconds=r.number("touch_flush_seconds", 5.0),
         auth=auth,
         source=source,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..cvmfs.catalog import NESTED_MARKER
 from ..cvmfs.repository import Repository
 from ..cvmfs.store import PRIVATE_DIR
 from ..cvmfs.tree import EntryKind, TreeEntry
@@ -40,7 +41,6 @@ from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
 log = logging.getLogger("rcds.publish")
 
 RESIGN_DAYS_LEFT = 7  # re-sign a local repository's whitelist when it expires sooner than this
-RETRY_DELAY = 5.0
 
 
 class UploadTooLarge(Exception):
@@ -379,6 +379,7 @@ class RepositoryWorker(threading.Thread):
         started = time.monotonic()
         m.publishing.labels(self.repo_name).set(len(jobs))
         done: list[tuple[Job, int, int]] = []  # job, entries, bytes
+        settled: set[int] = set()  # jobs already failed (rejected) or found published
         try:
             with self.repo.transaction() as txn:
                 top = f"/{svc.prefix}"
@@ -386,16 +387,21 @@ class RepositoryWorker(threading.Thread):
                     txn.mkdir(top, nested=True)
                 for job in jobs:
                     outcome = self._add_job(txn, job)
-                    if outcome is not None:
+                    if outcome is None:
+                        settled.add(job.id)
+                    else:
                         done.append((job, *outcome))
                 if not done:
                     return
                 result = txn.commit()
         except Exception as exc:
+            # Nothing of this revision is live (the transaction aborted): every job not settled goes back
+            # to the queue, to be retried alone, or fails for good after ``publish_attempts`` tries.
             reason = f"{type(exc).__name__}: {exc}"
             log.exception("publish failed", extra=fields(repository=self.repo_name, jobs=len(jobs)))
-            for job, _, _ in done:
-                self._retry_or_fail(job, reason)
+            for job in jobs:
+                if job.id not in settled:
+                    self._retry_or_fail(job, reason)
             return
         finally:
             m.publishing.labels(self.repo_name).set(0)
@@ -456,13 +462,8 @@ class RepositoryWorker(threading.Thread):
                 n = txn.add_tree(path, entries, nested=True)
             return n, txn.content.stats.bytes_in - before
         except (IngestError, TreeError) as exc:
-            if (
-                group_path is not None
-                and new_group
-                and txn.exists(group_path)
-                and not txn.listdir(group_path)
-            ):
-                txn.remove(group_path)
+            if group_path is not None and new_group and _is_empty(txn, group_path):
+                txn.remove(group_path)  # the group was made for this CID alone
             reason = f"rejected: {exc}"
             svc.state.mark_failed(job.id, reason)
             svc.metrics.failures.labels("rejected").inc()
@@ -478,7 +479,7 @@ class RepositoryWorker(threading.Thread):
             svc.metrics.failures.labels("error").inc()
             Path(job.spool).unlink(missing_ok=True)
         else:
-            svc.state.requeue(job.id, reason, RETRY_DELAY * (job.attempts + 1))
+            svc.state.requeue(job.id, reason, svc.settings.retry_delay * 2**job.attempts)
             svc.metrics.failures.labels("retried").inc()
 
 
@@ -494,6 +495,10 @@ def _with_publisher(entries: Iterator[TreeEntry], identity: str, now: int) -> It
     yield TreeEntry(
         PUBLISHER_FILE, EntryKind.FILE, mode=0o644, mtime=now, size=len(data), stream=io.BytesIO(data)
     )
+
+
+def _is_empty(txn: Transaction, path: str) -> bool:
+    return txn.exists(path) and all(d.name == NESTED_MARKER for d in txn.listdir(path))
 
 
 def _drain(stream: BinaryIO, size: int) -> None:

@@ -66,8 +66,6 @@ def banner(settings: ServiceSettings) -> str:
         "Publish a tarball with curl:",
         f"  curl --data-binary @code.tar.gz '{base}/pubapi/publish?cid=myexp/$(sha256sum code.tar.gz | cut -c1-64)'",
         f"  curl '{base}/pubapi/exists?cid=myexp/<hash>'     # PRESENT:/cvmfs/<repo>/{settings.prefix}/myexp/<hash>",
-        "or with the rcds client:",
-        f"  rcds publish --server {base} ./mycode",
         "",
         f"Repositories are served at {base}/cvmfs/<repo>/ (keys in <storage>/.rcds/keys/); metrics at {base}/metrics",
     ]

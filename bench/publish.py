@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark of the publish service (``rcds serve``), all figures from one run.
+
+1. small-publish latency: a ~1 MB, 100-file tarball, from the start of the upload until ``exists``
+   answers ``PRESENT`` (polled every 5 ms); p50/p99 with 1 client and with 20 concurrent clients;
+2. ``exists`` requests per second (keep-alive connections, 64 in flight, from one client process on the
+   same machine, so client and server share the cores);
+3. large publish: a 1 GiB tar of the code-like tree of ``bench/ingest.py`` from upload start to
+   ``PRESENT``, as a ratio to the repository core ingesting the same content in-process (``add_tree``
+   from the same tar file, and ``add_directory`` of the unpacked tree), measured side by side;
+4. the small-publish latency (1 client) with 10,000 CIDs already published in the same group of every
+   repository, as a ratio to the empty server of step 1.
+
+Servers run as real subprocesses on 127.0.0.1 with the default two repositories. Prints a table and a
+final JSON line (also written to ``<workdir>/publish-result.json``). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ingest as ingest_bench
+
+REPOS = ("user1.bench.local", "user2.bench.local")
+GROUP = "bench"
+MB = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        lines = [f'data_dir = "{root / "data"}"', "[server]", f'http = ["127.0.0.1:{self.port}"]',
+                 "[auth]", 'gridmapfile = ""']  # fmt: skip
+        for r in REPOS:
+            lines += ["[[repository]]", f'name = "{r}"']
+        (root / "rcds.toml").write_text("\n".join(lines) + "\n")
+        log = open(root / "server.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rcds.cli",
+                "serve",
+                "--config",
+                str(root / "rcds.toml"),
+                "--log-format",
+                "json",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/pubapi/ping").text == "OK\n":
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((root / "server.log").read_text()[-3000:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+
+
+def small_tarball(seed: int, files: int = 100, size: int = 1 * MB) -> bytes:
+    """~``size`` bytes of text-like content in ``files`` files; unique per seed; uncompressed tar."""
+    rng = __import__("random").Random(seed)
+    words = [f"w{rng.randrange(10**6)}" for _ in range(400)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(files):
+            text = " ".join(rng.choice(words) for _ in range(size // files // 8)).encode()[: size // files]
+            info = tarfile.TarInfo(f"pkg/mod{i // 10}/file{i}.py")
+            info.size = len(text)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(text))
+    return buf.getvalue()
+
+
+def publish_and_wait(
+    client: httpx.Client, cid: str, data: bytes, timeout: float = 600, poll: float = 0.005
+) -> float:
+    t0 = time.perf_counter()
+    r = client.post("/pubapi/publish", params={"cid": cid}, content=data)
+    if r.text != "OK\n":
+        raise RuntimeError(f"publish {cid}: {r.status_code} {r.text}")
+    while True:
+        if client.get("/pubapi/exists", params={"cid": cid}).text.startswith("PRESENT:"):
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(cid)
+        time.sleep(poll)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def latency(url: str, tarballs: list[tuple[str, bytes]], clients: int) -> dict[str, Any]:
+    results: list[float] = []
+    lock = threading.Lock()
+    todo = list(tarballs)
+
+    def run() -> None:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    cid, data = todo.pop()
+                # Every client polls every 5 ms x clients: ~200 polls/s in all, so that polling does not
+                # eat the server's CPU (real clients poll every few seconds).
+                dt = publish_and_wait(client, cid, data, poll=0.005 * clients)
+                with lock:
+                    results.append(dt)
+
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "samples": len(results),
+        "p50_s": round(statistics.median(results), 4),
+        "p99_s": round(pct(results, 0.99), 4),
+        "mean_s": round(statistics.fmean(results), 4),
+        "publishes_per_s": round(len(results) / wall, 2),
+    }
+
+
+def exists_rate(url: str, cids: list[str], seconds: float = 5.0, inflight: int = 64) -> dict[str, Any]:
+    import aiohttp
+
+    async def main() -> tuple[int, float]:
+        count = 0
+        stop_at = time.perf_counter() + seconds
+        conn = aiohttp.TCPConnector(limit=inflight)
+        async with aiohttp.ClientSession(url, connector=conn) as session:
+
+            async def worker(i: int) -> None:
+                nonlocal count
+                k = i
+                while time.perf_counter() < stop_at:
+                    async with session.get("/pubapi/exists", params={"cid": cids[k % len(cids)]}) as resp:
+                        await resp.read()
+                        assert resp.status == 200
+                    count += 1
+                    k += inflight
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(i) for i in range(inflight)))
+            return count, time.perf_counter() - t0
+
+    count, wall = asyncio.run(main())
+    return {"requests": count, "seconds": round(wall, 2), "per_s": round(count / wall)}
+
+
+def populate(root: Path, n: int) -> None:
+    """``n`` CIDs of ``GROUP`` in every repository, written with the repository core (fast set-up)."""
+    from rcds.cvmfs.repository import Repository
+    from rcds.cvmfs.tree import EntryKind, TreeEntry
+
+    for name in REPOS:
+        repo = Repository.create(name, root / "data" / name)
+        with repo.transaction() as txn:
+            txn.mkdir("/sw", nested=True)
+            txn.mkdir(f"/sw/{GROUP}", nested=True)
+            for i in range(n):
+                body = f"cid {i}\n".encode()
+                entries = [
+                    TreeEntry("", EntryKind.DIRECTORY, 0o755),
+                    TreeEntry("run.sh", EntryKind.FILE, 0o755, size=len(body), stream=io.BytesIO(body)),
+                    TreeEntry(".publisher", EntryKind.FILE, size=10, stream=io.BytesIO(b"populate!\n")),
+                ]
+                txn.add_tree(f"/sw/{GROUP}/pre{i:06d}", entries)
+            txn.commit()
+
+
+def large_tar(workdir: Path, size_gib: float) -> tuple[Path, Path]:
+    _info, _ = ingest_bench.ensure_tree(ingest_bench.TreeSpec(size_gib=size_gib), workdir)
+    tree = workdir / f"tree-{ingest_bench.TreeSpec(size_gib=size_gib).key}"
+    tar_path = workdir / f"tree-{ingest_bench.TreeSpec(size_gib=size_gib).key}.tar"
+    if not tar_path.exists():
+        tmp = tar_path.with_suffix(".tmp")
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(tree, arcname=".")
+        tmp.rename(tar_path)
+    return tree, tar_path
+
+
+def core_ingest(storage: Path, what: str, source: Path) -> float:
+    from rcds.cvmfs.repository import Repository
+    from rcds.ingest.tarstream import tar_entries
+
+    if storage.exists():
+        shutil.rmtree(storage)
+    repo = Repository.create("core.bench.local", storage)
+    t0 = time.perf_counter()
+    with repo.transaction() as txn:
+        txn.mkdir("/sw", nested=True)
+        txn.mkdir(f"/sw/{GROUP}", nested=True)
+        if what == "tar":
+            with open(source, "rb") as f:
+                txn.add_tree(f"/sw/{GROUP}/large", tar_entries(f))
+        else:
+            txn.add_directory(f"/sw/{GROUP}/large", source)
+        txn.commit()
+    return time.perf_counter() - t0
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/rcds-bench"))
+    ap.add_argument("--samples", type=int, default=60, help="single-client small publishes per server")
+    ap.add_argument("--concurrent-samples", type=int, default=200)
+    ap.add_argument("--populated", type=int, default=10_000, help="CIDs per repository for step 4")
+    ap.add_argument("--large-gib", type=float, default=1.0, help="0 skips the large publish")
+    args = ap.parse_args(argv)
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"cpus": os.cpu_count()}
+
+    print("building tarballs ...", flush=True)
+    n_small = 2 * args.samples + args.concurrent_samples
+    small = [(f"{GROUP}/s{i:06d}", small_tarball(i)) for i in range(n_small)]
+    result["small_tarball_bytes"] = len(small[0][1])
+
+    template = work / f"pub-populated-{args.populated}"
+    if not (template / "done").exists():
+        print(f"populating {args.populated} CIDs per repository (cached in {template}) ...", flush=True)
+        shutil.rmtree(template, ignore_errors=True)
+        template.mkdir()
+        populate(template, args.populated)
+        (template / "done").write_text("ok")
+
+    # 1 + 2: empty server.
+    root = work / "pub-empty"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    srv = Server(root)
+    try:
+        publish_and_wait(httpx.Client(base_url=srv.url), f"{GROUP}/warmup", small_tarball(-1))
+        result["latency_empty_1"] = latency(srv.url, small[: args.samples], 1)
+        print("1 client, empty:", result["latency_empty_1"], flush=True)
+        result["latency_empty_20"] = latency(
+            srv.url, small[args.samples : args.samples + args.concurrent_samples], 20
+        )
+        print("20 clients, empty:", result["latency_empty_20"], flush=True)
+        present = [c for c, _ in small[: args.samples]]
+        result["exists"] = exists_rate(
+            srv.url, present + [f"{GROUP}/missing{i}" for i in range(len(present))]
+        )
+        print("exists:", result["exists"], flush=True)
+    finally:
+        srv.stop()
+
+    # 4: populated server.
+    root = work / "pub-populated"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(template, root, symlinks=True)
+    srv = Server(root)
+    try:
+        publish_and_wait(httpx.Client(base_url=srv.url), f"{GROUP}/warmup", small_tarball(-1))
+        result["latency_populated_1"] = latency(srv.url, small[-args.samples :], 1)
+        print(f"1 client, {args.populated} CIDs:", result["latency_populated_1"], flush=True)
+    finally:
+        srv.stop()
+    result["populated_ratio_p50"] = round(
+        result["latency_populated_1"]["p50_s"] / result["latency_empty_1"]["p50_s"], 3
+    )
+
+    # 3: large publish vs the core.
+    if args.large_gib > 0:
+        tree, tar_path = large_tar(work, args.large_gib)
+        size = tar_path.stat().st_size
+        warm(tar_path)
+        result["large_tar_bytes"] = size
+        core_tar = core_ingest(work / "pub-core", "tar", tar_path)
+        core_dir = core_ingest(work / "pub-core", "dir", tree)
+        shutil.rmtree(work / "pub-core", ignore_errors=True)
+        root = work / "pub-large"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        srv = Server(root)
+        try:
+            with httpx.Client(base_url=srv.url, timeout=3600) as client, open(tar_path, "rb") as f:
+                t0 = time.perf_counter()
+                r = client.post("/pubapi/publish", params={"cid": f"{GROUP}/large"}, content=f)
+                upload = time.perf_counter() - t0
+                assert r.text == "OK\n", r.text
+                while not client.get("/pubapi/exists", params={"cid": f"{GROUP}/large"}).text.startswith(
+                    "PRESENT"
+                ):
+                    time.sleep(0.02)
+                service = time.perf_counter() - t0
+        finally:
+            srv.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        result["large"] = {
+            "service_s": round(service, 2),
+            "upload_s": round(upload, 2),
+            "core_tar_s": round(core_tar, 2),
+            "core_dir_s": round(core_dir, 2),
+            "ratio_vs_core_tar": round(service / core_tar, 3),
+            "ratio_vs_core_dir": round(service / core_dir, 3),
+        }
+        print("large:", result["large"], flush=True)
+
+    print()
+    e1, e20, p1 = result["latency_empty_1"], result["latency_empty_20"], result["latency_populated_1"]
+    print(f"small publish p50/p99, 1 client:    {e1['p50_s'] * 1000:.0f} / {e1['p99_s'] * 1000:.0f} ms")
+    print(f"small publish p50/p99, 20 clients:  {e20['p50_s'] * 1000:.0f} / {e20['p99_s'] * 1000:.0f} ms "
+          f"({e20['publishes_per_s']} publishes/s)")  # fmt: skip
+    print(f"exists:                             {result['exists']['per_s']} requests/s")
+    print(f"with {args.populated} CIDs per repository: p50 {p1['p50_s'] * 1000:.0f} ms, "
+          f"ratio {result['populated_ratio_p50']}")  # fmt: skip
+    if "large" in result:
+        lg = result["large"]
+        print(f"large publish: {lg['service_s']} s; core tar {lg['core_tar_s']} s (ratio {lg['ratio_vs_core_tar']}), "
+              f"core dir {lg['core_dir_s']} s (ratio {lg['ratio_vs_core_dir']})")  # fmt: skip
+    line = json.dumps(result)
+    (work / "publish-result.json").write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
