@@ -64,7 +64,7 @@ def banner(settings: ServiceSettings) -> str:
         f"rcds publish server on {base} (repositories: {repos}; data in {settings.data_dir})",
         "",
         "Publish a tarball with curl:",
-        f"  curl --data-binary @code.tar.gz '{base}/pubapi/publish?cid=myexp/$(sha256sum code.tar.gz | cut -c1-64)'",
+        f'  curl --data-binary @code.tar.gz "{base}/pubapi/publish?cid=myexp/$(sha256sum code.tar.gz | cut -c1-64)"',
         f"  curl '{base}/pubapi/exists?cid=myexp/<hash>'     # PRESENT:/cvmfs/<repo>/{settings.prefix}/myexp/<hash>",
         "",
         f"Repositories are served at {base}/cvmfs/<repo>/ (keys in <storage>/.rcds/keys/); metrics at {base}/metrics",
