@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import httpx
 import pytest
 
 from rcds.cvmfs.checker import check_repository
@@ -406,3 +407,39 @@ def test_a_full_spool_disk_refuses_the_upload_cleanly(fresh_server: RcdsServer) 
     assert srv.status("spool/full")["state"] == "missing"
     assert srv.publish("spool/fine", make_tarball(CODE)).text == "OK\n"
     assert srv.wait_state("spool/fine")["state"] == "published"
+
+
+def test_the_embedded_default_needs_no_configuration(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rcds.cli", "serve", "--data-dir", str(tmp_path / "d"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = "".join(proc.stdout.readline() for _ in range(5))
+        assert f"rcds publish server on http://127.0.0.1:{port}" in banner
+        assert "curl --data-binary @code.tar.gz" in banner
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            assert c.get("/pubapi/config").text == "repos:user1.rcds.local,user2.rcds.local\n"
+            assert (
+                c.post("/pubapi/publish", params={"cid": "demo/one"}, content=make_tarball(CODE)).text
+                == "OK\n"
+            )
+            for _ in range(500):
+                if c.get("/pubapi/exists", params={"cid": "demo/one"}).text.startswith("PRESENT:/cvmfs/user"):
+                    break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("demo/one was not published")
+        assert (tmp_path / "d" / "user1.rcds.local" / ".cvmfspublished").exists()
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
