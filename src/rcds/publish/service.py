@@ -130,7 +130,7 @@ class PublishService:
             started = time.monotonic()
             cids = scan_published_cids(repo, self.prefix)
             self.presence.replace(name, cids, repo.manifest().revision)
-            self._gauge_repo(name, repo.manifest().revision)
+            self.update_gauges(name, repo.manifest().revision)
             log.info(
                 "presence",
                 extra=fields(repository=name, cids=len(cids), seconds=round(time.monotonic() - started, 3)),
@@ -172,10 +172,10 @@ class PublishService:
             repo = Repository(rs.storage)
             if repo.fqrn != rs.name:
                 raise ValueError(f"{rs.storage} holds {repo.fqrn}, not {rs.name}")
-        self._resign_if_due(repo)
+        self.resign_if_due(repo)
         return repo
 
-    def _resign_if_due(self, repo: Repository) -> None:
+    def resign_if_due(self, repo: Repository) -> None:
         if repo.whitelist_warning() is not None:
             with repo.lock():
                 wl = repo.resign()
@@ -320,7 +320,8 @@ class PublishService:
         with self._touch_lock:
             pending = self._touches.get(cid)
         stored = self.state.last_used(cid) if self.state is not None else None
-        return max(t for t in (pending, stored) if t is not None) if (pending or stored) else None
+        known = [t for t in (pending, stored) if t is not None]
+        return max(known) if known else None
 
     def _flush_loop(self) -> None:
         while not self.stopping.wait(self.settings.touch_flush_seconds):
@@ -331,7 +332,7 @@ class PublishService:
             except Exception:
                 log.exception("flushing access times failed")
 
-    def _gauge_repo(self, name: str, revision: int) -> None:
+    def update_gauges(self, name: str, revision: int) -> None:
         self.metrics.revision.labels(name).set(revision)
         self.metrics.cids_present.labels(name).set(self.presence.count(name))
 
@@ -358,7 +359,7 @@ class RepositoryWorker(threading.Thread):
                 continue
             if time.monotonic() > self._next_resign_check:
                 self._next_resign_check = time.monotonic() + 3600
-                svc._resign_if_due(self.repo)
+                svc.resign_if_due(self.repo)
             jobs = svc.state.claim(self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes)
             if not jobs:
                 retry_at = svc.state.next_retry_at()
@@ -428,7 +429,7 @@ class RepositoryWorker(threading.Thread):
         m.published.labels(self.repo_name).inc(len(done))
         m.commit_seconds.labels(self.repo_name).observe(seconds)
         m.batch_size.labels(self.repo_name).observe(len(done))
-        svc._gauge_repo(self.repo_name, result.revision)
+        svc.update_gauges(self.repo_name, result.revision)
         log.info(
             "revision",
             extra=fields(

@@ -101,7 +101,9 @@ class PubApi:
         if endpoint == "config":
             return text(200, "repos:" + ",".join(svc.repository_names))
         if endpoint == "ping":
-            return text(200, "OK") if svc.repository_names else bad_request_response("not configured")
+            if not svc.repository_names:
+                raise bad_request("not configured")
+            return text(200, "OK")
         raw_cid = request.query.get("cid")
         cid, cid_error = None, None
         if raw_cid is not None:
@@ -202,10 +204,6 @@ class PubApi:
         finally:
             if not accepted:
                 await asyncio.to_thread(spool.discard)
-
-
-def bad_request_response(reason: str) -> web.Response:
-    return text(400, f"Bad request: {reason}")
 
 
 async def _receive(request: web.Request, spool: SpoolFile) -> None:
