@@ -45,12 +45,6 @@ class PresenceIndex:
             for cid in cids:
                 table[cid] = revision
 
-    def remove(self, repository: str, cids: Iterable[str]) -> None:
-        with self._lock:
-            table = self._cids.get(repository, {})
-            for cid in cids:
-                table.pop(cid, None)
-
     def find(self, cid: str) -> Presence | None:
         for repo in self.order:
             table = self._cids.get(repo)
@@ -60,10 +54,6 @@ class PresenceIndex:
 
     def count(self, repository: str) -> int:
         return len(self._cids.get(repository, {}))
-
-    def cids(self, repository: str) -> set[str]:
-        with self._lock:
-            return set(self._cids.get(repository, {}))
 
 
 def scan_published_cids(repo: Repository, prefix: str) -> set[str]:

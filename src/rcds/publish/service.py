@@ -446,10 +446,11 @@ class RepositoryWorker(threading.Thread):
         group = cid_group(job.cid)
         group_path = f"/{svc.prefix}/{group}" if group else None
         new_group = group_path is not None and not txn.exists(group_path)
-        if svc.presence.find(job.cid) is not None or txn.exists(path):
+        where = svc.presence.find(job.cid)
+        if where is not None or txn.exists(path):
             # Published meanwhile (another repository, or a previous attempt whose commit was live).
-            where = svc.presence.find(job.cid)
-            svc.state.mark_published([(job.id, None)], where.repository if where else self.repo_name, 0)
+            repository, revision = (where.repository, where.revision or 0) if where else (self.repo_name, 0)
+            svc.state.mark_published([(job.id, None)], repository, revision)
             Path(job.spool).unlink(missing_ok=True)
             return None
         try:
