@@ -43,7 +43,8 @@ def main() -> None:
 def serve(config_path: Path | None, data_dir: Path, port: int, log_format: str) -> None:
     """Run the publish server: /pubapi, /metrics and /cvmfs/<repo>/ on one port."""
     from . import logs
-    from .publish.config import ConfigError, embedded_default, load_settings
+    from .publish.config import embedded_default, load_settings
+    from .tomlconfig import ConfigError
     from .web.server import run
 
     logs.configure(log_format)

@@ -22,15 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from ..ingest.tarstream import IngestLimits
+from ..tomlconfig import ConfigError, TomlTable
 
 GiB = 1 << 30
 MiB = 1 << 20
 
 DEFAULT_REPOSITORIES = ("user1.rcds.local", "user2.rcds.local")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ def load_settings(path: Path | str) -> ServiceSettings:
 
 
 def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSettings:
-    r = _Reader(raw, "")
+    r = TomlTable(raw, "")
 
     def resolve(p: str) -> Path:
         return (base / p).absolute()
@@ -145,7 +142,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     data_dir = resolve(r.text("data_dir", "rcds-data"))
     repos = []
     for i, item in enumerate(r.items("repository")):
-        rr = _Reader(item, f"repository[{i}].")
+        rr = TomlTable(item, f"repository[{i}].")
         name = rr.text("name")
         storage = rr.text("storage", str(data_dir / name))
         repos.append(RepositorySettings(name, resolve(storage), rr.flag("local", True)))
@@ -155,7 +152,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     if len({x.name for x in repos}) != len(repos):
         raise ConfigError("repository names must be unique")
 
-    lim = _Reader(r.subtable("limits"), "limits.")
+    lim = TomlTable(r.subtable("limits"), "limits.")
     d = IngestLimits()
     limits = IngestLimits(
         max_total_size=lim.integer("max_total_size", d.max_total_size),
@@ -171,10 +168,10 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     batch_max_bytes = lim.integer("batch_max_bytes", 512 * MiB)
     lim.done()
 
-    a = _Reader(r.subtable("auth"), "auth.")
+    a = TomlTable(r.subtable("auth"), "auth.")
     groups = []
     for g, spec in a.subtable("groups").items():
-        gr = _Reader(spec, f"auth.groups.{g}.")
+        gr = TomlTable(spec, f"auth.groups.{g}.")
         groups.append(GroupSettings(g, tuple(gr.texts("subjects")), tuple(gr.texts("issuers"))))
         gr.done()
     gridmap = a.text("gridmapfile", "/etc/grid-security/grid-mapfile")
@@ -188,7 +185,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     )
     a.done()
 
-    s = _Reader(r.subtable("source"), "source.")
+    s = TomlTable(r.subtable("source"), "source.")
     source = SourceSettings(
         allow=tuple(s.texts("allow", list(SourceSettings.allow))),
         scheme=s.text("scheme", "https"),
@@ -199,7 +196,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         raise ConfigError("source.scheme must be http or https")
     s.done()
 
-    h = _Reader(r.subtable("server"), "server.")
+    h = TomlTable(r.subtable("server"), "server.")
     listeners = []
     for spec in h.texts("http", ["127.0.0.1:8080"]):
         listeners.append(_listener(spec, tls=False))
@@ -251,62 +248,3 @@ def _listener(spec: str, tls: bool) -> Listener:
     if not sep or not port.isdigit():
         raise ConfigError(f"listen address {spec!r} must be HOST:PORT")
     return Listener(host.strip("[]"), int(port), tls)
-
-
-class _Reader:
-    """Typed access to one TOML table that remembers which keys were used, so typos are reported."""
-
-    def __init__(self, table: Any, where: str) -> None:
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where or 'top level'} must be a table")
-        self.table_ = table
-        self.where = where
-        self.used: set[str] = set()
-
-    def has(self, key: str) -> bool:
-        return key in self.table_
-
-    def _get(self, key: str, default: Any, types: tuple[type, ...]) -> Any:
-        self.used.add(key)
-        if key not in self.table_:
-            if default is _REQUIRED:
-                raise ConfigError(f"{self.where}{key} is required")
-            return default
-        value = self.table_[key]
-        if isinstance(value, bool) and bool not in types:
-            raise ConfigError(f"{self.where}{key} has the wrong type")
-        if not isinstance(value, types):
-            raise ConfigError(f"{self.where}{key} must be {' or '.join(t.__name__ for t in types)}")
-        return value
-
-    def text(self, key: str, default: Any = None) -> str:
-        return str(self._get(key, _REQUIRED if default is None else default, (str,)))
-
-    def integer(self, key: str, default: int) -> int:
-        return int(self._get(key, default, (int,)))
-
-    def number(self, key: str, default: float) -> float:
-        return float(self._get(key, default, (int, float)))
-
-    def flag(self, key: str, default: bool) -> bool:
-        return bool(self._get(key, default, (bool,)))
-
-    def texts(self, key: str, default: list[str] | None = None) -> list[str]:
-        value = self._get(key, [] if default is None else default, (list,))
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{self.where}{key} must be a list of strings")
-        return list(value)
-
-    def items(self, key: str) -> list[Any]:
-        return list(self._get(key, [], (list,)))
-
-    def subtable(self, key: str) -> dict[str, Any]:
-        return dict(self._get(key, {}, (dict,)))
-
-    def done(self) -> None:
-        unknown = set(self.table_) - self.used
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(self.where + k for k in sorted(unknown))}")
-
-
-_REQUIRED: Any = object()
