@@ -324,6 +324,8 @@ def test_not_found_via_httpx(client: httpx.Client) -> None:
         resp = client.get(path)
         assert resp.status_code == 404
         assert b"PRIVATE" not in resp.content
+        # never negatively cached by a proxy: the name may be published a moment later
+        assert resp.headers["Cache-Control"] == "no-store"
 
 
 def test_other_methods_rejected(server: Server) -> None:

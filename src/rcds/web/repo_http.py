@@ -162,10 +162,16 @@ async def _send_body(request: web.Request, resp: web.StreamResponse, fobj: Buffe
     await _copy_chunks(resp, fobj, size)
 
 
+def _not_found() -> web.HTTPNotFound:
+    # Explicitly uncacheable: a proxy with negative caching (squid's negative_ttl) must not go on
+    # answering 404 for a repository or object once it has been published.
+    return web.HTTPNotFound(headers={"Cache-Control": "no-store"})
+
+
 async def _serve_file(request: web.Request, path: Path, policy: _Policy) -> web.StreamResponse:
     opened = await asyncio.get_running_loop().run_in_executor(None, _open_regular, path)
     if opened is None:
-        raise web.HTTPNotFound()
+        raise _not_found()
     fobj, size = opened
     try:
         # A bare StreamResponse: no Last-Modified, no ETag, no conditional or range handling, no compression.
@@ -211,12 +217,12 @@ def add_repository_routes(app: web.Application, repos: Mapping[str, Path]) -> No
         # [0-9a-zA-Z._-] only, so "..", "%2e%2e", "%2f", "\\" and friends can never match.
         split = _split_raw_path(request.rel_url.raw_path)
         if split is None:
-            raise web.HTTPNotFound()
+            raise _not_found()
         fqrn, relpath = split
         policy = _policy_for(relpath)
         storage = repos.get(fqrn)
         if policy is None or storage is None:
-            raise web.HTTPNotFound()
+            raise _not_found()
         return await _serve_file(request, Path(storage, relpath), policy)
 
     app.router.add_get(INFO_PATH, repositories_json)  # GET + HEAD
