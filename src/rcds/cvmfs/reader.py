@@ -195,26 +195,36 @@ class RepositoryReader:
     # --- objects ---------------------------------------------------------------------------------
 
     def object_file(self, h: ContentHash, suffix: Suffix = Suffix.NONE) -> Path:
-        """Path of the verified object in the cache, fetching it if needed."""
+        """Path of the verified object in the cache, fetching it if needed.
+
+        A corrupt download is fetched once more with ``Cache-Control: no-cache``, as the CVMFS client
+        does: a proxy that cached bad bytes would otherwise serve them until they expire (days).
+        """
         path = self.cache.object_path(h, suffix)
         if path.exists():
             return path
-        tmp = self.cache.temp()
-        try:
-            with open(tmp, "wb") as f:
-                writer = _HashingWriter(f, h.algorithm)
-                self.source.fetch(h.object_name(suffix), writer)  # type: ignore[arg-type]
-            if writer.hasher.digest() != h.digest:
-                raise ReaderError(f"object {h.object_name(suffix)} is corrupt (content hash mismatch)")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        except Exception as exc:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            if isinstance(exc, ReaderError):
-                raise
-            raise ReaderError(f"cannot fetch object {h.object_name(suffix)}: {exc}") from exc
-        return path
+        name = h.object_name(suffix)
+        for fresh in (False, True):
+            tmp = self.cache.temp()
+            try:
+                with open(tmp, "wb") as f:
+                    writer = _HashingWriter(f, h.algorithm)
+                    self.source.fetch(name, writer, fresh=fresh)  # type: ignore[arg-type]
+                if writer.hasher.digest() != h.digest:
+                    if not fresh:
+                        tmp.unlink()
+                        continue
+                    raise ReaderError(f"object {name} is corrupt (content hash mismatch)")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, path)
+                return path
+            except Exception as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                if isinstance(exc, ReaderError):
+                    raise
+                raise ReaderError(f"cannot fetch object {name}: {exc}") from exc
+        raise AssertionError("unreachable")
 
     def iter_object(
         self, h: ContentHash, suffix: Suffix = Suffix.NONE, compressed: bool = True
