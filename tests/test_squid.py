@@ -322,7 +322,7 @@ def test_with_every_proxy_down_the_error_names_each_proxy_tried(
     message = str(info.value)
     assert "cannot fetch manifest" in message
     for proxy in proxies:
-        assert f".cvmfspublished via {proxy}: ConnectError" in message, message
+        assert f".cvmfspublished via {proxy}: ConnectionRefusedError" in message, message
 
 
 def test_a_squid_that_cannot_reach_the_server_is_named_with_its_answer(
@@ -333,6 +333,6 @@ def test_a_squid_that_cannot_reach_the_server_is_named_with_its_answer(
     with pytest.raises(ReaderError) as info:
         open_via(server, repo, [dead, squid.url], tmp_path / "cache")
     message = str(info.value)
-    assert f"via {dead}: ConnectError" in message, message
+    assert f"via {dead}: ConnectionRefusedError" in message, message
     assert f"via {squid.url}: HTTP 503" in message, message
     assert outcomes(squid.wait_entries(server.url(".cvmfspublished"), 1))[0].endswith("/503")
