@@ -1,4 +1,4 @@
-"""The ``rcds`` command line: a thin face on the library."""
+"""``rcds serve`` and ``rcds repo ...``: the server side of the command line."""
 
 from __future__ import annotations
 
@@ -9,21 +9,14 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .cvmfs.checker import check_repository
-from .cvmfs.reader import ReaderError, RepositoryReader
-from .cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
-from .cvmfs.store import PRIVATE_DIR
-from .cvmfs.writer import TransactionError
+from ..cvmfs.checker import check_repository
+from ..cvmfs.reader import ReaderError, RepositoryReader
+from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
+from ..cvmfs.store import PRIVATE_DIR
+from ..cvmfs.writer import TransactionError
 
 
-@click.group()
-@click.version_option(__version__, prog_name="rcds")
-def main() -> None:
-    """rcds: publish user code into CernVM-FS repositories within seconds."""
-
-
-@main.command("serve")
+@click.command("serve")
 @click.option(
     "--config",
     "config_path",
@@ -42,10 +35,10 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def serve(config_path: Path | None, data_dir: Path, port: int, log_format: str) -> None:
     """Run the publish server: /pubapi, /metrics and /cvmfs/<repo>/ on one port."""
-    from . import logs
-    from .publish.config import embedded_default, load_settings
-    from .tomlconfig import ConfigError
-    from .web.server import run
+    from .. import logs
+    from ..publish.config import embedded_default, load_settings
+    from ..tomlconfig import ConfigError
+    from ..web.server import run
 
     logs.configure(log_format)
     try:
@@ -55,7 +48,7 @@ def serve(config_path: Path | None, data_dir: Path, port: int, log_format: str) 
     run(settings)
 
 
-@main.group()
+@click.group()
 def repo() -> None:
     """Create, inspect, change, check and serve repositories (stratum 0)."""
 
@@ -284,7 +277,7 @@ def repo_cat(location: str, path: str, key: Path | None, proxies: tuple[str, ...
 @click.option("--port", default=8080, show_default=True, type=int)
 def repo_serve(storages: tuple[Path, ...], create_fqrn: str | None, host: str, port: int) -> None:
     """Serve storage directories over HTTP at /cvmfs/<fqrn>/ like a stock stratum 0."""
-    from .web.repo_http import run
+    from ..web.repo_http import run
 
     if create_fqrn:
         if len(storages) != 1:
@@ -300,7 +293,3 @@ def repo_serve(storages: tuple[Path, ...], create_fqrn: str | None, host: str, p
         if warning:
             click.secho(f"WARNING {r.fqrn}: {warning}", fg="yellow", err=True)
     run(repos, host=host, port=port)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

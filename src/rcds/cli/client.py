@@ -1,0 +1,341 @@
+"""``rcds publish``, ``rcds wait`` and ``rcds get``: the client side of the command line.
+
+Exit codes (also in docs/client.md): 0 done; 1 error (bad input, configuration, local I/O); 2 usage;
+3 timed out; 4 no server could be reached or gave a usable answer; 5 refused or failed by the server.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..client.errors import ClientError
+from ..client.settings import ClientSettings, load_client_settings, parse_proxies, server_url
+from ..tomlconfig import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _client_command(func: F) -> F:
+    """Client errors become one clear message on stderr and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ClientError as exc:
+            click.echo(f"rcds: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except ConfigError as exc:
+            click.echo(f"rcds: configuration error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _logging(verbose: bool) -> None:
+    from .. import logs
+
+    logs.configure("text", logging.INFO if verbose else logging.WARNING)
+
+
+def _settings(**overrides: Any) -> ClientSettings:
+    return load_client_settings().with_overrides(**overrides)
+
+
+def _servers(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    return tuple(server_url(v) for v in values) if values else None
+
+
+def _proxies(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    return tuple(p for v in values for p in parse_proxies(v)) if values else None
+
+
+_server_option = click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    metavar="URL",
+    help="Publish server (repeatable; default: RCDS_SERVERS or the client configuration).",
+)
+_verbose_option = click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts.")
+
+
+def _reading_options(func: F) -> F:
+    """Where and how to read repositories without a mount (shared by wait and get)."""
+    for option in reversed(
+        [
+            click.option(
+                "--repository", "repositories", multiple=True, help="Repository to search (repeatable)."
+            ),
+            click.option(
+                "--stratum-url",
+                "stratum_urls",
+                multiple=True,
+                metavar="URL",
+                help="Repository URL template with @fqrn@ (repeatable; default: <server>/cvmfs/@fqrn@).",
+            ),
+            click.option(
+                "--proxy",
+                "proxies",
+                multiple=True,
+                help="HTTP proxy, or a CVMFS_HTTP_PROXY string like 'http://a:3128|http://b:3128;DIRECT'.",
+            ),
+            click.option(
+                "--keys",
+                type=click.Path(path_type=Path, exists=True),
+                multiple=True,
+                help="Master public key file or key directory (default /etc/cvmfs/keys).",
+            ),
+            click.option("--prefix", default=None, help="The servers' CID directory (default sw)."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+# --- publish -------------------------------------------------------------------------------------
+
+
+@click.command("publish")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@_server_option
+@click.option(
+    "--group", default=None, help="First half of the CID (default: configuration, else your user name)."
+)
+@click.option("--cid", default=None, help="Publish under this CID instead of <group>/<sha256>.")
+@click.option(
+    "--exclude", "excludes", multiple=True, metavar="PATTERN", help="Leave out matching names or paths."
+)
+@click.option("--no-default-excludes", is_flag=True, help="Do not leave out .git directories.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait until the CID is published.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--dry-run", is_flag=True, help="Only compute and print the CID.")
+@click.option("--tmpdir", type=click.Path(path_type=Path, file_okay=False), default=None)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_json_option
+@_verbose_option
+@_client_command
+def publish(
+    source: Path,
+    servers: tuple[str, ...],
+    group: str | None,
+    cid: str | None,
+    excludes: tuple[str, ...],
+    no_default_excludes: bool,
+    wait_: bool,
+    timeout: float,
+    dry_run: bool,
+    tmpdir: Path | None,
+    quiet: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Publish a directory or a tarball; print its CID and path.
+
+    A directory becomes a reproducible tarball, so the same tree always has the same CID and is uploaded
+    once. An already published CID is not uploaded again; its last-use time is refreshed instead.
+    """
+    from ..client.publish import PRESENT, QUEUED
+    from ..client.publish import publish as do_publish
+    from ..client.tarball import DEFAULT_EXCLUDES
+
+    _logging(verbose)
+    settings = _settings(servers=_servers(servers), group=group)
+    patterns = (*(() if no_default_excludes else DEFAULT_EXCLUDES), *excludes)
+    result = do_publish(
+        source,
+        settings,
+        cid=cid,
+        excludes=patterns,
+        wait=wait_,
+        timeout=timeout,
+        progress=not quiet,
+        tmpdir=tmpdir,
+        dry_run=dry_run,
+    )
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+        return
+    click.echo(result.cid)
+    if result.path:
+        click.echo(result.path)
+    if result.state == PRESENT:
+        click.echo(f"already published (last-use time refreshed on {result.server})", err=True)
+    elif result.state == QUEUED:
+        click.echo(
+            f"uploaded {result.uploaded_bytes:,} bytes to {result.server}; publishing now"
+            f" (rcds wait {result.cid} waits for it)",
+            err=True,
+        )
+
+
+# --- wait ----------------------------------------------------------------------------------------
+
+
+@click.command("wait")
+@click.argument("target", metavar="CID|/cvmfs/REPO/PREFIX/CID")
+@click.option("--timeout", type=float, default=1200.0, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "mount", "http"]),
+    default="auto",
+    show_default=True,
+    help="Look through the CVMFS mount, over HTTP, or the mount where there is one.",
+)
+@click.option("--link", type=click.Path(path_type=Path), default=None, help="Make this symlink to the code.")
+@click.option("--env-file", type=click.Path(path_type=Path), default=None, help="Write `export` lines here.")
+@click.option("--touch", is_flag=True, help="Refresh the CID's last-use time on the publish servers.")
+@click.option(
+    "--get",
+    "get_dest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Without a mount: copy the code into this new directory once found (as rcds get).",
+)
+@click.option(
+    "--cache", type=click.Path(path_type=Path, file_okay=False), default=None, help="Node cache for --get."
+)
+@click.option(
+    "--max-interval", type=float, default=None, help="Longest pause between looks (default: the TTL)."
+)
+@click.option("--mount-root", type=click.Path(path_type=Path), default=None, help="Default /cvmfs.")
+@_reading_options
+@_server_option
+@_json_option
+@_verbose_option
+@_client_command
+def wait(
+    target: str,
+    timeout: float,
+    mode: str,
+    link: Path | None,
+    env_file: Path | None,
+    touch: bool,
+    get_dest: Path | None,
+    cache: Path | None,
+    max_interval: float | None,
+    mount_root: Path | None,
+    repositories: tuple[str, ...],
+    stratum_urls: tuple[str, ...],
+    proxies: tuple[str, ...],
+    keys: tuple[Path, ...],
+    prefix: str | None,
+    servers: tuple[str, ...],
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Wait until a CID is published, then link it where the job expects it.
+
+    Prints the directory that holds the code (through the mount, or the --get copy).
+    """
+    from ..client.wait import wait as do_wait
+
+    _logging(verbose)
+    settings = _settings(
+        servers=_servers(servers),
+        repositories=repositories or None,
+        stratum_urls=stratum_urls or None,
+        proxies=_proxies(proxies),
+        keys=keys or None,
+        prefix=prefix.strip("/") if prefix else None,
+        mount_root=mount_root,
+        cache=cache,
+    )
+    result = do_wait(
+        target,
+        settings,
+        timeout=timeout,
+        mode=mode,  # type: ignore[arg-type]
+        max_delay=max_interval,
+        link=link,
+        env_file=env_file,
+        touch=touch,
+        get_dest=get_dest,
+        progress=not as_json,
+    )
+    env = result.environment()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "cid": result.found.cid,
+                    "repository": result.found.repository,
+                    "path": result.found.path,
+                    "directory": str(result.directory or ""),
+                    "seconds": round(result.seconds, 3),
+                    "looks": result.looks,
+                    "env": env,
+                }
+            )
+        )
+    else:
+        click.echo(str(result.directory or result.found.path))
+
+
+# --- get -----------------------------------------------------------------------------------------
+
+
+@click.command("get")
+@click.argument("target", metavar="CID|/cvmfs/REPO/PREFIX/CID")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option(
+    "--cache",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Node-wide cache: objects are downloaded once per node and hard-linked into DEST.",
+)
+@click.option("--jobs", type=click.IntRange(1, 64), default=8, show_default=True, help="Parallel downloads.")
+@click.option("--copy", is_flag=True, help="Copy files out of the cache instead of hard-linking them.")
+@_reading_options
+@_server_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_json_option
+@_verbose_option
+@_client_command
+def get(
+    target: str,
+    dest: Path,
+    cache: Path | None,
+    jobs: int,
+    copy: bool,
+    repositories: tuple[str, ...],
+    stratum_urls: tuple[str, ...],
+    proxies: tuple[str, ...],
+    keys: tuple[Path, ...],
+    prefix: str | None,
+    servers: tuple[str, ...],
+    quiet: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Copy a published CID into the new directory DEST, over HTTP, without a CVMFS mount.
+
+    Signatures and every object's hash are verified. DEST appears complete or not at all; an interrupted
+    get resumes from what it already downloaded.
+    """
+    from ..client.get import get as do_get
+
+    _logging(verbose)
+    settings = _settings(
+        servers=_servers(servers),
+        repositories=repositories or None,
+        stratum_urls=stratum_urls or None,
+        proxies=_proxies(proxies),
+        keys=keys or None,
+        prefix=prefix.strip("/") if prefix else None,
+        cache=cache,
+    )
+    result = do_get(target, dest, settings, jobs=jobs, link=not copy, progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(str(dest))
