@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,34 @@ def test_get_through_a_real_squid_with_the_first_proxy_down(
     data = [e for e in squid.entries() if e.url.startswith(f"{server.url}/cvmfs/") and "/data/" in e.url]
     hits = {e.url for e in data if e.hit}
     assert hits and hits == {e.url for e in data if not e.hit}  # every object: one miss, then a hit
+
+
+def test_cache_prune_removes_only_what_no_job_uses(
+    server: RcdsServer, published: tuple[str, Path], tmp_path: Path
+) -> None:
+    from rcds.client.cache import prune_cache
+
+    cid, source = published
+    env = node_env(server, tmp_path / "home")
+    cache = tmp_path / "node-cache"
+    rcds_json("get", cid, tmp_path / "old-job", "--cache", cache, env=env)
+    entries = [p for p in (cache / "files").rglob("*") if p.is_file()]
+    assert entries
+    # While the job's directory exists every entry is in use, however old.
+    report = prune_cache(cache, max_age=0, now=time.time() + 30 * 86400)
+    assert (report.entries_removed, report.entries_in_use) == (0, len(entries))
+
+    shutil.rmtree(tmp_path / "old-job")  # the job ended
+    dry = rcds_json("cache", "prune", cache, "--max-size", "0", "--dry-run", env=env)
+    assert dry["entries_removed"] == len(entries) and all(p.exists() for p in entries)
+    # Young unused entries stay under the age rule...
+    assert rcds_json("cache", "prune", cache, env=env)["entries_removed"] == 0
+    # ...and go once old enough (here: the clock moved on).
+    report = prune_cache(cache, now=time.time() + 8 * 86400)
+    assert report.entries_removed == len(entries) and report.bytes_freed > 0
+    assert not any(p.exists() for p in entries)
+    # The next job downloads again, and gets the same tree.
+    again = rcds_json("get", cid, tmp_path / "new-job", "--cache", cache, env=env)
+    assert again["downloaded_bytes"] > 0 and tree(tmp_path / "new-job") == tree(source)
+    p = rcds("cache", "prune", tmp_path, env=env)
+    assert p.returncode == 1 and "not an rcds node cache" in p.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from .client import get, publish, wait
+from .client import cache, get, publish, wait
 from .server import repo, serve
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     """rcds: publish user code into CernVM-FS repositories within seconds."""
 
 
-for command in (serve, repo, publish, wait, get):
+for command in (serve, repo, publish, wait, get, cache):
     main.add_command(command)
 
 __all__ = ["main"]

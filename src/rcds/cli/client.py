@@ -339,3 +339,60 @@ def get(
         click.echo(json.dumps(result))
     else:
         click.echo(str(dest))
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+
+@click.group("cache")
+def cache() -> None:
+    """Look after a node cache of rcds get."""
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("iBb"), ""
+    if number and number[-1].upper() in units:
+        number, unit = number[:-1], number[-1].upper()
+    try:
+        return int(float(number) * units[unit])
+    except ValueError as exc:
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 500M, 20G)") from exc
+
+
+@cache.command("prune")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option(
+    "--max-age-days", type=float, default=7.0, show_default=True, help="Remove unused entries older."
+)
+@click.option(
+    "--max-size", default=None, help="Then remove the oldest unused entries down to this (e.g. 20G)."
+)
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@_json_option
+@_verbose_option
+@_client_command
+def cache_prune(
+    directory: Path, max_age_days: float, max_size: str | None, dry_run: bool, as_json: bool, verbose: bool
+) -> None:
+    """Remove node-cache entries no job uses (never the ones linked into a job's directory)."""
+    from ..client.cache import prune_cache
+
+    _logging(verbose)
+    try:
+        report = prune_cache(
+            directory,
+            max_age=max_age_days * 86400,
+            max_bytes=_size(max_size) if max_size else None,
+            dry_run=dry_run,
+        )
+    except FileNotFoundError as exc:
+        raise ClientError(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.__dict__))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(
+        f"{verb} {report.entries_removed} entries ({report.bytes_freed:,} bytes); kept {report.entries_in_use}"
+        f" in use and {report.entries_kept} unused ({report.bytes_kept:,} bytes)"
+    )
