@@ -289,3 +289,17 @@ def test_a_progress_bar_on_a_terminal_and_none_with_quiet(server: RcdsServer, tm
     (code / "blob").write_bytes(os.urandom(8 << 20))
     rc, out = run_on_a_terminal(["publish", str(code), "--quiet"], env)
     assert rc == 0 and b"upload:" not in out
+
+
+def test_a_cid_still_being_published_is_not_uploaded_again(server: RcdsServer, tmp_path: Path) -> None:
+    env = client_env(tmp_path / "home", f'servers = ["{server.url}"]\ngroup = "jack"\n')
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(3000):  # enough files that publishing takes a moment after the upload
+        (code / f"f{i}.txt").write_text(f"{i}\n" * 100)
+    first = rcds_json("publish", code, env=env)
+    second = rcds_json("publish", code, "--wait", env=env)
+    assert first["state"] == "queued" and first["uploaded_bytes"] > 0
+    # Still queued or publishing (status says so), or already published (exists says so): never a 2nd upload.
+    assert second["uploaded_bytes"] == 0 and second["state"] in ("published", "present"), second
+    assert second["path"].endswith(first["cid"])

@@ -105,6 +105,8 @@ def publish(
         if path is not None:
             path = api.update(cid) or path
             result.state, result.path, result.server = PRESENT, path, api.last_server
+        elif _in_progress(api, cid):  # uploaded moments ago (by us or a colleague): no second upload
+            result.state, result.server = QUEUED, api.last_server
         else:
             answer, result.uploaded_bytes = _upload(api, source, cid, digest, excludes, progress, tmpdir)
             result.server = answer.server
@@ -112,12 +114,18 @@ def publish(
                 result.state, result.path = PRESENT, answer.body[len("PRESENT:") :]
             else:
                 result.state = QUEUED
-                if wait:
-                    result.path = wait_published(api, cid, timeout)
-                    result.state = PUBLISHED
+        if result.state == QUEUED and wait:
+            result.path = wait_published(api, cid, timeout)
+            result.state = PUBLISHED
     result.seconds = time.monotonic() - started
     log.info("publish %s: %s in %.1f s", cid, result.state, result.seconds)
     return result
+
+
+def _in_progress(api: PubApiClient, cid: str) -> bool:
+    """Whether the server already holds an upload of ``cid`` that it is publishing (rcds servers only)."""
+    doc = api.status(cid)
+    return doc is not None and doc.get("state") in ("queued", "publishing")
 
 
 def _upload(
