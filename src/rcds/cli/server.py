@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from ..cvmfs.checker import check_repository
+from ..cvmfs.gc import GcReport
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
 from ..cvmfs.store import PRIVATE_DIR
 from ..cvmfs.writer import TransactionError
+from ..publish.config import ServiceSettings
 
 
 @click.command("serve")
@@ -46,6 +51,120 @@ def serve(config_path: Path | None, data_dir: Path, port: int, log_format: str) 
     except ConfigError as exc:
         raise click.ClickException(f"configuration: {exc}") from exc
     run(settings)
+
+
+def _service_settings(config_path: Path | None, data_dir: Path) -> ServiceSettings:
+    from ..publish.config import embedded_default, load_settings
+    from ..tomlconfig import ConfigError
+
+    try:
+        return load_settings(config_path) if config_path else embedded_default(data_dir)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from exc
+
+
+def _when(text: str | None) -> float | None:
+    """``--at``: epoch seconds, or an ISO 8601 date/time (local time unless it names a zone)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError as exc:
+        raise click.BadParameter(f"not a time: {text!r} (epoch seconds or 2026-12-24T03:00)") from exc
+
+
+_config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="The server's TOML configuration (default: the embedded default under --data-dir).",
+)
+_data_dir_option = click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=Path("rcds-data"), show_default=True
+)
+
+
+@click.command("cleanup")
+@_config_option
+@_data_dir_option
+@click.option("--repo", "repos", multiple=True, help="Only this local repository (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
+@click.option("--at", "at", default=None, help="Pretend it is this time (to preview future expiry).")
+@click.option("--no-gc", is_flag=True, help="Skip garbage collection after the removal.")
+@click.option("--json", "as_json", is_flag=True)
+def cleanup(
+    config_path: Path | None, data_dir: Path, repos: tuple[str, ...], dry_run: bool, at: str | None,
+    no_gc: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Remove CIDs unused for maxdays days, one repository at a time, then collect garbage.
+
+    Safe while ``rcds serve`` runs: the server leaves a repository alone while it is being cleaned and
+    picks up the new revision within seconds.
+    """
+    from .. import logs
+    from ..publish.service import PublishService
+
+    logs.configure("text", logging.INFO if not as_json else logging.WARNING)
+    settings = _service_settings(config_path, data_dir)
+    svc = PublishService(settings)
+    svc.open()
+    try:
+        names = list(repos) or list(svc.repositories)
+        unknown = [n for n in names if n not in svc.repositories]
+        if unknown:
+            raise click.ClickException(f"not a local repository of this server: {', '.join(unknown)}")
+        reports = [svc.cleanup(n, dry_run=dry_run, now=_when(at), gc=not no_gc) for n in names]
+    except RepositoryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        svc.close()
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in reports]))
+        return
+    for r in reports:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{r.plan.repository}: {verb} {len(r.plan.expired)} CIDs and {len(r.plan.orphans)} orphan ts records,"
+            f" kept {r.plan.kept}" + (f" (revision {r.revision})" if r.revision else "")
+        )
+        for e in r.plan.expired:
+            click.echo(
+                f"  {e.cid}  last used {dt.datetime.fromtimestamp(e.last_used):%Y-%m-%d %H:%M} ({e.source})"
+            )
+        if r.gc is not None:
+            click.echo(
+                f"  gc: {r.gc.objects_swept} objects, {r.gc.bytes_freed:,} bytes {'to free' if dry_run else 'freed'}"
+            )
+
+
+@click.command("gc")
+@_config_option
+@_data_dir_option
+@click.option("--repo", "repos", multiple=True, help="Only this local repository (repeatable).")
+@click.option("--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def gc(
+    config_path: Path | None, data_dir: Path, repos: tuple[str, ...], dry_run: bool, as_json: bool
+) -> None:
+    """Garbage-collect the server's local repositories (keeping gc_horizon_days of revisions)."""
+    settings = _service_settings(config_path, data_dir)
+    local = {r.name: r.storage for r in settings.local_repositories}
+    unknown = [n for n in repos if n not in local]
+    if unknown:
+        raise click.ClickException(f"not a local repository of this server: {', '.join(unknown)}")
+    reports = {
+        name: dataclasses.asdict(
+            _collect(_open_repo(local[name]), settings.gc_horizon_days, dry_run, as_json)
+        )
+        for name in (repos or tuple(local))
+    }
+    if as_json:
+        click.echo(json.dumps(reports))
 
 
 @click.group()
@@ -154,6 +273,58 @@ def repo_remove(storage: Path, paths: tuple[str, ...]) -> None:
     except TransactionError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"revision {result.revision}")
+
+
+@repo.command("gc")
+@click.option("--storage", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option(
+    "--horizon-days",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Keep every revision newer than this many days, and the one current at that point.",
+)
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def repo_gc(storage: Path, horizon_days: float, dry_run: bool, as_json: bool) -> None:
+    """Delete objects that only revisions older than the horizon (and not tagged) reference."""
+    report = _collect(_open_repo(storage), horizon_days, dry_run, as_json)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(report)))
+
+
+def _collect(r: Repository, horizon_days: float, dry_run: bool, as_json: bool) -> GcReport:
+    """One garbage collection with a progress line on a terminal and a summary (unless ``as_json``)."""
+    from .. import logs
+    from ..cvmfs.gc import collect_garbage
+
+    logs.configure("text", logging.WARNING)  # warnings (missing catalogs, recovery) go to stderr
+    show = not as_json and sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if show and (now - last[0] > 0.5 or done == total):
+            last[0] = now
+            of = f"/{total}" if total else ""
+            click.echo(f"\r{phase:8} {done}{of}\033[K", nl=False, err=True)
+
+    try:
+        report = collect_garbage(r, horizon=horizon_days * 86400, dry_run=dry_run, progress=progress)
+    except RepositoryError as exc:  # GcError too: not collectable, or another GC is running
+        raise click.ClickException(f"{r.fqrn}: {exc}") from exc
+    finally:
+        if show:
+            click.echo("\r\033[K", nl=False, err=True)
+    if not as_json:
+        would = "would delete" if dry_run else "deleted"
+        kept = report.revisions_kept
+        click.echo(
+            f"{r.fqrn}: kept {len(kept)} revisions ({_span(kept)}); {would} {report.roots_swept} root catalogs:"
+            f" {report.objects_swept} objects, {report.catalogs_swept} catalogs, {report.aux_swept} auxiliary"
+            f" objects, {report.bytes_freed} bytes in {report.seconds:.2f} s"
+        )
+    return report
 
 
 def _reader(
@@ -293,3 +464,9 @@ def repo_serve(storages: tuple[Path, ...], create_fqrn: str | None, host: str, p
         if warning:
             click.secho(f"WARNING {r.fqrn}: {warning}", fg="yellow", err=True)
     run(repos, host=host, port=port)
+
+
+def _span(revisions: list[int]) -> str:
+    if len(revisions) <= 5:
+        return ", ".join(map(str, revisions))
+    return f"{revisions[0]} ... {revisions[-1]}"

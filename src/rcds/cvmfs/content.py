@@ -13,6 +13,7 @@ import os
 import sqlite3
 import struct
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,15 +63,52 @@ class ContentIndex:
         with self._lock:
             self._pending.clear()
 
-    def remove_objects(self, digests: set[bytes]) -> int:
+    def remove_objects(self, digests: Iterable[bytes]) -> int:
         """Forget entries pointing at objects that were swept (used by garbage collection)."""
-        removed = 0
         with self._lock:
-            for key, value in self.db.execute("SELECT key, value FROM pieces").fetchall():
-                if bytes(value[:20]) in digests:
-                    self.db.execute("DELETE FROM pieces WHERE key = ?", (key,))
-                    removed += 1
-        return removed
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS swept (digest BLOB PRIMARY KEY) WITHOUT ROWID")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO temp.swept (digest) VALUES (?)", ((d,) for d in digests)
+            )
+            try:
+                return self._remove_listed("temp.swept")
+            finally:
+                self.db.execute("DELETE FROM temp.swept")
+
+    def remove_objects_listed(self, database: Path, table: str) -> int:
+        """Forget entries pointing at an object whose digest is in ``table`` of the SQLite ``database``.
+
+        For millions of swept objects: the table (a ``digest BLOB`` column, indexed) stays on disk and the
+        matching runs inside SQLite. A file's chunk list is forgotten if any of its chunks is listed.
+        """
+        with self._lock:
+            self.db.execute("ATTACH DATABASE ? AS listed", (str(database),))
+            try:
+                return self._remove_listed(f"listed.{table}")
+            finally:
+                self.db.execute("DETACH DATABASE listed")
+
+    def _remove_listed(self, table: str) -> int:
+        """Delete entries naming an object in ``table``; the caller holds ``_lock``."""
+        self.db.execute("BEGIN")
+        try:
+            removed = self.db.execute(
+                f"DELETE FROM pieces WHERE length(value) = 20 AND value IN (SELECT digest FROM {table})"
+            ).rowcount
+            doomed = [
+                (key,)
+                for key, value in self.db.execute("SELECT key, value FROM pieces WHERE length(value) != 20")
+                if any(
+                    self.db.execute(f"SELECT 1 FROM {table} WHERE digest = ?", (d,)).fetchone()
+                    for d in _object_digests(bytes(value))
+                )
+            ]
+            self.db.executemany("DELETE FROM pieces WHERE key = ?", doomed)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return removed + len(doomed)
 
     def close(self) -> None:
         self.flush()
@@ -130,6 +168,11 @@ class PendingContent:
                 if self._index_key is not None and self._writer.index is not None:
                     self._writer.index.put(self._index_key, _encode_chunks(chunks))
         return self._result
+
+
+def _object_digests(value: bytes) -> list[bytes]:
+    """The object digests a chunk-list value of the index names (36 bytes per chunk)."""
+    return [value[i + 16 : i + 36] for i in range(0, len(value) - 35, 36)]
 
 
 def _encode_chunks(chunks: list[Chunk]) -> bytes:

@@ -221,12 +221,16 @@ class Repository:
     def manifest(self) -> Manifest:
         return Manifest.parse(self.store.get(MANIFEST))[0]
 
-    def publish_manifest(self, manifest: Manifest, reflog_path: Path) -> Manifest:
-        """The last step of every publish: reflog, then the signed manifest, each durable."""
+    def publish_manifest(
+        self, manifest: Manifest, reflog_path: Path, after_reflog: str = "after-reflog"
+    ) -> Manifest:
+        """The last step of every publish: reflog, then the signed manifest, each durable.
+
+        ``after_reflog`` names the failure point between the two (garbage collection uses its own)."""
         reflog_bytes = reflog_path.read_bytes()
         manifest = dataclasses.replace(manifest, reflog=ContentHash.of(reflog_bytes))
         self.store.put_durable(REFLOG, reflog_bytes)
-        failpoints.hit("after-reflog")
+        failpoints.hit(after_reflog)
         self.store.sync()
         self.store.put_durable(MANIFEST, manifest.sign(self.certificate_key()))
         return manifest

@@ -89,8 +89,11 @@ class ServiceSettings:
     repositories: tuple[RepositorySettings, ...]
     queue_dir: Path
     prefix: str = "sw"
-    maxdays: int = 30
-    gcstarthour: int = 3
+    maxdays: float = 30.0  # a CID unused for longer is removed by the daily cleanup
+    gcstarthour: int = 3  # repository i (1-based, configuration order) is cleaned at (gcstarthour-1+i) % 24
+    auto_cleanup: bool = True  # run the daily cleanup and garbage collection
+    gc_horizon_days: float = 3.0  # revisions newer than this are kept by garbage collection
+    share_seconds: float = 3600.0  # how far a last-use time may move before its ts/ record is rewritten
     max_upload: int = 4 * GiB
     limits: IngestLimits = field(default_factory=IngestLimits)
     batch_max_jobs: int = 100
@@ -222,8 +225,11 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         repositories=tuple(repos),
         queue_dir=resolve(r.text("queue_dir", str(data_dir / "queue"))),
         prefix=r.text("prefix", "sw").strip("/"),
-        maxdays=r.integer("maxdays", 30),
+        maxdays=r.number("maxdays", 30.0),
         gcstarthour=r.integer("gcstarthour", 3),
+        auto_cleanup=r.flag("auto_cleanup", True),
+        gc_horizon_days=r.number("gc_horizon_days", 3.0),
+        share_seconds=r.number("share_seconds", 3600.0),
         max_upload=max_upload,
         limits=limits,
         batch_max_jobs=batch_max_jobs,
@@ -238,6 +244,8 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         create_missing=r.flag("create_missing", True),
     )
     r.done()
+    if settings.maxdays <= 0 or settings.gc_horizon_days < 0 or not 0 <= settings.gcstarthour <= 23:
+        raise ConfigError("maxdays must be positive, gc_horizon_days not negative, gcstarthour 0-23")
     if not settings.prefix or "/" in settings.prefix:
         raise ConfigError("prefix must be one path component")
     return settings

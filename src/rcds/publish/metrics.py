@@ -44,6 +44,19 @@ class ServiceMetrics:
         self.requests = Counter("rcds_requests", "API requests", ["endpoint", "code"], registry=r)
         self.cids_present = Gauge("rcds_cids", "CIDs in the live revision", ["repository"], registry=r)
         self.revision = Gauge("rcds_revision", "Live revision", ["repository"], registry=r)
+        self.cids_expired = Counter(
+            "rcds_cleanup_expired_cids", "CIDs removed by cleanup as unused", ["repository"], registry=r
+        )
+        self.cleanup_seconds = Histogram(
+            "rcds_cleanup_seconds", "Cleanup plus garbage collection of a repository", ["repository"],
+            buckets=(1, 5, 15, 60, 300, 900, 3600), registry=r,
+        )  # fmt: skip
+        self.gc_objects_swept = Counter(
+            "rcds_gc_swept_objects", "Objects deleted by garbage collection", ["repository"], registry=r
+        )
+        self.gc_bytes_freed = Counter(
+            "rcds_gc_freed_bytes", "Bytes freed by garbage collection", ["repository"], registry=r
+        )
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))

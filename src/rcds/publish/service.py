@@ -5,42 +5,66 @@
 * One worker thread per local repository pulls queued jobs (the free worker takes the next work, so CIDs
   go to the least busy repository) and publishes *all* jobs waiting at that moment in one revision (group
   commit), up to a job and byte budget. A tarball that is rejected fails alone; the others still publish.
-* ``exists`` answers from the presence index: only CIDs in a live, signed revision are ``PRESENT``.
+* ``exists`` answers from the presence index: only CIDs in a live, signed revision are ``PRESENT``. The
+  index covers replicas of other servers' repositories too, and follows revisions made outside this
+  process (housekeeping thread).
 * Last-use times (``update``, and ``publish`` of a present CID) are collected in memory and written to
-  the state database in batches, never as a repository publish.
+  the state database in batches; a worker copies those that moved by ``share_seconds`` into its next
+  revision as ts records (``lastuse``), so other servers see them.
+* Once a day per repository (``cleanup_due``), cleanup removes unused CIDs with that repository's
+  worker paused, then collects garbage (``cleanup``, ``rcds.cvmfs.gc``).
 
 Nothing here knows about HTTP; the web layer (``rcds.web.pubapi``) is a thin face on this class.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..cvmfs.catalog import NESTED_MARKER
-from ..cvmfs.repository import Repository
+from ..cvmfs.manifest import Manifest, ManifestError
+from ..cvmfs.repository import Repository, RepositoryError
 from ..cvmfs.store import PRIVATE_DIR
 from ..cvmfs.tree import EntryKind, TreeEntry
 from ..cvmfs.writer import Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
 from .cid import cid_group
+from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
+from .lastuse import server_name, write_records
 from .metrics import ServiceMetrics
 from .presence import PUBLISHER_FILE, Presence, PresenceIndex, scan_published_cids
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
 
+if TYPE_CHECKING:
+    from ..cvmfs.gc import GcReport
+
 log = logging.getLogger("rcds.publish")
 
 RESIGN_DAYS_LEFT = 7  # re-sign a local repository's whitelist when it expires sooner than this
+CLOCK_OFFSET_ENV = (
+    "RCDS_CLOCK_OFFSET"  # tests: seconds added to the service's clock (last-use, publish times)
+)
+
+
+def service_clock() -> Callable[[], float]:
+    """``time.time``, shifted by ``$RCDS_CLOCK_OFFSET`` seconds: how tests publish "40 days ago"."""
+    offset = float(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
+    if not offset:
+        return time.time
+    return lambda: time.time() + offset
 
 
 class UploadTooLarge(Exception):
@@ -101,8 +125,10 @@ class SpoolFile:
 
 
 class PublishService:
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, clock: Callable[[], float] | None = None) -> None:
         self.settings = settings
+        self.clock = clock or service_clock()
+        self.server_name = server_name()
         self.prefix = settings.prefix
         self.metrics = ServiceMetrics()
         self.spool_dir = settings.queue_dir / "spool"
@@ -117,24 +143,27 @@ class PublishService:
         self._touches: dict[str, float] = {}
         self._touch_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
+        self._housekeeper: threading.Thread | None = None
+        self.known_revision: dict[str, int] = {}  # per repository: the revision the presence index shows
+        self.cleanup_lock = threading.Lock()  # one cleanup at a time (daily schedule, or rcds cleanup)
 
     # --- life cycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def open(self) -> None:
+        """Open the state and the repositories and build the presence index, without publishing.
+
+        ``rcds cleanup`` uses this alone; ``start`` adds the workers and the background threads.
+        """
         s = self.settings
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.state = StateDB(s.queue_dir / "state.db")
         for rs in s.local_repositories:
             self.repositories[rs.name] = self._open_repository(rs)
-        for name, repo in self.repositories.items():
-            started = time.monotonic()
-            cids = scan_published_cids(repo, self.prefix)
-            self.presence.replace(name, cids, repo.manifest().revision)
-            self.update_gauges(name, repo.manifest().revision)
-            log.info(
-                "presence",
-                extra=fields(repository=name, cids=len(cids), seconds=round(time.monotonic() - started, 3)),
-            )
+        for rs in s.repositories:
+            self.refresh_presence(rs.name)
+
+    def start(self) -> None:
+        self.open()
         self._recover_jobs()
         self.metrics.watch_queue(self.queued_count)
         self.running = True
@@ -144,6 +173,49 @@ class PublishService:
             self.workers.append(worker)
         self._flusher = threading.Thread(target=self._flush_loop, name="touch-flusher", daemon=True)
         self._flusher.start()
+        self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
+        self._housekeeper.start()
+
+    def storage(self, name: str) -> Path:
+        return next(r.storage for r in self.settings.repositories if r.name == name)
+
+    def refresh_presence(self, name: str, force: bool = False) -> bool:
+        """Rescan a repository's CIDs if its live revision is not the one the index shows.
+
+        Covers revisions made outside this process (``rcds cleanup``, ``rcds repo``) and replicas of other
+        servers' repositories, which change under us. Returns True if the index changed.
+        """
+        storage = self.storage(name)
+        manifest_file = storage / ".cvmfspublished"
+        if not manifest_file.exists():
+            return False
+        try:
+            revision = Manifest.parse(manifest_file.read_bytes())[0].revision
+        except (OSError, ManifestError):
+            return False
+        if not force and self.known_revision.get(name) == revision:
+            return False
+        started = time.monotonic()
+        cids = scan_published_cids(storage, self.prefix)
+        self.presence.replace(name, cids, revision)
+        self.known_revision[name] = revision
+        if name in self.repositories:
+            self.update_gauges(name, revision)
+        log.info(
+            "presence",
+            extra=fields(
+                repository=name,
+                revision=revision,
+                cids=len(cids),
+                seconds=round(time.monotonic() - started, 3),
+            ),
+        )
+        return True
+
+    def close(self) -> None:
+        """Close what ``open`` opened (for a service that was never started)."""
+        if self.state is not None:
+            self.state.close()
 
     def stop(self, timeout: float = 600.0) -> None:
         """Stop taking work; let each worker finish its current revision; write pending access times.
@@ -156,8 +228,9 @@ class PublishService:
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.join(max(0.0, deadline - time.monotonic()))
-        if self._flusher is not None:
-            self._flusher.join(5)
+        for thread in (self._flusher, self._housekeeper):
+            if thread is not None:
+                thread.join(5)
         self.flush_touches()
         if self.state is not None:
             self.state.close()
@@ -308,7 +381,7 @@ class PublishService:
 
     def touch(self, cid: str) -> None:
         with self._touch_lock:
-            self._touches[cid] = time.time()
+            self._touches[cid] = self.clock()
 
     def flush_touches(self) -> None:
         with self._touch_lock:
@@ -332,6 +405,97 @@ class PublishService:
             except Exception:
                 log.exception("flushing access times failed")
 
+    # --- cleanup ---------------------------------------------------------------------------------
+
+    def cleanup(
+        self, name: str, dry_run: bool = False, now: float | None = None, gc: bool = True
+    ) -> CleanupReport:
+        """Expire the unused CIDs of one local repository, then collect its garbage.
+
+        Its publish worker is paused for the duration (the queue goes to the other repositories); the
+        service as a whole keeps accepting uploads.
+        """
+        repo = self.repositories[name]
+        now = self.clock() if now is None else now
+        worker = next((w for w in self.workers if w.repo_name == name), None)
+        started = time.monotonic()
+        with self.cleanup_lock, _paused(worker):
+            assert self.state is not None
+            self.flush_touches()
+            storages = {r.name: r.storage for r in self.settings.repositories}
+            plan = plan_cleanup(
+                name, storages, self.state.access_times(), self.prefix, self.settings.maxdays, now
+            )
+            report = CleanupReport(plan=plan, dry_run=dry_run)
+            if not dry_run:
+                report.revision = apply_cleanup(repo, plan, self.prefix, clock=self.clock)
+                self.refresh_presence(name, force=report.revision is not None)
+                gone = [e.cid for e in plan.expired if not self.presence.anywhere(e.cid)]
+                self.state.forget_access(gone + [c for c in plan.orphans if not self.presence.anywhere(c)])
+            if gc:
+                from ..cvmfs.gc import collect_garbage
+
+                report.gc = collect_garbage(
+                    repo, horizon=self.settings.gc_horizon_days * 86400, now=now, dry_run=dry_run
+                )
+        report.seconds = time.monotonic() - started
+        m = self.metrics
+        if not dry_run:
+            m.cids_expired.labels(name).inc(len(plan.expired))
+            m.cleanup_seconds.labels(name).observe(report.seconds)
+            if report.gc is not None:
+                m.gc_objects_swept.labels(name).inc(report.gc.objects_swept)
+                m.gc_bytes_freed.labels(name).inc(report.gc.bytes_freed)
+        for e in plan.expired:
+            log.info(
+                "expired" if not dry_run else "would expire",
+                extra=fields(repository=name, cid=e.cid, last_used=int(e.last_used), source=e.source),
+            )
+        log.info(
+            "cleanup",
+            extra=fields(
+                repository=name, dry_run=dry_run, expired=len(plan.expired), orphans=len(plan.orphans),
+                kept=plan.kept, revision=report.revision, seconds=round(report.seconds, 3),
+                objects_swept=report.gc.objects_swept if report.gc else None,
+                bytes_freed=report.gc.bytes_freed if report.gc else None,
+            ),
+        )  # fmt: skip
+        return report
+
+    def cleanup_due(self, now: float) -> list[str]:
+        """Local repositories whose daily cleanup hour is now and that were not cleaned today.
+
+        Repository i (1-based, in configuration order) is cleaned in hour (gcstarthour - 1 + i) % 24, as
+        the service rcds replaces did, so that one repository at a time is paused.
+        """
+        assert self.state is not None
+        local = time.localtime(now)
+        today = time.strftime("%Y-%m-%d", local)
+        due = []
+        for i, rs in enumerate(self.settings.repositories, start=1):
+            if not rs.local or (self.settings.gcstarthour - 1 + i) % 24 != local.tm_hour:
+                continue
+            if self.state.last_cleanup_day(rs.name) != today:
+                due.append(rs.name)
+        return due
+
+    def _housekeeping_loop(self) -> None:
+        next_schedule_check = 0.0
+        while not self.stopping.wait(2.0):
+            try:
+                for rs in self.settings.repositories:
+                    if rs.name not in self.repositories or not self.cleanup_lock.locked():
+                        self.refresh_presence(rs.name)
+                if self.settings.auto_cleanup and time.monotonic() >= next_schedule_check:
+                    next_schedule_check = time.monotonic() + 60
+                    now = self.clock()
+                    for name in self.cleanup_due(now):
+                        assert self.state is not None
+                        self.state.record_cleanup_day(name, time.strftime("%Y-%m-%d", time.localtime(now)))
+                        self.cleanup(name)
+            except Exception:
+                log.exception("housekeeping failed")
+
     def update_gauges(self, name: str, revision: int) -> None:
         self.metrics.revision.labels(name).set(revision)
         self.metrics.cids_present.labels(name).set(self.presence.count(name))
@@ -347,32 +511,53 @@ class RepositoryWorker(threading.Thread):
         self.repo = repo
         self.accepting = threading.Event()  # cleared while cleanup owns the repository
         self.accepting.set()
+        self.busy = threading.Lock()  # held while publishing a revision
         self._next_resign_check = 0.0
+        self._next_share_check = 0.0
 
     def run(self) -> None:
         svc = self.service
         assert svc.state is not None
         while not svc.stopping.is_set():
             seen = svc.generation
-            if not self.accepting.is_set():
+            if not self.accepting.is_set() or self._locked_elsewhere():
                 svc.wait_for_work(seen, 1.0)
                 continue
-            if time.monotonic() > self._next_resign_check:
-                self._next_resign_check = time.monotonic() + 3600
-                svc.resign_if_due(self.repo)
-            jobs = svc.state.claim(self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes)
-            if not jobs:
-                retry_at = svc.state.next_retry_at()
-                timeout = 1.0 if retry_at is None else max(0.05, min(1.0, retry_at - time.time()))
-                svc.wait_for_work(seen, timeout)
-                continue
             try:
-                self.publish(jobs)
+                with self.busy:
+                    if not self.accepting.is_set():
+                        continue
+                    if time.monotonic() > self._next_resign_check:
+                        self._next_resign_check = time.monotonic() + 3600
+                        svc.resign_if_due(self.repo)
+                    jobs = svc.state.claim(
+                        self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes
+                    )
+                    if jobs:
+                        self.publish(jobs)
+                        continue
+                    if time.monotonic() > self._next_share_check:  # idle: last-use records due?
+                        self._next_share_check = time.monotonic() + min(60.0, svc.settings.share_seconds / 2)
+                        self.publish([])
+                        continue
             except Exception:  # never let the worker die; the jobs were requeued or failed by publish()
                 log.exception("worker error", extra=fields(repository=self.repo_name))
                 time.sleep(1)
+                continue
+            retry_at = svc.state.next_retry_at()
+            timeout = 1.0 if retry_at is None else max(0.05, min(1.0, retry_at - time.time()))
+            svc.wait_for_work(seen, timeout)
+
+    def _locked_elsewhere(self) -> bool:
+        """Another process (``rcds cleanup``, ``rcds repo``) holds the repository: leave the jobs to others."""
+        try:
+            with self.repo.lock(blocking=False):
+                return False
+        except RepositoryError:
+            return True
 
     def publish(self, jobs: list[Job]) -> None:
+        """One revision: the jobs, plus the last-use (ts/) records that are due. Nothing to do, no revision."""
         svc = self.service
         state = svc.state
         assert state is not None
@@ -381,8 +566,11 @@ class RepositoryWorker(threading.Thread):
         m.publishing.labels(self.repo_name).set(len(jobs))
         done: list[tuple[Job, int, int]] = []  # job, entries, bytes
         settled: set[int] = set()  # jobs already failed (rejected) or found published
+        shares = state.claim_shares(svc.settings.share_seconds)
+        now = svc.clock()
         try:
             with self.repo.transaction() as txn:
+                txn.clock = svc.clock
                 top = f"/{svc.prefix}"
                 if not txn.exists(top):
                     txn.mkdir(top, nested=True)
@@ -392,12 +580,15 @@ class RepositoryWorker(threading.Thread):
                         settled.add(job.id)
                     else:
                         done.append((job, *outcome))
-                if not done:
+                if not done and not shares:
                     return
+                shares.update(dict.fromkeys((job.cid for job, _, _ in done), now))
+                write_records(txn, shares, svc.server_name)
                 result = txn.commit()
         except Exception as exc:
             # Nothing of this revision is live (the transaction aborted): every job not settled goes back
             # to the queue, to be retried alone, or fails for good after ``publish_attempts`` tries.
+            state.unshare(shares)
             reason = f"{type(exc).__name__}: {exc}"
             log.exception("publish failed", extra=fields(repository=self.repo_name, jobs=len(jobs)))
             for job in jobs:
@@ -406,23 +597,23 @@ class RepositoryWorker(threading.Thread):
             return
         finally:
             m.publishing.labels(self.repo_name).set(0)
+        svc.known_revision[self.repo_name] = result.revision
         seconds = time.monotonic() - started
         cids = [job.cid for job, _, _ in done]
         for job, _, _ in done:  # a crash from here on is fine: recovery finds the CIDs in the live revision
             Path(job.spool).unlink(missing_ok=True)
         svc.presence.add(self.repo_name, cids, result.revision)
         state.mark_published([(job.id, n) for job, n, _ in done], self.repo_name, result.revision)
-        now = time.time()
-        state.record_access(dict.fromkeys(cids, now))
+        state.mark_shared(dict.fromkeys(cids, now))
         for job, n, nbytes in done:
-            m.publish_seconds.labels(self.repo_name).observe(now - job.submitted)
+            m.publish_seconds.labels(self.repo_name).observe(time.time() - job.submitted)
             m.bytes_ingested.labels(self.repo_name).inc(nbytes)
             m.files_ingested.labels(self.repo_name).inc(n)
             log.info(
                 "published",
                 extra=fields(
                     cid=job.cid, repository=self.repo_name, revision=result.revision, bytes=nbytes,
-                    tarball_bytes=job.size, files=n, seconds=round(now - job.submitted, 3),
+                    tarball_bytes=job.size, files=n, seconds=round(time.time() - job.submitted, 3),
                     identity=job.identity,
                 ),
             )  # fmt: skip
@@ -433,7 +624,7 @@ class RepositoryWorker(threading.Thread):
         log.info(
             "revision",
             extra=fields(
-                repository=self.repo_name, revision=result.revision, cids=len(done),
+                repository=self.repo_name, revision=result.revision, cids=len(done), ts_records=len(shares),
                 catalogs=result.catalogs_written, seconds=round(seconds, 3),
             ),
         )  # fmt: skip
@@ -459,7 +650,7 @@ class RepositoryWorker(threading.Thread):
             before = txn.content.stats.bytes_in
             with open(job.spool, "rb") as f:
                 entries = _with_publisher(
-                    tar_entries(f, svc.settings.limits, job.striplevels), job.identity, int(time.time())
+                    tar_entries(f, svc.settings.limits, job.striplevels), job.identity, int(svc.clock())
                 )
                 n = txn.add_tree(path, entries, nested=True)
             return n, txn.content.stats.bytes_in - before
@@ -483,6 +674,43 @@ class RepositoryWorker(threading.Thread):
         else:
             svc.state.requeue(job.id, reason, svc.settings.retry_delay * 2**job.attempts)
             svc.metrics.failures.labels("retried").inc()
+
+
+@dataclass
+class CleanupReport:
+    plan: CleanupPlan
+    dry_run: bool
+    revision: int | None = None  # the revision that removed them (None: nothing removed)
+    gc: GcReport | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "repository": self.plan.repository,
+            "dry_run": self.dry_run,
+            "expired": [
+                {"cid": e.cid, "last_used": int(e.last_used), "source": e.source} for e in self.plan.expired
+            ],
+            "orphans": self.plan.orphans,
+            "kept": self.plan.kept,
+            "revision": self.revision,
+            "gc": None if self.gc is None else dataclasses.asdict(self.gc),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@contextlib.contextmanager
+def _paused(worker: RepositoryWorker | None) -> Iterator[None]:
+    """Stop a worker from taking new jobs and wait for its current revision; resume afterwards."""
+    if worker is None:
+        yield
+        return
+    worker.accepting.clear()
+    try:
+        with worker.busy:
+            yield
+    finally:
+        worker.accepting.set()
 
 
 def _with_publisher(entries: Iterator[TreeEntry], identity: str, now: int) -> Iterator[TreeEntry]:

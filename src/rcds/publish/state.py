@@ -48,7 +48,12 @@ CREATE INDEX IF NOT EXISTS jobs_cid ON jobs(cid, id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS access (
     cid TEXT PRIMARY KEY,
-    last_used REAL NOT NULL
+    last_used REAL NOT NULL,
+    shared REAL  -- the last_used last written into a repository as a ts/ record (NULL: never)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cleanups (
+    repository TEXT PRIMARY KEY,
+    day TEXT NOT NULL  -- the local date of the last daily cleanup, so a restart does not repeat it
 ) WITHOUT ROWID;
 """
 
@@ -88,6 +93,9 @@ class StateDB:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(access)")}
+        if "shared" not in columns:  # a state file from before ts/ records
+            self._db.execute("ALTER TABLE access ADD COLUMN shared REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -245,3 +253,47 @@ class StateDB:
     def access_times(self) -> dict[str, float]:
         with self._lock:
             return {c: float(t) for c, t in self._db.execute("SELECT cid, last_used FROM access")}
+
+    def claim_shares(self, min_gap: float, limit: int = 10_000) -> dict[str, float]:
+        """Last-use times to write as ts/ records: never written, or newer by ``min_gap`` seconds.
+
+        They are marked written at once, so two workers never write the same ones; ``unshare`` undoes
+        that when the revision that carried them failed.
+        """
+        with self._txn() as db:
+            rows = db.execute(
+                "SELECT cid, last_used FROM access WHERE shared IS NULL OR last_used - shared > ? LIMIT ?",
+                (min_gap, limit),
+            ).fetchall()
+            db.executemany("UPDATE access SET shared = last_used WHERE cid = ?", [(c,) for c, _ in rows])
+        return {c: float(t) for c, t in rows}
+
+    def mark_shared(self, times: dict[str, float]) -> None:
+        """Record last-use times as written (ts/ records written with a publish), creating rows as needed."""
+        with self._txn() as db:
+            db.executemany(
+                "INSERT INTO access (cid, last_used, shared) VALUES (?, ?, ?) ON CONFLICT(cid) DO UPDATE SET "
+                "last_used = max(last_used, excluded.last_used), shared = max(coalesce(shared, 0), excluded.shared)",
+                [(c, t, t) for c, t in sorted(times.items())],
+            )
+
+    def unshare(self, cids: Iterable[str]) -> None:
+        with self._txn() as db:
+            db.executemany("UPDATE access SET shared = NULL WHERE cid = ?", [(c,) for c in cids])
+
+    def forget_access(self, cids: Iterable[str]) -> None:
+        with self._txn() as db:
+            db.executemany("DELETE FROM access WHERE cid = ?", [(c,) for c in cids])
+
+    def last_cleanup_day(self, repository: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT day FROM cleanups WHERE repository = ?", (repository,)).fetchone()
+        return str(row[0]) if row else None
+
+    def record_cleanup_day(self, repository: str, day: str) -> None:
+        with self._txn() as db:
+            db.execute(
+                "INSERT INTO cleanups (repository, day) VALUES (?, ?) "
+                "ON CONFLICT(repository) DO UPDATE SET day = excluded.day",
+                (repository, day),
+            )
