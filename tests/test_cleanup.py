@@ -252,3 +252,27 @@ def test_the_daily_schedule_cleans_one_repository_per_hour(tmp_path: Path) -> No
         assert svc.cleanup_due(day + 27 * 3600) == [REPOS[0]]  # and due again tomorrow
     finally:
         svc.close()
+
+
+def test_the_service_pauses_only_the_repository_it_cleans(tmp_path: Path) -> None:
+    """In the server: while cleanup owns repository A, uploads are accepted and published into B."""
+    from rcds.publish.config import load_settings
+    from rcds.publish.service import PublishService
+
+    (tmp_path / "srv").mkdir()
+    srv = RcdsServer(tmp_path / "srv", top_config=SETTINGS)
+    svc = PublishService(load_settings(srv.config_path))
+    svc.start()
+    try:
+        a = next(w for w in svc.workers if w.repo_name == REPOS[0])
+        with svc.paused(REPOS[0]):  # what cleanup() holds while it plans, removes and collects
+            for i in range(5):
+                spool = svc.new_spool()
+                spool.write(make_tarball({"n": str(i)}))
+                assert svc.accept(f"paused/{i}", spool, 0, "test").body == "OK"
+            wait_until(lambda: all(svc.exists(f"paused/{i}") for i in range(5)))
+            assert {svc.exists(f"paused/{i}").repository for i in range(5)} == {REPOS[1]}  # type: ignore[union-attr]
+        report = svc.cleanup(REPOS[0], dry_run=True)
+        assert report.plan.repository == REPOS[0] and a.accepting.is_set()
+    finally:
+        svc.stop()

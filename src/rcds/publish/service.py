@@ -417,9 +417,8 @@ class PublishService:
         """
         repo = self.repositories[name]
         now = self.clock() if now is None else now
-        worker = next((w for w in self.workers if w.repo_name == name), None)
         started = time.monotonic()
-        with self.cleanup_lock, _paused(worker):
+        with self.cleanup_lock, self.paused(name):
             assert self.state is not None
             self.flush_touches()
             storages = {r.name: r.storage for r in self.settings.repositories}
@@ -461,6 +460,20 @@ class PublishService:
             ),
         )  # fmt: skip
         return report
+
+    @contextlib.contextmanager
+    def paused(self, name: str) -> Iterator[None]:
+        """Stop repository ``name``'s worker taking jobs (they go to the others) and wait for its revision."""
+        worker = next((w for w in self.workers if w.repo_name == name), None)
+        if worker is None:
+            yield
+            return
+        worker.accepting.clear()
+        try:
+            with worker.busy:
+                yield
+        finally:
+            worker.accepting.set()
 
     def cleanup_due(self, now: float) -> list[str]:
         """Local repositories whose daily cleanup hour is now and that were not cleaned today.
@@ -697,20 +710,6 @@ class CleanupReport:
             "gc": None if self.gc is None else dataclasses.asdict(self.gc),
             "seconds": round(self.seconds, 3),
         }
-
-
-@contextlib.contextmanager
-def _paused(worker: RepositoryWorker | None) -> Iterator[None]:
-    """Stop a worker from taking new jobs and wait for its current revision; resume afterwards."""
-    if worker is None:
-        yield
-        return
-    worker.accepting.clear()
-    try:
-        with worker.busy:
-            yield
-    finally:
-        worker.accepting.set()
 
 
 def _with_publisher(entries: Iterator[TreeEntry], identity: str, now: int) -> Iterator[TreeEntry]:
