@@ -470,3 +470,76 @@ def _span(revisions: list[int]) -> str:
     if len(revisions) <= 5:
         return ", ".join(map(str, revisions))
     return f"{revisions[0]} ... {revisions[-1]}"
+
+
+@click.command("replicate")
+@click.argument("urls", metavar="URL...", nargs=-1, required=True)
+@click.option(
+    "--storage", type=click.Path(path_type=Path), required=True, help="The replica's storage directory."
+)
+@click.option(
+    "--key",
+    "keys",
+    type=click.Path(path_type=Path, exists=True),
+    multiple=True,
+    required=True,
+    help="Master public key (a directory: all its *.pub; repeatable).",
+)
+@click.option("--fqrn", default=None, help="Expected repository name (default: from the URL or the replica).")
+@_proxy
+@click.option("--jobs", type=click.IntRange(min=1), default=8, show_default=True, help="Parallel downloads.")
+@click.option("--watch", is_flag=True, help="Keep snapshotting every --interval seconds until interrupted.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=15.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot.")
+def replicate(
+    urls: tuple[str, ...], storage: Path, keys: tuple[Path, ...], fqrn: str | None, proxies: tuple[str, ...],
+    jobs: int, watch: bool, interval: float, as_json: bool,
+) -> None:  # fmt: skip
+    """Make STORAGE a stratum 1 of the repository at URL (several URLs: failover in order; or a directory).
+
+    Verifies the signed manifest with the master key, pulls what the replica does not have yet (catalogs
+    after their subtrees, the manifest last) and leaves STORAGE ready to be served like a stock stratum 1.
+    """
+    import signal
+    import threading
+
+    from .. import logs
+    from ..cvmfs import replica
+
+    logs.configure("text", logging.INFO if watch and not as_json else logging.WARNING)
+
+    def show(report: replica.SnapshotReport) -> None:
+        if as_json:
+            click.echo(json.dumps(report.as_dict()))
+        elif not watch or report.changed:
+            what = "updated" if report.changed else "up to date"
+            was = report.previous_revision
+            since = f" (was {was})" if report.changed and was is not None else ""
+            click.echo(
+                f"{report.fqrn}: revision {report.revision}{since} {what}: {report.objects_fetched} objects, "
+                f"{report.bytes_fetched} bytes fetched, {report.objects_present} present, "
+                f"{report.catalogs} catalogs in {report.seconds:.2f} s"
+            )
+        for what in report.skipped if not as_json else []:
+            click.echo(f"  skipped: {what}")
+
+    key_paths, proxy_list = list(keys), list(proxies) or None
+    url_list = [u for arg in urls for u in arg.split(";") if u]
+    remote = any(u.startswith(("http://", "https://")) for u in url_list)
+    source: str | list[str] = url_list if remote or len(url_list) != 1 else url_list[0]
+    if not watch:
+        try:
+            report = replica.snapshot(
+                source, storage, public_keys=key_paths, fqrn=fqrn, proxies=proxy_list, jobs=jobs
+            )
+        except replica.ReplicaError as exc:
+            raise click.ClickException(str(exc)) from exc
+        show(report)
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_args: stop.set())
+    replica.watch(
+        source, storage, interval=interval, stop=stop, public_keys=key_paths, fqrn=fqrn, proxies=proxy_list,
+        jobs=jobs, on_report=show,
+    )  # fmt: skip
