@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ PRESENT = "present"  # already published before this call
 QUEUED = "queued"  # uploaded and accepted; publishing follows within seconds
 PUBLISHED = "published"  # uploaded and seen published (``wait=True``)
 DRY_RUN = "dry-run"  # only the CID was computed
+REUPLOAD_AFTER = 60.0  # seconds the answering server may not know a CID before --wait uploads it again
 
 
 @dataclass
@@ -115,7 +116,13 @@ def publish(
             else:
                 result.state = QUEUED
         if result.state == QUEUED and wait:
-            result.path = wait_published(api, cid, timeout)
+
+            def upload_again() -> None:
+                answer, n = _upload(api, source, cid, digest, excludes, False, tmpdir)
+                result.uploaded_bytes += n
+                result.server = answer.server
+
+            result.path = wait_published(api, cid, timeout, reupload=upload_again)
             result.state = PUBLISHED
     result.seconds = time.monotonic() - started
     log.info("publish %s: %s in %.1f s", cid, result.state, result.seconds)
@@ -154,24 +161,47 @@ def _upload(
         return api.publish(cid, Path(tmp.name), progress), size
 
 
-def wait_published(api: PubApiClient, cid: str, timeout: float) -> str:
-    """Poll until the server reports ``cid`` published; return its path. Fails early on a failed job."""
+def wait_published(
+    api: PubApiClient,
+    cid: str,
+    timeout: float,
+    reupload: Callable[[], None] | None = None,
+    reupload_after: float = REUPLOAD_AFTER,
+) -> str:
+    """Poll until a server reports ``cid`` published; return its path. Fails early on a failed job.
+
+    If the server that took the upload dies, the others answer "missing" (the job waits in the dead
+    server's durable queue, and is published when it returns). After ``reupload_after`` seconds of that,
+    ``reupload`` sends the tarball again, to a server that answers, so the job does not wait for the
+    dead one; whichever copy is published first wins and the other is answered PRESENT.
+    """
     deadline = time.monotonic() + timeout
     delay = 0.25
+    missing_since: float | None = None
     while True:
         doc = api.status(cid)
+        state = doc.get("state") if doc else None
         if doc is None:  # a server without /pubapi/status: fall back to exists
             path = api.exists(cid)
             if path is not None:
                 return path
-        elif doc.get("state") == "published":
+        elif state == "published":
             return str(doc["path"])
-        elif doc.get("state") == "failed":
+        elif state == "failed":
             raise PublishFailed(f"the server could not publish {cid}: {doc.get('reason', 'no reason given')}")
+        if state == "missing" and reupload is not None:
+            missing_since = missing_since if missing_since is not None else time.monotonic()
+            if time.monotonic() - missing_since >= reupload_after:
+                log.warning("%s: %s does not know the upload; uploading it again", cid, api.last_server)
+                reupload()
+                reupload, missing_since = None, None
+        else:
+            missing_since = None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            state = doc.get("state", "unknown") if doc else "missing"
-            raise WaitTimeout(f"{cid} was not published within {timeout:g} s (last state: {state})")
+            raise WaitTimeout(
+                f"{cid} was not published within {timeout:g} s (last state: {state or 'missing'})"
+            )
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 5.0)
 

@@ -34,8 +34,11 @@ DEFAULT_REPOSITORIES = ("user1.rcds.local", "user2.rcds.local")
 class RepositorySettings:
     name: str
     storage: Path
-    # Whether this server is the stratum 0 (publishes) for it. Replicas of other servers come later.
+    # Whether this server is the stratum 0 (publishes) for it; otherwise ``storage`` holds a replica.
     local: bool = True
+    # A replica's source: the owning server's /cvmfs/<name> URLs (failover in order), and the master key.
+    upstream: tuple[str, ...] = ()
+    public_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class ServiceSettings:
     auto_cleanup: bool = True  # run the daily cleanup and garbage collection
     gc_horizon_days: float = 3.0  # revisions newer than this are kept by garbage collection
     share_seconds: float = 3600.0  # how far a last-use time may move before its ts/ record is rewritten
+    replica_interval: float = 15.0  # seconds between snapshots of each replica's upstream
     max_upload: int = 4 * GiB
     limits: IngestLimits = field(default_factory=IngestLimits)
     batch_max_jobs: int = 100
@@ -148,7 +152,25 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         rr = TomlTable(item, f"repository[{i}].")
         name = rr.text("name")
         storage = rr.text("storage", str(data_dir / name))
-        repos.append(RepositorySettings(name, resolve(storage), rr.flag("local", True)))
+        local = rr.flag("local", True)
+        upstream_raw = rr.value("upstream", [], (str, list))
+        upstream = tuple([upstream_raw] if isinstance(upstream_raw, str) else upstream_raw)
+        key = rr.text("public_key", "")
+        if upstream and local:
+            raise ConfigError(f"repository {name}: upstream is for replicas (local = false)")
+        if upstream and not key:
+            raise ConfigError(
+                f"repository {name}: a replica needs the public_key its signatures are checked with"
+            )
+        repos.append(
+            RepositorySettings(
+                name,
+                resolve(storage),
+                local,
+                tuple(u.rstrip("/") for u in upstream),
+                resolve(key) if key else None,
+            )
+        )
         rr.done()
     if not repos:
         raise ConfigError("no [[repository]] configured")
@@ -230,6 +252,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         auto_cleanup=r.flag("auto_cleanup", True),
         gc_horizon_days=r.number("gc_horizon_days", 3.0),
         share_seconds=r.number("share_seconds", 3600.0),
+        replica_interval=r.number("replica_interval", 15.0),
         max_upload=max_upload,
         limits=limits,
         batch_max_jobs=batch_max_jobs,

@@ -24,6 +24,7 @@ import dataclasses
 import io
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -144,6 +145,7 @@ class PublishService:
         self._touch_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._housekeeper: threading.Thread | None = None
+        self._replicators: list[threading.Thread] = []
         self.known_revision: dict[str, int] = {}  # per repository: the revision the presence index shows
         self.cleanup_lock = threading.Lock()  # one cleanup at a time (daily schedule, or rcds cleanup)
 
@@ -163,6 +165,7 @@ class PublishService:
             self.refresh_presence(rs.name)
 
     def start(self) -> None:
+        s = self.settings
         self.open()
         self._recover_jobs()
         self.metrics.watch_queue(self.queued_count)
@@ -175,6 +178,13 @@ class PublishService:
         self._flusher.start()
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
         self._housekeeper.start()
+        for rs in s.repositories:
+            if rs.upstream:
+                thread = threading.Thread(
+                    target=self._replicate_loop, args=(rs,), name=f"replica-{rs.name}", daemon=True
+                )
+                thread.start()
+                self._replicators.append(thread)
 
     def storage(self, name: str) -> Path:
         return next(r.storage for r in self.settings.repositories if r.name == name)
@@ -228,7 +238,7 @@ class PublishService:
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.join(max(0.0, deadline - time.monotonic()))
-        for thread in (self._flusher, self._housekeeper):
+        for thread in (self._flusher, self._housekeeper, *self._replicators):
             if thread is not None:
                 thread.join(5)
         self.flush_touches()
@@ -491,6 +501,42 @@ class PublishService:
             if self.state.last_cleanup_day(rs.name) != today:
                 due.append(rs.name)
         return due
+
+    def _replicate_loop(self, rs: RepositorySettings) -> None:
+        """Keep the replica of another server's repository current: a snapshot every replica_interval.
+
+        A source that is down only delays the replica; ``exists`` goes on answering from what it holds.
+        """
+        from ..cvmfs.replica import snapshot
+
+        assert rs.public_key is not None
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                report = snapshot(list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name)
+                if failures:
+                    log.info("replica source back", extra=fields(repository=rs.name, after_failures=failures))
+                failures = 0
+                if report.changed:
+                    self.refresh_presence(rs.name)
+                    log.info(
+                        "replicated",
+                        extra=fields(
+                            repository=rs.name, revision=report.revision, objects=report.objects_fetched,
+                            bytes=report.bytes_fetched, seconds=round(report.seconds, 3),
+                        ),
+                    )  # fmt: skip
+            except Exception as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:  # a dead peer must not flood the log
+                    log.warning(
+                        "replication failed",
+                        extra=fields(
+                            repository=rs.name, failures=failures, error=f"{type(exc).__name__}: {exc}"
+                        ),
+                    )
+            interval = self.settings.replica_interval
+            self.stopping.wait(interval * random.uniform(0.8, 1.2))
 
     def _housekeeping_loop(self) -> None:
         next_schedule_check = 0.0
