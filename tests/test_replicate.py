@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -206,6 +207,9 @@ def test_a_replica_is_complete_verified_and_reads_like_the_source(
     reflog = Reflog(replica / ".cvmfsreflog")
     listed = {h for h, _kind, _ts in reflog.list()}
     reflog.close()
+    # ...and its checksum sits where `cvmfs_swissknife check -R` of a stock stratum 1 looks for it
+    own = hashlib.sha1((replica / ".cvmfsreflog").read_bytes()).hexdigest()
+    assert (replica / ".rcds-replica" / "reflog.chksum").read_text() == own + "\n"
     assert {m.root_catalog, m.certificate, m.history} <= listed
     assert (replica / ".cvmfs_last_snapshot").read_text().endswith(" UTC " + date_utc()[-4:] + "\n")
     status = json.loads((replica / ".cvmfs_status.json").read_text())

@@ -5,8 +5,9 @@ directory that ``rcds.web.repo_http`` (or any web server) then serves like a sto
 
     <storage>/.cvmfspublished .cvmfswhitelist .cvmfsreflog       public, like every stratum 1
               .cvmfs_last_snapshot .cvmfs_status.json data/00..ff data/txn
-    <storage>/.rcds-replica/  private, never served: lock, reader cache (certificate), tmp/, and the
-                              marker ``unfinished`` while a snapshot may leave staged downloads
+    <storage>/.rcds-replica/  private, never served: lock, reader cache (certificate), tmp/, the
+                              marker ``unfinished`` while a snapshot may leave staged downloads, and
+                              ``reflog.chksum`` (for ``cvmfs_swissknife check -R``)
 
 One snapshot:
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -1051,5 +1053,15 @@ class _Snapshot:
                     reflog.add(h, kind, now)
         finally:
             reflog.close()
-        r.write_root_file(REFLOG, path.read_bytes())
+        data = path.read_bytes()
+        r.write_root_file(REFLOG, data)
         path.unlink()
+        # As a stock stratum 1 keeps it in its spool directory: the hash of its own reflog, which differs
+        # from the manifest's (the source's). `cvmfs_swissknife check -R <this file>` verifies a replica.
+        chksum = r.private / "reflog.chksum"
+        tmp = chksum.with_name(chksum.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(hashlib.sha1(data).hexdigest().encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, chksum)
