@@ -102,6 +102,27 @@ def _reading_options(func: F) -> F:
     return func
 
 
+def _reading_settings(
+    servers: tuple[str, ...],
+    repositories: tuple[str, ...],
+    stratum_urls: tuple[str, ...],
+    proxies: tuple[str, ...],
+    keys: tuple[Path, ...],
+    prefix: str | None,
+    cache: Path | None,
+) -> ClientSettings:
+    """The settings with the options of ``_reading_options`` (and ``--server``, ``--cache``) applied."""
+    return _settings(
+        servers=_servers(servers),
+        repositories=repositories or None,
+        stratum_urls=stratum_urls or None,
+        proxies=_proxies(proxies),
+        keys=keys or None,
+        prefix=prefix.strip("/") if prefix else None,
+        cache=cache,
+    )
+
+
 # --- publish -------------------------------------------------------------------------------------
 
 
@@ -240,16 +261,9 @@ def wait(
     from ..client.wait import wait as do_wait
 
     _logging(verbose)
-    settings = _settings(
-        servers=_servers(servers),
-        repositories=repositories or None,
-        stratum_urls=stratum_urls or None,
-        proxies=_proxies(proxies),
-        keys=keys or None,
-        prefix=prefix.strip("/") if prefix else None,
-        mount_root=mount_root,
-        cache=cache,
-    )
+    settings = _reading_settings(
+        servers, repositories, stratum_urls, proxies, keys, prefix, cache
+    ).with_overrides(mount_root=mount_root)
     result = do_wait(
         target,
         settings,
@@ -325,15 +339,7 @@ def get(
     from ..client.get import get as do_get
 
     _logging(verbose)
-    settings = _settings(
-        servers=_servers(servers),
-        repositories=repositories or None,
-        stratum_urls=stratum_urls or None,
-        proxies=_proxies(proxies),
-        keys=keys or None,
-        prefix=prefix.strip("/") if prefix else None,
-        cache=cache,
-    )
+    settings = _reading_settings(servers, repositories, stratum_urls, proxies, keys, prefix, cache)
     result = do_get(target, dest, settings, jobs=jobs, link=not copy, progress=not (quiet or as_json))
     if as_json:
         click.echo(json.dumps(result))

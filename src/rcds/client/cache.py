@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..logs import fields
+from .materialize import lstat_or_none
 
 log = logging.getLogger("rcds.client")
 
@@ -54,7 +55,7 @@ def prune_cache(
         raise FileNotFoundError(f"{cache} is not an rcds node cache (no files/ or metadata/)")
     unused: list[tuple[float, int, Path]] = []  # ctime, size, path
     for path in _files(cache / "files"):
-        st = _lstat(path)
+        st = lstat_or_none(str(path))
         if st is None or not stat.S_ISREG(st.st_mode):
             continue
         if st.st_nlink > 1:
@@ -75,11 +76,11 @@ def prune_cache(
             report.bytes_freed += size
             keep_bytes -= size
     for path in _files(cache / "metadata"):
-        st = _lstat(path)
+        st = lstat_or_none(str(path))
         if st is not None and stat.S_ISREG(st.st_mode) and now - st.st_mtime > max_age:
             report.metadata_removed += dry_run or _unlink(path)
     for path in _files(cache / "tmp"):
-        st = _lstat(path)
+        st = lstat_or_none(str(path))
         if st is not None and now - st.st_ctime > TMP_MAX_AGE:
             report.temp_removed += dry_run or _unlink(path)
     log.info("cache pruned", extra=fields(cache=str(cache), **report.__dict__))
@@ -91,13 +92,6 @@ def _files(top: Path) -> list[Path]:
     for dirpath, _, names in os.walk(top):
         found.extend(Path(dirpath, n) for n in names)
     return found
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
 
 
 def _unlink(path: Path) -> bool:

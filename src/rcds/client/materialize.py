@@ -170,7 +170,7 @@ def _valid(st: os.stat_result, size: int, mode: int, mtime_ns: int) -> bool:
     )
 
 
-def _lstat(path: str) -> os.stat_result | None:
+def lstat_or_none(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except FileNotFoundError:
@@ -356,7 +356,7 @@ class _Run:
         for name in index.get(rest, []):
             path = f"{self.cache}/files/{fan}/{name}"
             parsed = _parse_entry_name(name)
-            st = _lstat(path)
+            st = lstat_or_none(path)
             if parsed and st is not None and _valid(st, content.size, parsed[1], parsed[2]):
                 return path
         return None
@@ -376,7 +376,7 @@ class _Run:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 continue
             except FileExistsError:
-                st = _lstat(path)
+                st = lstat_or_none(path)
                 if st is None or not _valid(st, size, entry.mode, entry.mtime_ns):
                     os.rename(tmp, path)
                     return path
@@ -584,7 +584,7 @@ class _Run:
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except FileExistsError:
-                st = _lstat(path)
+                st = lstat_or_none(path)
                 if st is None or not _valid(st, size, entry.mode, entry.mtime_ns):
                     tmp = self.temp()
                     os.link(written, tmp)
@@ -868,7 +868,7 @@ def _classify(run: _Run, plan: _Plan) -> _Work:
         cached, missing = [], []
         for e in c.entries:
             path = run.path(e)
-            st = _lstat(path)
+            st = lstat_or_none(path)
             if st is not None and _valid(st, c.size, e.mode, e.mtime_ns):
                 cached.append(e)
                 continue
