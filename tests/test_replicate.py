@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from rcds.cvmfs import failpoints
 from rcds.cvmfs.checker import check_repository
 from rcds.cvmfs.hashes import Algorithm, ContentHash, Suffix
 from rcds.cvmfs.objects import compress
-from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.reader import ReaderError, RepositoryReader
 from rcds.cvmfs.reflog import Reflog
 from rcds.cvmfs.replica import PRIVATE_DIR, ReplicaError, SnapshotReport, date_utc, snapshot, watch
 from rcds.cvmfs.repository import Repository
@@ -582,6 +583,29 @@ def test_the_command_line(
         [*args, "--fqrn", "other.example"], capture_output=True, text=True, timeout=60, check=False
     )
     assert wrong.returncode == 1 and "Error:" in wrong.stderr and "other.example" in wrong.stderr
+    # `rcds repo serve` serves the replica like a stratum 1 (its name comes from its manifest)
+    port = free_port()
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "rcds.cli", "repo", "serve", "--storage", str(replica), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/cvmfs/{FQRN}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with RepositoryReader.open(
+                    url, source.public_key_path, fqrn=FQRN, cache_dir=tmp_path / "c"
+                ) as r:
+                    assert r.revision == 3 and sum(1 for _ in r.walk("")) > 1
+                    break
+            except ReaderError:
+                assert serving.poll() is None and time.monotonic() < deadline, serving.stderr
+                time.sleep(0.1)
+    finally:
+        serving.terminate()
+        serving.wait(30)
 
 
 def test_watch_rides_out_a_source_that_is_down(

@@ -14,6 +14,7 @@ import click
 
 from ..cvmfs.checker import check_repository
 from ..cvmfs.gc import GcReport
+from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
 from ..cvmfs.store import PRIVATE_DIR
@@ -447,7 +448,7 @@ def repo_cat(location: str, path: str, key: Path | None, proxies: tuple[str, ...
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 def repo_serve(storages: tuple[Path, ...], create_fqrn: str | None, host: str, port: int) -> None:
-    """Serve storage directories over HTTP at /cvmfs/<fqrn>/ like a stock stratum 0."""
+    """Serve storage directories over HTTP at /cvmfs/<fqrn>/ like a stock stratum 0 (or 1, for replicas)."""
     from ..web.repo_http import run
 
     if create_fqrn:
@@ -458,6 +459,14 @@ def repo_serve(storages: tuple[Path, ...], create_fqrn: str | None, host: str, p
             click.echo(f"created {create_fqrn} in {storages[0]}")
     repos = {}
     for s in storages:
+        if not (s / PRIVATE_DIR / "repo.json").exists() and (s / ".cvmfspublished").is_file():
+            # A replica (rcds replicate, or any stratum 1's storage): its name is in its manifest.
+            try:
+                fqrn = Manifest.parse((s / ".cvmfspublished").read_bytes())[0].fqrn
+            except ManifestError as exc:
+                raise click.ClickException(f"{s}: {exc}") from exc
+            repos[fqrn] = s.absolute()
+            continue
         r = _open_repo(s)
         repos[r.fqrn] = r.storage
         warning = r.whitelist_warning()
