@@ -55,12 +55,7 @@ def get(
     ) as locator:
         found = locator.find(wanted.cid)
         if found is None:
-            lines = [f"{wanted.cid} is not published. Looked in:"]
-            lines += [
-                f"  {r} via {locator.describe(r)}: {locator.last_error.get(r, '?')}"
-                for r in locator.repositories
-            ]
-            raise ClientError("\n".join(lines))
+            raise ClientError("\n".join([f"{wanted.cid} is not published.", *locator.looked_in()]))
         stats = materialize_found(
             locator, found, dest, settings.cache, jobs=jobs, link=link, progress=progress
         )

@@ -143,6 +143,13 @@ class Locator:
             return f"mount {self.settings.mount_root / repository}"
         return ", ".join(self.settings.repository_urls(repository)) or "no URL"
 
+    def looked_in(self) -> list[str]:
+        """``Looked in:`` and a line per repository: how it was looked at, and what was last seen."""
+        return ["Looked in:"] + [
+            f"  {r} via {self.describe(r)}: {self.last_error.get(r, 'not looked at')}"
+            for r in self.repositories
+        ]
+
     def find(self, cid: str) -> Found | None:
         """One look in every repository; None if the CID is in none of them (yet)."""
         repo_path = f"{self.settings.prefix}/{cid}"

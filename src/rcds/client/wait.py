@@ -47,46 +47,27 @@ class WaitResult:
 
 
 def wait_for(
-    target: Target,
-    settings: ClientSettings,
-    *,
-    timeout: float = 1200.0,
-    mode: Mode = "auto",
-    max_delay: float | None = None,
-    locator: Locator | None = None,
+    target: Target, locator: Locator, *, timeout: float = 1200.0, max_delay: float | None = None
 ) -> WaitResult:
     """Look for the CID until it appears or ``timeout`` seconds pass (WaitTimeout, naming what was tried)."""
     started = time.monotonic()
     deadline = started + timeout
-    own = locator is None
-    if locator is None:
-        locator = Locator(settings, resolve_repositories(target, settings), mode)
-    try:
-        delay, looks = FIRST_DELAY, 0
-        while True:
-            looks += 1
-            found = locator.find(target.cid)
-            if found is not None:
-                log.info("found %s in %s after %d looks", target.cid, found.repository, looks)
-                return WaitResult(found, found.local_path, time.monotonic() - started, looks)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(_timeout_message(target.cid, timeout, locator))
-            cap = max_delay if max_delay is not None else (locator.ttl() or DEFAULT_MAX_DELAY)
-            log.info("%s not found (look %d); next look in %.0f s", target.cid, looks, min(delay, remaining))
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, max(cap, FIRST_DELAY))
-    finally:
-        if own:
-            locator.close()
-
-
-def _timeout_message(cid: str, timeout: float, locator: Locator) -> str:
-    lines = [f"{cid} did not appear within {timeout:g} s. Looked in:"]
-    for repository in locator.repositories:
-        reason = locator.last_error.get(repository, "not looked at")
-        lines.append(f"  {repository} via {locator.describe(repository)}: {reason}")
-    return "\n".join(lines)
+    delay, looks = FIRST_DELAY, 0
+    while True:
+        looks += 1
+        found = locator.find(target.cid)
+        if found is not None:
+            log.info("found %s in %s after %d looks", target.cid, found.repository, looks)
+            return WaitResult(found, found.local_path, time.monotonic() - started, looks)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WaitTimeout(
+                "\n".join([f"{target.cid} did not appear within {timeout:g} s.", *locator.looked_in()])
+            )
+        cap = max_delay if max_delay is not None else (locator.ttl() or DEFAULT_MAX_DELAY)
+        log.info("%s not found (look %d); next look in %.0f s", target.cid, looks, min(delay, remaining))
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, max(cap, FIRST_DELAY))
 
 
 def wait(
@@ -112,7 +93,7 @@ def wait(
     settings = settings or load_client_settings()
     wanted = parse_target(target, settings)
     with Locator(settings, resolve_repositories(wanted, settings), mode, cache_dir=settings.cache) as locator:
-        result = wait_for(wanted, settings, timeout=timeout, max_delay=max_delay, locator=locator)
+        result = wait_for(wanted, locator, timeout=timeout, max_delay=max_delay)
         if result.directory is None and get_dest is not None:
             materialize_found(locator, result.found, get_dest, settings.cache, progress=progress)
             result.directory = get_dest.resolve()

@@ -13,13 +13,12 @@ repository's publish worker paused meanwhile, and garbage collection follows (``
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cvmfs.repository import Repository
-from .lastuse import TS_DIR, read_records, remove_empty_group, remove_records
+from .lastuse import read_records, remove_empty_group, remove_records
 from .presence import StorageView, scan_cid_dirs
 
 log = logging.getLogger("rcds.cleanup")
@@ -97,9 +96,4 @@ def apply_cleanup(
         return txn.commit().revision
 
 
-def format_age(last_used: float, now: float | None = None) -> str:
-    days = ((time.time() if now is None else now) - last_used) / DAY
-    return f"{days:.1f} days"
-
-
-__all__ = ["TS_DIR", "CleanupPlan", "Expired", "apply_cleanup", "plan_cleanup"]
+__all__ = ["CleanupPlan", "Expired", "apply_cleanup", "plan_cleanup"]
