@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from io import BufferedReader
 from pathlib import Path
 
 import httpx
@@ -216,13 +215,14 @@ def test_large_object_streams_intact(server: Server, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("sendfile", [True, False])
-def test_file_shrinking_while_served_drops_connection(
+def test_large_file_shrinking_while_served_drops_connection(
     server: Server, monkeypatch: pytest.MonkeyPatch, sendfile: bool
 ) -> None:
-    """Content-Length is already sent when the body falls short: the connection must be cut, not padded."""
+    """Content-Length is already sent when a streamed body falls short: the connection must be cut, not
+    padded."""
     real_open = repo_http._open_regular
 
-    def open_claiming_more(path: Path) -> tuple[BufferedReader, int] | None:
+    def open_claiming_more(path: str) -> tuple[int, int] | None:
         opened = real_open(path)
         return None if opened is None else (opened[0], opened[1] + 10)
 
@@ -230,9 +230,61 @@ def test_file_shrinking_while_served_drops_connection(
     monkeypatch.setattr(repo_http, "_open_regular", open_claiming_more)
     with httpx.Client(base_url=server.base, timeout=5) as c:
         with pytest.raises(httpx.RemoteProtocolError):
-            c.get(f"/cvmfs/{FQRN}/data/{CATALOG_NAME}")
+            c.get(f"/cvmfs/{FQRN}/data/{BIG_NAME}")
+        monkeypatch.setattr(repo_http, "_open_regular", real_open)
+        assert c.get(f"/cvmfs/{FQRN}/data/{BIG_NAME}").content == BIG
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_small_file_shrinking_while_served_is_an_error(
+    server: Server, monkeypatch: pytest.MonkeyPatch, nowait: bool
+) -> None:
+    """A small file is read whole before anything is sent: a short read is a 500, never a short body."""
+    real_open = repo_http._open_regular
+
+    def open_claiming_more(path: str) -> tuple[int, int] | None:
+        opened = real_open(path)
+        return None if opened is None else (opened[0], opened[1] + 10)
+
+    monkeypatch.setattr(repo_http, "_use_nowait", nowait)
+    monkeypatch.setattr(repo_http, "_open_regular", open_claiming_more)
+    with httpx.Client(base_url=server.base, timeout=5) as c:
+        assert c.get(f"/cvmfs/{FQRN}/data/{CATALOG_NAME}").status_code == 500
         monkeypatch.setattr(repo_http, "_open_regular", real_open)
         assert c.get(f"/cvmfs/{FQRN}/data/{CATALOG_NAME}").content == CATALOG
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_small_file_read_from_cache_or_thread(
+    server: Server, monkeypatch: pytest.MonkeyPatch, nowait: bool
+) -> None:
+    """Both ways of reading a small file (page cache in the loop, else a worker thread) answer the same."""
+    monkeypatch.setattr(repo_http, "_use_nowait", nowait)
+    with httpx.Client(base_url=server.base, timeout=5) as c:
+        for name, body in ((".cvmfspublished", MANIFEST), (f"data/{CATALOG_NAME}", CATALOG)):
+            resp = c.get(f"/cvmfs/{FQRN}/{name}")
+            assert resp.status_code == 200
+            assert resp.content == body
+            assert resp.headers["content-length"] == str(len(body))
+            assert set(resp.headers) == SERVER_HEADERS
+
+
+def test_not_cached_file_is_read_on_a_thread(tmp_path: Path) -> None:
+    """RWF_NOWAIT refuses a file whose pages are not in memory (dropped with POSIX_FADV_DONTNEED): the
+    server must then read it on a thread rather than in its event loop."""
+    f = tmp_path / "obj"
+    f.write_bytes(os.urandom(64 * 1024))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cached = repo_http._read_cached(fd, 64 * 1024)
+        if cached is not None:
+            pytest.skip("this file system keeps the pages (or ignores RWF_NOWAIT)")
+        assert bytes(repo_http._read_whole(fd, 64 * 1024)) == f.read_bytes()
+        assert repo_http._read_cached(fd, 64 * 1024) == f.read_bytes()  # now it is cached
+    finally:
+        os.close(fd)
 
 
 def test_keep_alive(server: Server) -> None:
