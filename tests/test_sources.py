@@ -309,3 +309,29 @@ def test_fetch_many_against_repo_http(tmp_path: Path, source_for: Callable[..., 
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+
+
+def test_only_the_answer_that_failed_counts_as_an_attempt(
+    scripted: Callable[[Answer], ScriptedServer],
+) -> None:
+    """With no retries on a pair: requests that the first server never answered (it closed the connection
+    between two answers) are asked of it again, not failed over; an answer cut mid-body fails over."""
+
+    def answer(key: str, times: int) -> bytes | None:
+        if times == 0 and key == KEYS[2]:
+            return ThenClose(ok(body(key)))  # whole, then the connection closes
+        if times == 0 and key == KEYS[8]:
+            return ThenClose(ok(body(key))[:-50])  # cut
+        return ok(body(key))
+
+    first, second = scripted(answer), scripted(lambda key, _: ok(body(key)))
+    source = HttpSource([first.url, second.url], settings=HttpSettings(retries=0, read_timeout=2))
+    try:
+        got, errors = fetch_many(source, KEYS[:6])
+        assert errors == [None] * 6 and got == [body(k) for k in KEYS[:6]]
+        assert second.asked == {} and len(first.connections) == 2
+        got, errors = fetch_many(source, KEYS[6:10])
+        assert errors == [None] * 4 and got == [body(k) for k in KEYS[6:10]]
+        assert second.asked == {KEYS[8]: 1, KEYS[9]: 1}  # failed over, and remembered
+    finally:
+        source.close()

@@ -172,13 +172,13 @@ class _Connection:
         self._in_message = False
         self._outcomes.append(self._status)
 
-    def exchange(self, requests: bytes, dests: list[BinaryIO]) -> list[int | str]:
+    def exchange(self, requests: bytes, dests: list[BinaryIO]) -> list[int | str | None]:
         """Send ``requests`` (one GET per destination, already encoded), then read the responses into
-        ``dests``. One outcome per destination: the HTTP status, or a one-line error for those the
-        connection failed before answering (it is closed then). An exception of a destination's write
-        closes the connection and propagates."""
+        ``dests``. One outcome per destination: the HTTP status; a one-line error for the one being
+        answered when the connection failed (it is closed then); None for those never answered. An
+        exception of a destination's write closes the connection and propagates."""
         self._dests, self._outcomes = dests, []
-        self.answered = False
+        self.answered = self._in_message = False
         try:
             self.sock.sendall(requests)
             while len(self._outcomes) < len(dests):
@@ -206,17 +206,25 @@ class _Connection:
             raise
         finally:
             self._dests, self._body_to = [], None
-        outcomes = self._outcomes
-        if len(outcomes) < len(dests):
+        outcomes: list[int | str | None] = list(self._outcomes)
+        if len(outcomes) < len(dests):  # "Connection: close" before the end
             self.close()
-            outcomes += ["connection closed by the server"] * (len(dests) - len(outcomes))
+            outcomes += [None] * (len(dests) - len(outcomes))
         elif not self._keep_alive:
             self.close()
         self.used = True
         return outcomes
 
-    def _failed(self, dests: list[BinaryIO], error: str) -> list[int | str]:
-        return self._outcomes + [error] * (len(dests) - len(self._outcomes))
+    def _failed(self, dests: list[BinaryIO], error: str) -> list[int | str | None]:
+        """The outcomes when the connection failed: ``error`` for the answer it was reading and None for
+        the requests after it; ``error`` for all of them if it never answered at all (a server that
+        times out or refuses is a failed attempt for each, so that they fail over)."""
+        outcomes: list[int | str | None] = list(self._outcomes)
+        if not self.answered:
+            return [error] * len(dests)
+        if self._in_message:
+            outcomes.append(error)
+        return outcomes + [None] * (len(dests) - len(outcomes))
 
 
 class _ProtocolViolation(Exception):
@@ -271,9 +279,9 @@ class _PlainHttp:
 
     def get_many(
         self, base: str, keys: list[str], dests: list[BinaryIO], proxy: str, fresh: bool = False
-    ) -> list[int | str]:
+    ) -> list[int | str | None]:
         """GET ``<base>/<key>`` for each key into its destination, pipelined on this thread's connection
-        to the server (or proxy): one outcome each, the HTTP status or a one-line network error."""
+        to the server (or proxy): one outcome each (see ``_Connection.exchange``)."""
         u = urlsplit(base)
         absolute = proxy != DIRECT  # absolute-form request lines, as HTTP proxies expect
         via = urlsplit(proxy) if absolute else u
@@ -349,7 +357,8 @@ class HttpSource(Source):
 
     def _get(self, base: str, key: str, proxy: str, fresh: bool, dest: BinaryIO) -> int | str:
         if self._plain_path(base, proxy):
-            return self._plain.get_many(base, [key], [dest], proxy, fresh)[0]
+            outcome = self._plain.get_many(base, [key], [dest], proxy, fresh)[0]
+            return "connection closed by the server" if outcome is None else outcome
         url = f"{base}/{key}"
         headers = {"Cache-Control": "no-cache", "Pragma": "no-cache"} if fresh else {}
         try:
@@ -367,17 +376,27 @@ class HttpSource(Source):
         return _PlainHttp.usable(url) and (proxy == DIRECT or _PlainHttp.usable(proxy))
 
     def fetch(self, key: str, dest: BinaryIO, fresh: bool = False) -> None:
+        self._fetch(key, dest, fresh)
+
+    def _fetch(
+        self, key: str, dest: BinaryIO, fresh: bool, tried: tuple[int, int, int | str] | None = None
+    ) -> None:
+        """``fetch``; ``tried`` = (server, proxy, outcome) of an attempt already made (in a pipeline),
+        counted as the first attempt on that pair."""
         attempts: list[str] = []
         not_found = 0
         start = dest.tell() if dest.seekable() else None
         for ui, pi in self._order():
             base, proxy = self.urls[ui], self.proxies[pi]
             url = f"{base}/{key}"
-            for _ in range(1 + self.settings.retries):
-                if start is not None:
-                    dest.seek(start)
-                    dest.truncate()
-                outcome = self._get(base, key, proxy, fresh, dest)
+            for attempt in range(1 + self.settings.retries):
+                if tried is not None and attempt == 0 and tried[:2] == (ui, pi):
+                    outcome = tried[2]
+                else:
+                    if start is not None:
+                        dest.seek(start)
+                        dest.truncate()
+                    outcome = self._get(base, key, proxy, fresh, dest)
                 if outcome == 200:
                     self._good_url, self._good_proxy = ui, pi
                     return
@@ -398,10 +417,13 @@ class HttpSource(Source):
         self, items: Sequence[tuple[str, BinaryIO]], fresh: bool = False
     ) -> list[SourceError | None]:
         """Pipelined on one connection to the server and proxy that worked last (plain HTTP only); what
-        that does not deliver is fetched again one by one, with the whole failover of ``fetch``."""
+        that does not deliver is fetched again one by one, with the whole failover of ``fetch``. An
+        answer that failed counts as the first attempt on that server and proxy; a request the connection
+        never answered (the server closed it earlier) is not an attempt."""
         if len(items) < 2:
             return super().fetch_many(items, fresh)
-        base, proxy = self.urls[self._good_url], self.proxies[self._good_proxy]
+        ui, pi = self._good_url, self._good_proxy
+        base, proxy = self.urls[ui], self.proxies[pi]
         if not self._plain_path(base, proxy):
             return super().fetch_many(items, fresh)
         dests = [dest for _, dest in items]
@@ -415,7 +437,7 @@ class HttpSource(Source):
             dest.seek(start)
             dest.truncate()
             try:
-                self.fetch(key, dest, fresh)
+                self._fetch(key, dest, fresh, None if outcome is None else (ui, pi, outcome))
             except SourceError as exc:
                 results.append(exc)
             else:
