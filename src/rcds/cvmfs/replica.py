@@ -55,6 +55,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -65,11 +66,11 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -274,6 +275,13 @@ class _RootFilesFresh(Source):
         else:
             self.inner.fetch(key, dest, fresh)
 
+    def fetch_many(
+        self, items: Sequence[tuple[str, BinaryIO]], fresh: bool = False
+    ) -> list[SourceError | None]:
+        if any(key.startswith(".cvmfs") for key, _ in items):
+            return super().fetch_many(items, fresh)
+        return self.inner.fetch_many(items, fresh)
+
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
 
@@ -384,6 +392,10 @@ def _read_catalog(path: Path, with_objects: bool = True) -> _CatalogInfo:
 # --- the storage directory ---------------------------------------------------------------------------
 
 
+_STAGING_TAG = secrets.token_hex(4)
+_staging_counter = itertools.count()  # next() is atomic under the GIL: no lock needed
+
+
 class _Replica:
     def __init__(self, storage: Path) -> None:
         self.storage = storage
@@ -452,8 +464,9 @@ class _Replica:
     def staging_file(self, key: str) -> str:
         """A temporary name beside the object's final one: ``data/ab/.<name>.<random>.tmp``. A rename
         within one directory costs half of one out of a shared staging directory, where 8 threads
-        creating and renaming away files contend (measured: 113 against 279 us of CPU per object)."""
-        return f"{self.root}/{key[:8]}.{key[8:]}.{secrets.token_hex(4)}.tmp"
+        creating and renaming away files contend (measured: 113 against 279 us of CPU per object). Unique
+        by a random tag per process and a counter (a random suffix per file cost ~4 us of ``urandom``)."""
+        return f"{self.root}/{key[:8]}.{key[8:]}.{_STAGING_TAG}{next(_staging_counter)}.tmp"
 
     def write_root_file(self, key: str, data: bytes, durable: bool = True) -> bool:
         """Replace a root file unless it already has these bytes. True if it was written."""
@@ -523,12 +536,12 @@ class _Pull:
 
     # --- downloads (any thread) ------------------------------------------------------------------
 
-    def download(self, key: str, h: ContentHash, place: bool) -> str:
+    def download(self, key: str, h: ContentHash, place: bool, fresh_only: bool = False) -> str:
         """Fetch ``key`` into a staging file beside it, verified against ``h`` while it streams; renamed
         into place if ``place``, else the staging file's path is returned.
 
         A mismatch is fetched once more past proxy caches (``no-cache``), as the CVMFS client does."""
-        for fresh in (False, True):
+        for fresh in (True,) if fresh_only else (False, True):
             tmp = self.replica.staging_file(key)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
@@ -553,6 +566,44 @@ class _Pull:
                 self.bytes_fetched += sink.size
             return tmp
         raise AssertionError("unreachable")
+
+    def download_many(self, batch: list[tuple[str, ContentHash]]) -> list[BaseException | None]:
+        """``download`` of several small objects, requested together (``Source.fetch_many``: pipelined
+        over HTTP), each renamed into place once verified. One result per object: None or its error."""
+        staged: list[tuple[str, _HashingFile]] = []
+        try:
+            for key, h in batch:
+                tmp = self.replica.staging_file(key)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                staged.append((tmp, _HashingFile(fd, h.algorithm)))
+            items: list[tuple[str, Any]] = [
+                (key, sink) for (key, _), (_, sink) in zip(batch, staged, strict=True)
+            ]
+            errors: list[BaseException | None] = list(self.source.fetch_many(items))
+        except BaseException:
+            for tmp, sink in staged:
+                os.close(sink.fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            raise
+        fetched = nbytes = 0
+        for i, ((key, h), (tmp, sink)) in enumerate(zip(batch, staged, strict=True)):
+            os.close(sink.fd)
+            if errors[i] is None and sink.hasher.digest() == h.digest:
+                os.replace(tmp, self.replica.path(key))
+                fetched += 1
+                nbytes += sink.size
+                continue
+            os.unlink(tmp)
+            if errors[i] is None:  # a mismatch: once more past the proxies' caches
+                try:
+                    self.download(key, h, place=True, fresh_only=True)
+                except Exception as exc:
+                    errors[i] = exc
+        with self.lock:
+            self.objects_fetched += fetched
+            self.bytes_fetched += nbytes
+        return errors
 
     def inspect(self, h: ContentHash) -> _CatalogInfo:
         """Revision and ``previous_revision`` of a root catalog (from the replica, else downloaded once
@@ -686,18 +737,24 @@ class _Pull:
             self._release(node)
 
     def _objects_task(self, batch: list[tuple[str, ContentHash]]) -> None:
-        for key, h in batch:
-            if self.fatal is not None:  # the snapshot fails anyway: stop early
+        if self.fatal is not None:  # the snapshot fails anyway: stop early
+            for key, _ in batch:
                 self._object_done(key, self.fatal)
-                continue
-            try:
-                self.download(key, h, place=True)
-            except Exception as exc:
-                self._object_done(key, exc)
+            return
+        errors: list[BaseException | None]
+        try:
+            if len(batch) == 1:
+                self.download(*batch[0], place=True)
+                errors = [None]
             else:
+                errors = self.download_many(batch)
+        except Exception as exc:
+            errors = [exc] * len(batch)
+        for (key, _), error in zip(batch, errors, strict=True):
+            if error is None:
                 with self.lock:
                     self.data_fetched += 1
-                self._object_done(key, None)
+            self._object_done(key, error)
 
     def _object_done(self, key: str, exc: BaseException | None, present: bool = False) -> None:
         with self.lock:
