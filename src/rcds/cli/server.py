@@ -8,12 +8,13 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from ..cvmfs.checker import check_repository
-from ..cvmfs.gc import GcReport
+from ..cvmfs.gc import GcReport, ProgressFn
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
@@ -93,7 +94,13 @@ _data_dir_option = click.option(
 @click.command("cleanup")
 @_config_option
 @_data_dir_option
-@click.option("--repo", "repos", multiple=True, help="Only this local repository (repeatable).")
+@click.option(
+    "--repo",
+    "repos",
+    multiple=True,
+    help="Only this repository (repeatable; default: every local one). A replica the server keeps of another"
+    " server's repository is garbage collected only.",
+)
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
 @click.option("--at", "at", default=None, help="Pretend it is this time (to preview future expiry).")
 @click.option("--no-gc", is_flag=True, help="Skip garbage collection after the removal.")
@@ -116,9 +123,11 @@ def cleanup(
     svc.open()
     try:
         names = list(repos) or list(svc.repositories)
-        unknown = [n for n in names if n not in svc.repositories]
+        unknown = [n for n in names if n not in svc.repositories and n not in svc.replica_locks]
         if unknown:
-            raise click.ClickException(f"not a local repository of this server: {', '.join(unknown)}")
+            raise click.ClickException(
+                f"neither a local repository nor a replica of this server: {', '.join(unknown)}"
+            )
         reports = [svc.cleanup(n, dry_run=dry_run, now=_when(at), gc=not no_gc) for n in names]
     except RepositoryError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -159,9 +168,7 @@ def gc(
     if unknown:
         raise click.ClickException(f"not a local repository of this server: {', '.join(unknown)}")
     reports = {
-        name: dataclasses.asdict(
-            _collect(_open_repo(local[name]), settings.gc_horizon_days, dry_run, as_json)
-        )
+        name: dataclasses.asdict(_gc_storage(local[name], settings.gc_horizon_days, dry_run, as_json))
         for name in (repos or tuple(local))
     }
     if as_json:
@@ -288,16 +295,48 @@ def repo_remove(storage: Path, paths: tuple[str, ...]) -> None:
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def repo_gc(storage: Path, horizon_days: float, dry_run: bool, as_json: bool) -> None:
-    """Delete objects that only revisions older than the horizon (and not tagged) reference."""
-    report = _collect(_open_repo(storage), horizon_days, dry_run, as_json)
+    """Delete objects that only revisions older than the horizon (and not tagged) reference.
+
+    STORAGE is a stratum 0 or a replica made by ``rcds replicate`` (or by the server for another server's
+    repository); a replica keeps its manifest and whitelist as the source signed them, and a collection
+    fails at once while a snapshot of it runs.
+    """
+    report = _gc_storage(storage, horizon_days, dry_run, as_json)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(report)))
 
 
-def _collect(r: Repository, horizon_days: float, dry_run: bool, as_json: bool) -> GcReport:
+def _gc_storage(storage: Path, horizon_days: float, dry_run: bool, as_json: bool) -> GcReport:
+    """Collect the stratum 0 or the replica (detected as ``rcds repo serve`` does) in ``storage``."""
+    from ..cvmfs.gc import collect_garbage
+    from ..cvmfs.replica_gc import collect_replica_garbage, is_replica
+
+    horizon = horizon_days * 86400
+    if is_replica(storage):
+        try:
+            fqrn = Manifest.parse((storage / ".cvmfspublished").read_bytes())[0].fqrn
+        except ManifestError as exc:
+            raise click.ClickException(f"{storage}: {exc}") from exc
+        return _collect(
+            fqrn,
+            lambda progress: collect_replica_garbage(
+                storage, horizon=horizon, dry_run=dry_run, progress=progress
+            ),
+            dry_run,
+            as_json,
+        )
+    r = _open_repo(storage)
+    return _collect(
+        r.fqrn,
+        lambda progress: collect_garbage(r, horizon=horizon, dry_run=dry_run, progress=progress),
+        dry_run,
+        as_json,
+    )
+
+
+def _collect(fqrn: str, run: Callable[[ProgressFn], GcReport], dry_run: bool, as_json: bool) -> GcReport:
     """One garbage collection with a progress line on a terminal and a summary (unless ``as_json``)."""
     from .. import logs
-    from ..cvmfs.gc import collect_garbage
 
     logs.configure("text", logging.WARNING)  # warnings (missing catalogs, recovery) go to stderr
     show = not as_json and sys.stderr.isatty()
@@ -311,9 +350,9 @@ def _collect(r: Repository, horizon_days: float, dry_run: bool, as_json: bool) -
             click.echo(f"\r{phase:8} {done}{of}\033[K", nl=False, err=True)
 
     try:
-        report = collect_garbage(r, horizon=horizon_days * 86400, dry_run=dry_run, progress=progress)
-    except RepositoryError as exc:  # GcError too: not collectable, or another GC is running
-        raise click.ClickException(f"{r.fqrn}: {exc}") from exc
+        report = run(progress)
+    except RepositoryError as exc:  # GcError too: not collectable, another GC or a snapshot is running
+        raise click.ClickException(f"{fqrn}: {exc}") from exc
     finally:
         if show:
             click.echo("\r\033[K", nl=False, err=True)
@@ -321,7 +360,7 @@ def _collect(r: Repository, horizon_days: float, dry_run: bool, as_json: bool) -
         would = "would delete" if dry_run else "deleted"
         kept = report.revisions_kept
         click.echo(
-            f"{r.fqrn}: kept {len(kept)} revisions ({_span(kept)}); {would} {report.roots_swept} root catalogs:"
+            f"{fqrn}: kept {len(kept)} revisions ({_span(kept)}); {would} {report.roots_swept} root catalogs:"
             f" {report.objects_swept} objects, {report.catalogs_swept} catalogs, {report.aux_swept} auxiliary"
             f" objects, {report.bytes_freed} bytes in {report.seconds:.2f} s"
         )

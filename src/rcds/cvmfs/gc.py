@@ -1,4 +1,4 @@
-"""Garbage collection of a stratum 0 (``rcds repo gc``): delete what no revision worth keeping references.
+"""Garbage collection (``rcds repo gc``) of a stratum 0, and of a replica (``rcds.cvmfs.replica_gc``).
 
 What is kept (as ``cvmfs_swissknife gc -z`` does, see the format notes, section 8):
 
@@ -15,6 +15,17 @@ tree and the objects they reference that are not preserved; then the root leaves
 no reflog root ever referenced (an aborted publish) are never looked at. Certificates, history databases
 and meta-info objects listed in the reflog with a timestamp older than the oldest preserved trunk revision
 go too, except the ones the current manifest names. A repository whose manifest says ``G=no`` is refused.
+
+Targets
+-------
+The collector sees the storage through ``GcTarget``, a small interface: the object store, the manifest,
+a private directory for scratch, the lock that excludes writers, ``recover``, ``sweeping`` (entered before
+the first deletion), ``write_reflog`` and ``write_status``. ``Stratum0`` adapts a ``Repository`` (what
+``collect_garbage(repo)`` uses): writer lock, content index and catalog cache updated, reflog then a
+re-signed manifest. ``rcds.cvmfs.replica_gc.ReplicaGcTarget`` adapts a replica's storage (stratum 1): the
+snapshot lock for the whole run, a ``gc-unfinished`` marker around the sweep, the replica's own reflog
+and checksum, never the manifest (it is the source's, signed), and, because a snapshot trusts a catalog
+for being present, every present catalog no reflog root reaches is preserved. The algorithm is the same.
 
 Design
 ------
@@ -67,8 +78,10 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..logs import fields
 from . import failpoints
@@ -80,7 +93,7 @@ from .manifest import Manifest
 from .objects import ObjectCorrupt, decompress, verify
 from .reflog import Reflog, RefType
 from .repository import REFLOG, Repository, RepositoryError
-from .store import ObjectMissing
+from .store import ObjectMissing, ObjectStore
 
 log = logging.getLogger("rcds.gc")
 
@@ -125,8 +138,90 @@ class GcReport:
     warnings: list[str] = field(default_factory=list)
 
 
+class GcTarget(Protocol):
+    """What garbage collection needs of the storage it collects: a stratum 0 (``Stratum0``, made from a
+    ``Repository``) or a stratum 1 made by ``rcds.cvmfs.replica`` (``rcds.cvmfs.replica_gc``)."""
+
+    @property
+    def fqrn(self) -> str: ...
+
+    @property
+    def store(self) -> ObjectStore:
+        """The public tree: ``data/``, the manifest, the reflog."""
+
+    @property
+    def private(self) -> Path:
+        """A private directory on the same file system: scratch (``gc/``) and ``gc.lock``."""
+
+    @property
+    def catalog_cache(self) -> Path | None:
+        """Uncompressed catalogs by hash (read instead of inflating; swept entries are removed), or None."""
+
+    @property
+    def content_index(self) -> Path | None:
+        """A ``ContentIndex`` database that must forget swept objects, or None."""
+
+    @property
+    def keeps_present_catalogs_complete(self) -> bool:
+        """Whether a catalog object present in ``data/`` is taken to mean "its subtree is complete" (a
+        replica's snapshot does not descend into it). Then every catalog present that no reflog root
+        reaches (stored by an interrupted snapshot) is preserved with everything it references."""
+
+    def manifest(self) -> Manifest: ...
+
+    def lock(self) -> AbstractContextManager[None]:
+        """Excludes writers (publishes, snapshots) for the sweep."""
+
+    def recover(self) -> list[str]:
+        """Under ``lock``: repair what an interrupted writer left; what was done."""
+
+    def sweeping(self) -> AbstractContextManager[None]:
+        """Entered (under ``lock``) before anything is deleted, left normally after ``write_reflog``;
+        not left normally (an exception, a crash) means the sweep is unfinished."""
+
+    def write_reflog(self, manifest: Manifest, reflog: Path) -> None:
+        """Make ``reflog`` (the current one without the swept roots and auxiliary objects) the one served."""
+
+    def write_status(self, **fields: str) -> None:
+        """Update ``.cvmfs_status.json``."""
+
+
+class Stratum0:
+    """A ``Repository`` as a ``GcTarget``: publishes are excluded by its writer lock, the swept objects
+    leave its content index and catalog cache, and the reflog is published with a re-signed manifest."""
+
+    keeps_present_catalogs_complete = False  # the writer never trusts a catalog for being present
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.fqrn = repo.fqrn
+        self.store = repo.store
+        self.private = repo.private
+        self.catalog_cache = repo.catalog_cache
+        self.content_index = repo.private / "content-index.db"
+
+    def manifest(self) -> Manifest:
+        return self.repo.manifest()
+
+    def lock(self) -> AbstractContextManager[None]:
+        return self.repo.lock()
+
+    def recover(self) -> list[str]:
+        return self.repo.recover()
+
+    def sweeping(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def write_reflog(self, manifest: Manifest, reflog: Path) -> None:
+        """The reflog, then the manifest re-signed for the same root catalog and revision with its ``Y``."""
+        self.repo.publish_manifest(manifest, reflog, after_reflog="gc-before-manifest")
+
+    def write_status(self, **fields: str) -> None:
+        self.repo.write_status(**fields)
+
+
 def collect_garbage(
-    repo: Repository,
+    target: Repository | GcTarget,
     *,
     horizon: float = DEFAULT_HORIZON,
     now: float | None = None,
@@ -135,28 +230,31 @@ def collect_garbage(
 ) -> GcReport:
     """Delete the objects only revisions older than ``horizon`` seconds (before ``now``) reference.
 
+    ``target``: a stratum 0 ``Repository`` (or any ``GcTarget``; replicas: ``rcds.cvmfs.replica_gc``).
     ``progress(phase, done, total)`` is called as work proceeds (``total`` 0 when not known in advance);
-    phases: ``mark``, ``plan``, ``lock`` (0 of 1 before waiting for the writer lock, 1 of 1 once held),
-    ``remark``, ``index``, ``sweep``, ``aux``, ``publish``. Raises ``GcError`` if the repository cannot be
-    collected and ``RepositoryError`` if another collector runs.
+    phases: ``mark``, ``plan``, ``unreached`` (replicas), ``lock`` (0 of 1 before waiting for the writer
+    lock, 1 of 1 once held), ``remark``, ``index``, ``sweep``, ``aux``, ``publish``. Raises ``GcError`` if
+    the repository cannot be collected and ``RepositoryError`` if another collector runs.
     """
-    collector = _Collector(repo, horizon, time.time() if now is None else now, dry_run, progress)
+    if isinstance(target, Repository):
+        target = Stratum0(target)
+    collector = _Collector(target, horizon, time.time() if now is None else now, dry_run, progress)
     return collector.run()
 
 
 class _Collector:
     def __init__(
-        self, repo: Repository, horizon: float, now: float, dry_run: bool, progress: ProgressFn | None
+        self, target: GcTarget, horizon: float, now: float, dry_run: bool, progress: ProgressFn | None
     ) -> None:
-        self.repo = repo
-        self.store = repo.store
+        self.target = target
+        self.store = target.store
         self.threshold = now - horizon
         self.dry_run = dry_run
         self.progress: ProgressFn = progress or (lambda _phase, _done, _total: None)
         self.report = GcReport(dry_run=dry_run)
         self.kept: dict[ContentHash, int] = {}  # preserved root -> revision
         self.oldest_trunk: int | None = None
-        self.work = repo.private / GC_DIR / f"run-{os.getpid()}-{secrets.token_hex(4)}"
+        self.work = target.private / GC_DIR / f"run-{os.getpid()}-{secrets.token_hex(4)}"
         self.db: sqlite3.Connection
         self._marked_catalogs = 0
 
@@ -182,7 +280,7 @@ class _Collector:
         log.info(
             "gc dry run" if self.dry_run else "gc",
             extra=fields(
-                repository=self.repo.fqrn,
+                repository=self.target.fqrn,
                 dry_run=r.dry_run,
                 revisions_kept=len(r.revisions_kept),
                 oldest_kept=r.revisions_kept[0] if r.revisions_kept else None,
@@ -204,13 +302,13 @@ class _Collector:
         if self.dry_run:
             yield
             return
-        fd = os.open(self.repo.private / GC_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.target.private / GC_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise RepositoryError(f"{self.repo.fqrn}: another garbage collection is running") from exc
-            stale = self.repo.private / GC_DIR
+                raise RepositoryError(f"{self.target.fqrn}: another garbage collection is running") from exc
+            stale = self.target.private / GC_DIR
             if stale.is_dir():  # scratch of a run that crashed
                 for d in stale.iterdir():
                     shutil.rmtree(d, ignore_errors=True)
@@ -220,7 +318,7 @@ class _Collector:
 
     def _collect(self) -> None:
         if not self.store.exists(REFLOG):
-            raise GcError(f"{self.repo.fqrn} has no reflog: garbage collection is impossible")
+            raise GcError(f"{self.target.fqrn} has no reflog: garbage collection is impossible")
         snapshot = self._reflog_rows(self.store.get(REFLOG))
         self.db.executemany(
             "INSERT OR IGNORE INTO roots (digest, ts) VALUES (?, ?)",
@@ -234,15 +332,17 @@ class _Collector:
         ]
         condemned.sort(key=lambda item: item[1])
         self._plan([h for h, _ts in condemned])
+        if self.target.keeps_present_catalogs_complete:
+            self._preserve_unreached_catalogs()
         if self.dry_run:
             self.report.roots_swept = len(condemned)
             self._sweep_planned()
             self._sweep_aux(self._aux_candidates(snapshot, manifest))
             return
         self.progress("lock", 0, 1)
-        with self.repo.lock():
+        with self.target.lock():
             self.progress("lock", 1, 1)
-            for done in self.repo.recover():
+            for done in self.target.recover():
                 self._warn(f"recovered: {done}")
             manifest = self._manifest()
             current = self._reflog_rows(self.store.get(REFLOG))
@@ -250,24 +350,25 @@ class _Collector:
             roots = [h for h, _ts in condemned if not self._is_marked(h)]
             aux = self._aux_candidates(current, manifest)
             self.report.roots_swept = len(roots)
-            if roots or aux:
-                self._forget_in_content_index()
-                self._sweep_planned()
-                self._sweep_aux(aux)
-                failpoints.hit("gc-before-reflog")
-                self._publish(manifest, [*roots, *(h for h, _suffix in aux)])
-                failpoints.hit("gc-after-manifest")
-            self.repo.write_status(last_gc=time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()))
+            with self.target.sweeping():
+                if roots or aux:
+                    self._forget_in_content_index()
+                    self._sweep_planned()
+                    self._sweep_aux(aux)
+                    failpoints.hit("gc-before-reflog")
+                    self._publish(manifest, [*roots, *(h for h, _suffix in aux)])
+                    failpoints.hit("gc-after-manifest")
+            self.target.write_status(last_gc=time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()))
 
     def _warn(self, message: str) -> None:
         if message not in self.report.warnings:
             self.report.warnings.append(message)
-            log.warning(message, extra=fields(repository=self.repo.fqrn))
+            log.warning(message, extra=fields(repository=self.target.fqrn))
 
     def _manifest(self) -> Manifest:
-        manifest = self.repo.manifest()
+        manifest = self.target.manifest()
         if not manifest.garbage_collectable:
-            raise GcError(f"{self.repo.fqrn} is not garbage-collectable (manifest G=no)")
+            raise GcError(f"{self.target.fqrn} is not garbage-collectable (manifest G=no)")
         return manifest
 
     def _reflog_rows(self, data: bytes) -> list[tuple[ContentHash, RefType, int]]:
@@ -292,8 +393,11 @@ class _Collector:
                 if cat is None:
                     if h == manifest.root_catalog:
                         raise GcError(f"the current root catalog {h.hex} is missing")
-                    # Normal after a run with a shorter horizon: older revisions were collected then.
-                    self._warn(f"revision chain ends at root catalog {h.hex}, collected earlier")
+                    # Normal after a run with a shorter horizon (older revisions were collected then),
+                    # and for a replica, which holds only the revisions published since its first snapshot.
+                    self._warn(
+                        f"revision chain ends at root catalog {h.hex}, collected earlier or never held"
+                    )
                     break
                 revision, previous = cat.revision, cat.previous_revision
                 ts = self._root_timestamp(h, cat.last_modified)
@@ -356,9 +460,11 @@ class _Collector:
     def _is_marked(self, h: ContentHash) -> bool:
         return self.db.execute("SELECT 1 FROM marked WHERE digest = ?", (h.digest,)).fetchone() is not None
 
-    def _mark_tree(self, root: ContentHash, revision: int, phase: str, required: bool = False) -> None:
-        """Add a revision's catalogs and everything they reference to the preserved set."""
-        self.kept[root] = revision
+    def _mark_tree(self, root: ContentHash, revision: int | None, phase: str, required: bool = False) -> None:
+        """Add a revision's catalogs and everything they reference to the preserved set (``revision``
+        None: a tree that is no revision of the reflog, not reported as kept)."""
+        if revision is not None:
+            self.kept[root] = revision
         stack = [root]
         batch: list[tuple[bytes]] = []
         while stack:
@@ -388,6 +494,38 @@ class _Collector:
         if batch:
             self.db.executemany("INSERT OR IGNORE INTO preserved (digest) VALUES (?)", batch)
             batch.clear()
+
+    def _preserve_unreached_catalogs(self) -> None:
+        """Preserve every catalog present in ``data/`` that neither the mark nor the plan reached.
+
+        On a replica such a catalog was stored by a snapshot that did not finish (or a root it could not
+        complete): its subtree is complete, and the next snapshot will not descend into it. Deleting an
+        object it shares with a swept revision would make it a present but incomplete catalog, trusted by
+        that snapshot. (Catalogs of the swept trees are all reached by the plan, so the catalogs a crashed
+        run left half-swept are never preserved here.)"""
+        found = 0
+        for key in self.store.iter_keys("data/"):
+            parts = key.split("/")
+            if len(parts) != 3 or len(parts[1]) != 2 or parts[2].startswith(".") or not key.endswith("C"):
+                continue
+            try:
+                h = ContentHash.from_hex(parts[1] + parts[2][:-1])
+                if self.store.size(key) == 0:  # never complete (a rename not yet durable at a power cut)
+                    continue
+            except (ValueError, ObjectMissing):
+                continue
+            if self._is_marked(h) or self._visited(h):
+                continue
+            found += 1
+            try:
+                self._mark_tree(h, None, "unreached")
+            except GcError as exc:  # unreadable: nobody can use it, and what it references is unknown
+                self._warn(f"catalog {h.hex} present but unreadable, left alone: {exc}")
+        if found:
+            log.info(
+                "gc: catalogs outside every reflog root preserved",
+                extra=fields(repository=self.target.fqrn, catalogs=found),
+            )
 
     # --- plan ------------------------------------------------------------------------------------
 
@@ -441,8 +579,8 @@ class _Collector:
     _DOOMED = "FROM plan WHERE NOT EXISTS (SELECT 1 FROM preserved WHERE preserved.digest = plan.digest)"
 
     def _forget_in_content_index(self) -> None:
-        path = self.repo.private / "content-index.db"
-        if not path.exists():
+        path = self.target.content_index
+        if path is None or not path.exists():
             return
         self.progress("index", 0, 1)
         self.db.execute(f"INSERT OR IGNORE INTO swept (digest) SELECT digest {self._DOOMED}")
@@ -457,7 +595,7 @@ class _Collector:
         """Delete the planned objects that are still not preserved, in plan order (post-order)."""
         (total,) = self.db.execute(f"SELECT count(*) {self._DOOMED}").fetchone()
         r = self.report
-        cache = self.repo.catalog_cache
+        cache = self.target.catalog_cache
         for done, (digest, kind) in enumerate(
             self.db.execute(f"SELECT digest, kind {self._DOOMED} ORDER BY seq")
         ):
@@ -474,7 +612,7 @@ class _Collector:
             is_catalog = kind.endswith(Suffix.CATALOG.value)
             if not self.dry_run:
                 self.store.delete(key)
-                if is_catalog:
+                if is_catalog and cache is not None:
                     with contextlib.suppress(FileNotFoundError):
                         (cache / (hex_ + kind[:-1])).unlink()
             if size < 0:
@@ -514,7 +652,7 @@ class _Collector:
         self.progress("aux", len(aux), len(aux))
 
     def _publish(self, manifest: Manifest, forget: list[ContentHash]) -> None:
-        """The reflog without the swept roots and aux objects, then the manifest re-signed for it."""
+        """The reflog without the swept roots and aux objects (a stratum 0 re-signs its manifest for it)."""
         self.progress("publish", 0, 1)
         path = self.work / "reflog.db"
         path.write_bytes(self.store.get(REFLOG))
@@ -528,7 +666,7 @@ class _Collector:
         finally:
             reflog.close()
         self.store.sync()  # the deletions are durable before the reflog forgets what they belonged to
-        self.repo.publish_manifest(manifest, path, after_reflog="gc-before-manifest")
+        self.target.write_reflog(manifest, path)
         self.progress("publish", 1, 1)
 
     # --- catalogs --------------------------------------------------------------------------------
@@ -543,8 +681,8 @@ class _Collector:
         cat: Catalog | None = None
         temp: Path | None = None
         try:
-            cached = self.repo.catalog_cache / h.hex
-            if cached.exists():
+            cached = None if self.target.catalog_cache is None else self.target.catalog_cache / h.hex
+            if cached is not None and cached.exists():
                 with contextlib.suppress(CatalogError):  # a damaged cache entry: use the object instead
                     cat = Catalog(cached)
             if cat is None:
@@ -588,4 +726,4 @@ def _scratch_db(path: Path) -> sqlite3.Connection:
     return db
 
 
-__all__ = ["DAY", "DEFAULT_HORIZON", "GcError", "GcReport", "collect_garbage"]
+__all__ = ["DAY", "DEFAULT_HORIZON", "GcError", "GcReport", "GcTarget", "Stratum0", "collect_garbage"]

@@ -6,7 +6,9 @@ directory that ``rcds.web.repo_http`` (or any web server) then serves like a sto
     <storage>/.cvmfspublished .cvmfswhitelist .cvmfsreflog       public, like every stratum 1
               .cvmfs_last_snapshot .cvmfs_status.json data/00..ff data/txn
     <storage>/.rcds-replica/  private, never served: lock, reader cache (certificate), tmp/, the
-                              marker ``unfinished`` while a snapshot may leave staged downloads, and
+                              marker ``unfinished`` while a snapshot may leave staged downloads, the
+                              marker ``gc-unfinished`` while a garbage collection may have left its
+                              sweep half done (``rcds.cvmfs.replica_gc``), gc/ (its scratch), and
                               ``reflog.chksum`` (for ``cvmfs_swissknife check -R``)
 
 One snapshot:
@@ -47,6 +49,12 @@ fsync of their own; the ``syncfs`` before each batch of catalogs and before the 
 disk. After a power loss an object renamed since the last ``syncfs`` may be empty: a zero-length file
 never counts as present (no stored object is empty, except an uncompressed empty file, recognised by
 name). ``.cvmfs_is_snapshotting`` exists while a new revision is being pulled.
+
+Garbage collection (``rcds.cvmfs.replica_gc``) runs under the same lock as a snapshot. It deletes a
+swept tree's objects before its catalogs, so a collection killed mid-sweep leaves catalogs that are
+present but no longer complete, which breaks the rule a snapshot relies on; it leaves the marker
+``gc-unfinished`` too, and a snapshot that finds it first finishes that collection (which deletes those
+catalogs, so they are fetched again if a revision still needs them) before it trusts any catalog.
 """
 
 from __future__ import annotations
@@ -160,6 +168,8 @@ def snapshot(
     started = time.monotonic()
     replica = _Replica(Path(storage))
     with replica.locked():
+        if replica.gc_unfinished.exists():  # before any catalog is trusted for being present
+            _finish_interrupted_gc(replica)
         replica.prepare()
         current = replica.current_manifest()
         expected = fqrn or (current.fqrn if current else None) or _fqrn_from_url(source_url)
@@ -223,6 +233,19 @@ def watch(
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+def _finish_interrupted_gc(replica: _Replica) -> None:
+    from .gc import GcError
+    from .replica_gc import finish_interrupted_gc
+
+    try:
+        finish_interrupted_gc(replica)
+    except (GcError, OSError) as exc:
+        raise ReplicaError(
+            f"{replica.storage}: a garbage collection was interrupted and cannot be finished, so the"
+            f" catalogs present cannot be trusted: {exc}"
+        ) from exc
 
 
 def _open(source_url: str | list[str], proxies: list[str] | None, settings: HttpSettings | None) -> Source:
@@ -404,6 +427,7 @@ class _Replica:
         self.tmp = self.private / "tmp"
         self.txn = storage / "data" / "txn"
         self.unfinished = self.private / "unfinished"  # exists while a snapshot may leave staged files
+        self.gc_unfinished = self.private / "gc-unfinished"  # a GC sweep may be half done (replica_gc)
         self.store = LocalStore(storage)
         self.store.staging = self.tmp  # put/put_durable stage here (same file system, never served)
 
@@ -417,7 +441,9 @@ class _Replica:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise ReplicaError(f"another snapshot into {self.storage} is running") from exc
+                raise ReplicaError(
+                    f"another snapshot (or a garbage collection) of {self.storage} is running"
+                ) from exc
             yield
         finally:
             os.close(fd)
@@ -467,6 +493,28 @@ class _Replica:
         creating and renaming away files contend (measured: 113 against 279 us of CPU per object). Unique
         by a random tag per process and a counter (a random suffix per file cost ~4 us of ``urandom``)."""
         return f"{self.root}/{key[:8]}.{key[8:]}.{_STAGING_TAG}{next(_staging_counter)}.tmp"
+
+    def write_reflog(self, data: bytes) -> None:
+        """Replace the replica's own ``.cvmfsreflog`` (durably), then its checksum where a stock stratum 1
+        keeps it in its spool directory: ``cvmfs_swissknife check -R <this file>`` verifies a replica.
+        The checksum differs from the manifest's ``Y`` (the source's reflog), which is never rewritten."""
+        self.write_root_file(REFLOG, data)
+        chksum = self.private / "reflog.chksum"
+        tmp = chksum.with_name(chksum.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(hashlib.sha1(data).hexdigest().encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, chksum)
+
+    def update_status(self, **fields: str) -> None:
+        """Set ``fields`` in ``.cvmfs_status.json`` (``last_snapshot``, ``last_gc``), keeping the others."""
+        status: dict[str, Any] = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            loaded = json.loads(Path(self.path(STATUS_JSON)).read_text())
+            status = loaded if isinstance(loaded, dict) else {}
+        status.update(fields)
+        self.write_root_file(STATUS_JSON, (json.dumps(status, indent=2) + "\n").encode(), durable=False)
 
     def write_root_file(self, key: str, data: bytes, durable: bool = True) -> bool:
         """Replace a root file unless it already has these bytes. True if it was written."""
@@ -1066,12 +1114,7 @@ class _Snapshot:
         r.write_root_file(MANIFEST, manifest_bytes)
         stamp = date_utc()
         r.write_root_file(LAST_SNAPSHOT, (stamp + "\n").encode(), durable=False)
-        status: dict[str, Any] = {}
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            loaded = json.loads(Path(r.path(STATUS_JSON)).read_text())
-            status = loaded if isinstance(loaded, dict) else {}
-        status["last_snapshot"] = stamp
-        r.write_root_file(STATUS_JSON, (json.dumps(status, indent=2) + "\n").encode(), durable=False)
+        r.update_status(last_snapshot=stamp)
 
     def _write_reflog(self, m: Manifest, roots: list[ContentHash]) -> None:
         """The replica's own reflog: every root catalog it holds, plus the current auxiliary objects."""
@@ -1111,14 +1154,5 @@ class _Snapshot:
         finally:
             reflog.close()
         data = path.read_bytes()
-        r.write_root_file(REFLOG, data)
         path.unlink()
-        # As a stock stratum 1 keeps it in its spool directory: the hash of its own reflog, which differs
-        # from the manifest's (the source's). `cvmfs_swissknife check -R <this file>` verifies a replica.
-        chksum = r.private / "reflog.chksum"
-        tmp = chksum.with_name(chksum.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(hashlib.sha1(data).hexdigest().encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, chksum)
+        r.write_reflog(data)

@@ -12,7 +12,9 @@
   the state database in batches; a worker copies those that moved by ``share_seconds`` into its next
   revision as ts records (``lastuse``), so other servers see them.
 * Once a day per repository (``cleanup_due``), cleanup removes unused CIDs with that repository's
-  worker paused, then collects garbage (``cleanup``, ``rcds.cvmfs.gc``).
+  worker paused, then collects garbage (``cleanup``, ``rcds.cvmfs.gc``). Replicas of other servers'
+  repositories (``upstream``) are garbage collected on the same schedule (``rcds.cvmfs.replica_gc``;
+  their owners expire the CIDs), never while their replication thread snapshots them.
 
 Nothing here knows about HTTP; the web layer (``rcds.web.pubapi``) is a thin face on this class.
 """
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rcds.publish")
 
 RESIGN_DAYS_LEFT = 7  # re-sign a local repository's whitelist when it expires sooner than this
+REPLICA_BUSY_WAIT = 120.0  # seconds cleanup waits for a replica another process holds (rcds repo gc)
 CLOCK_OFFSET_ENV = (
     "RCDS_CLOCK_OFFSET"  # tests: seconds added to the service's clock (last-use, publish times)
 )
@@ -148,6 +151,9 @@ class PublishService:
         self._replicators: list[threading.Thread] = []
         self.known_revision: dict[str, int] = {}  # per repository: the revision the presence index shows
         self.cleanup_lock = threading.Lock()  # one cleanup at a time (daily schedule, or rcds cleanup)
+        # Per replica we snapshot: held by its replication thread around each snapshot and by cleanup
+        # around its garbage collection, so that neither finds the other holding the replica's lock.
+        self.replica_locks = {rs.name: threading.Lock() for rs in settings.repositories if rs.upstream}
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -423,8 +429,11 @@ class PublishService:
         """Expire the unused CIDs of one local repository, then collect its garbage.
 
         Its publish worker is paused for the duration (the queue goes to the other repositories); the
-        service as a whole keeps accepting uploads.
+        service as a whole keeps accepting uploads. For a replica of another server's repository only
+        the garbage collection runs (``cleanup_replica``).
         """
+        if name not in self.repositories and name in self.replica_locks:
+            return self.cleanup_replica(name, dry_run, now, gc)
         repo = self.repositories[name]
         now = self.clock() if now is None else now
         started = time.monotonic()
@@ -471,6 +480,63 @@ class PublishService:
         )  # fmt: skip
         return report
 
+    def cleanup_replica(
+        self, name: str, dry_run: bool = False, now: float | None = None, gc: bool = True
+    ) -> CleanupReport:
+        """Garbage-collect the replica ``name`` (the daily cleanup of a ``local = false`` repository with an
+        ``upstream``). Nothing expires here: the owner removes its unused CIDs and the replica follows.
+
+        Serialised with the replica's snapshots through ``replica_locks`` (the replication thread waits
+        for the collection); a replica locked by another process (``rcds repo gc``) is waited for, up
+        to ``REPLICA_BUSY_WAIT`` seconds."""
+        from ..cvmfs.replica_gc import ReplicaBusy, collect_replica_garbage
+
+        storage = self.storage(name)
+        now = self.clock() if now is None else now
+        started = time.monotonic()
+        revision, collectable = 0, False
+        with contextlib.suppress(OSError, ManifestError):
+            manifest = Manifest.parse((storage / ".cvmfspublished").read_bytes())[0]
+            revision, collectable = manifest.revision, manifest.garbage_collectable
+        report = CleanupReport(plan=CleanupPlan(repository=name, revision=revision), dry_run=dry_run)
+        if gc and revision and not collectable:
+            # The owner keeps every revision (G=no), so must its replicas; as cvmfs_server's automatic GC
+            # of a stratum 1, skip it quietly rather than fail every day.
+            log.info(
+                "cleanup: replica not garbage-collectable (G=no), skipped", extra=fields(repository=name)
+            )
+        elif gc and revision:  # a replica without a first snapshot holds nothing to collect
+            deadline = time.monotonic() + REPLICA_BUSY_WAIT
+            with self.cleanup_lock:
+                while True:
+                    try:
+                        with self.replica_locks[name]:
+                            report.gc = collect_replica_garbage(
+                                storage, horizon=self.settings.gc_horizon_days * 86400, now=now,
+                                dry_run=dry_run,
+                            )  # fmt: skip
+                        break
+                    except ReplicaBusy:
+                        if time.monotonic() > deadline or self.stopping.is_set():
+                            raise
+                        time.sleep(0.5)
+        report.seconds = time.monotonic() - started
+        if not dry_run:
+            self.metrics.cleanup_seconds.labels(name).observe(report.seconds)
+            if report.gc is not None:
+                self.metrics.gc_objects_swept.labels(name).inc(report.gc.objects_swept)
+                self.metrics.gc_bytes_freed.labels(name).inc(report.gc.bytes_freed)
+        log.info(
+            "cleanup",
+            extra=fields(
+                repository=name, replica=True, dry_run=dry_run, revision=revision,
+                seconds=round(report.seconds, 3),
+                objects_swept=report.gc.objects_swept if report.gc else None,
+                bytes_freed=report.gc.bytes_freed if report.gc else None,
+            ),
+        )  # fmt: skip
+        return report
+
     @contextlib.contextmanager
     def paused(self, name: str) -> Iterator[None]:
         """Stop repository ``name``'s worker taking jobs (they go to the others) and wait for its revision."""
@@ -486,7 +552,8 @@ class PublishService:
             worker.accepting.set()
 
     def cleanup_due(self, now: float) -> list[str]:
-        """Local repositories whose daily cleanup hour is now and that were not cleaned today.
+        """Local repositories and replicas we snapshot whose daily cleanup hour is now and that were not
+        cleaned today.
 
         Repository i (1-based, in configuration order) is cleaned in hour (gcstarthour - 1 + i) % 24, as
         the service rcds replaces did, so that one repository at a time is paused.
@@ -496,7 +563,7 @@ class PublishService:
         today = time.strftime("%Y-%m-%d", local)
         due = []
         for i, rs in enumerate(self.settings.repositories, start=1):
-            if not rs.local or (self.settings.gcstarthour - 1 + i) % 24 != local.tm_hour:
+            if not (rs.local or rs.upstream) or (self.settings.gcstarthour - 1 + i) % 24 != local.tm_hour:
                 continue
             if self.state.last_cleanup_day(rs.name) != today:
                 due.append(rs.name)
@@ -513,7 +580,10 @@ class PublishService:
         failures = 0
         while not self.stopping.is_set():
             try:
-                report = snapshot(list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name)
+                with self.replica_locks[rs.name]:  # never while cleanup collects its garbage
+                    report = snapshot(
+                        list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name
+                    )
                 if failures:
                     log.info("replica source back", extra=fields(repository=rs.name, after_failures=failures))
                 failures = 0
