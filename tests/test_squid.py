@@ -336,3 +336,41 @@ def test_a_squid_that_cannot_reach_the_server_is_named_with_its_answer(
     assert f"via {dead}: ConnectionRefusedError" in message, message
     assert f"via {squid.url}: HTTP 503" in message, message
     assert outcomes(squid.wait_entries(server.url(".cvmfspublished"), 1))[0].endswith("/503")
+
+
+# --- pipelined batches (rcds replicate, rcds get) through squid ------------------------------------
+
+
+def test_a_replica_pulled_through_squid_twice_is_identical_and_the_second_comes_from_its_cache(
+    squid: SquidProxy, origin: Origin, make_repo: Callable[..., Repository], tmp_path: Path
+) -> None:
+    """A snapshot asks for small objects in pipelined batches: squid must answer every request of a batch,
+    in order, whether it fetches from the server (first replica) or from its cache (second)."""
+    from rcds.cvmfs.replica import snapshot
+
+    repo = make_repo()
+    many = {f"f{i:03d}.txt": f"small file {i}\n".encode() * (i + 1) for i in range(120)}
+    with repo.transaction() as txn:
+        txn.add_directory("/cid", write_tree(tmp_path / "src", many), nested=True)
+        txn.commit()
+    origin.repos[FQRN] = repo.storage
+    replicas = []
+    for name in ("first", "second"):
+        report = snapshot(
+            origin.repo_url, tmp_path / name, public_keys=[repo.public_key_path], proxies=[squid.url], jobs=2
+        )
+        assert report.objects_fetched >= 120
+        got = sorted(
+            p.relative_to(tmp_path / name).as_posix() for p in (tmp_path / name / "data").glob("??/*")
+        )
+        for key in got:
+            assert (tmp_path / name / key).read_bytes() == (repo.storage / key).read_bytes()
+        with RepositoryReader.open(str(tmp_path / name), public_key=repo.public_key_path, fqrn=FQRN) as r:
+            assert {f"/cid/{n}": r.read(f"/cid/{n}") for n in many} == {
+                f"/cid/{n}": d for n, d in many.items()
+            }
+        replicas.append(got)
+    assert replicas[0] == replicas[1] and len(replicas[0]) > 120
+    for key in [k for k in replicas[0] if not k.endswith("C")][:40]:
+        entries = squid.wait_entries(origin.url(key), 2)
+        assert outcomes(entries)[0] == "TCP_MISS/200" and outcomes(entries)[1] in HITS, (key, entries)
