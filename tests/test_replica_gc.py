@@ -458,6 +458,31 @@ def test_rcds_repo_gc_on_a_replica(world: World) -> None:
     _check_clean(w.replica, w.key)
 
 
+def test_rcds_gc_with_the_server_configuration_covers_its_replicas(world: World, tmp_path: Path) -> None:
+    """``rcds gc --config``: the server's replicas along with its local repositories; a replica that was
+    never snapshotted has nothing to collect and is skipped."""
+    w = world
+    config = tmp_path / "rcds.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "svc"}"\ngc_horizon_days = 0\n'
+        f'[auth]\ngridmapfile = ""\n'
+        f'[[repository]]\nname = "{FQRN}"\nlocal = false\nupstream = "http://127.0.0.1:9/cvmfs/{FQRN}"\n'
+        f'public_key = "{w.key}"\nstorage = "{w.replica}"\n'
+        f'[[repository]]\nname = "empty.example.org"\nlocal = false\n'
+        f'upstream = "http://127.0.0.1:9/cvmfs/empty.example.org"\npublic_key = "{w.key}"\n'
+        f'storage = "{tmp_path / "never-snapshotted"}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "rcds.cli", "gc", "--config", str(config), "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    reports = json.loads(done.stdout)
+    assert list(reports) == [FQRN]
+    assert reports[FQRN]["revisions_kept"] == [1, 4, 5] and reports[FQRN]["objects_swept"] > 30
+    _check_clean(w.replica, w.key)
+
+
 def test_the_service_collects_its_replicas_in_the_daily_cleanup_without_failing_a_snapshot(
     world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -155,21 +155,25 @@ def cleanup(
 @click.command("gc")
 @_config_option
 @_data_dir_option
-@click.option("--repo", "repos", multiple=True, help="Only this local repository (repeatable).")
+@click.option("--repo", "repos", multiple=True, help="Only this repository or replica (repeatable).")
 @click.option("--dry-run", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def gc(
     config_path: Path | None, data_dir: Path, repos: tuple[str, ...], dry_run: bool, as_json: bool
 ) -> None:
-    """Garbage-collect the server's local repositories (keeping gc_horizon_days of revisions)."""
+    """Garbage-collect the server's local repositories and its replicas of the others' (keeping
+    gc_horizon_days of revisions). A replica not snapshotted yet is skipped."""
     settings = _service_settings(config_path, data_dir)
-    local = {r.name: r.storage for r in settings.local_repositories}
-    unknown = [n for n in repos if n not in local]
+    ours = {r.name: r.storage for r in settings.repositories if r.local or r.upstream}
+    unknown = [n for n in repos if n not in ours]
     if unknown:
-        raise click.ClickException(f"not a local repository of this server: {', '.join(unknown)}")
+        raise click.ClickException(
+            f"neither a local repository nor a replica of this server: {', '.join(unknown)}"
+        )
+    names = [n for n in (repos or tuple(ours)) if (ours[n] / ".cvmfspublished").exists()]
     reports = {
-        name: dataclasses.asdict(_gc_storage(local[name], settings.gc_horizon_days, dry_run, as_json))
-        for name in (repos or tuple(local))
+        name: dataclasses.asdict(_gc_storage(ours[name], settings.gc_horizon_days, dry_run, as_json))
+        for name in names
     }
     if as_json:
         click.echo(json.dumps(reports))
