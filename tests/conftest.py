@@ -278,3 +278,16 @@ def unpacked(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Un
         assert (r.storage / ".cvmfspublished").is_file(), f"fixture layout changed: {r.storage}"
         assert r.public_key.is_file(), f"fixture layout changed: {r.public_key}"
     return Unpacked(root, {r.name: r for r in repos}, ref / "content-rev1", ref / "content-rev2")
+
+
+@dataclass
+class GcExpectation:
+    """What a garbage collection must delete, computed by a test independently of the collector."""
+
+    objects: set[str]
+    catalogs: set[str]
+    aux: set[str]
+
+    @property
+    def all(self) -> set[str]:
+        return self.objects | self.catalogs | self.aux

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import GcExpectation as Expectation
 from conftest import write_tree
 from rcds.cvmfs import failpoints
 from rcds.cvmfs.checker import check_repository
@@ -202,19 +203,6 @@ def assert_healthy(open_reader: Callable[..., RepositoryReader], repo: Repositor
     reflog_bytes = (repo.storage / ".cvmfsreflog").read_bytes()
     assert reader.manifest.reflog == ContentHash.of(reflog_bytes)
     return reader
-
-
-@dataclass
-class Expectation:
-    """What a GC of the standard timeline must delete, computed independently of the collector."""
-
-    objects: set[str]
-    catalogs: set[str]
-    aux: set[str]
-
-    @property
-    def all(self) -> set[str]:
-        return self.objects | self.catalogs | self.aux
 
 
 def expectation(t: Timeline, reader: RepositoryReader, swept: list[int], kept: list[int]) -> Expectation:

@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FQRN, write_tree
+from conftest import GcExpectation as Expectation
 from rcds.cvmfs import failpoints
 from rcds.cvmfs.catalog import Catalog
 from rcds.cvmfs.gc import GcError, GcReport, collect_garbage
@@ -165,17 +166,6 @@ def incomplete_catalogs(storage: Path) -> dict[str, list[str]]:
                 missing[key] += below
                 changed = True
     return {k: v for k, v in missing.items() if v}
-
-
-@dataclass
-class Expectation:
-    objects: set[str]
-    catalogs: set[str]
-    aux: set[str]
-
-    @property
-    def all(self) -> set[str]:
-        return self.objects | self.catalogs | self.aux
 
 
 def expectation(

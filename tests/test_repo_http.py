@@ -214,24 +214,27 @@ def test_large_object_streams_intact(server: Server, monkeypatch: pytest.MonkeyP
     assert digest.digest() == hashlib.sha256(BIG).digest()
 
 
+_REAL_OPEN = repo_http._open_regular
+
+
+def _claiming_10_more_bytes(path: str) -> tuple[int, int] | None:
+    """``_open_regular`` for a file that shrinks between ``fstat`` and the read."""
+    opened = _REAL_OPEN(path)
+    return None if opened is None else (opened[0], opened[1] + 10)
+
+
 @pytest.mark.parametrize("sendfile", [True, False])
 def test_large_file_shrinking_while_served_drops_connection(
     server: Server, monkeypatch: pytest.MonkeyPatch, sendfile: bool
 ) -> None:
     """Content-Length is already sent when a streamed body falls short: the connection must be cut, not
     padded."""
-    real_open = repo_http._open_regular
-
-    def open_claiming_more(path: str) -> tuple[int, int] | None:
-        opened = real_open(path)
-        return None if opened is None else (opened[0], opened[1] + 10)
-
     monkeypatch.setattr(repo_http, "_USE_SENDFILE", sendfile)
-    monkeypatch.setattr(repo_http, "_open_regular", open_claiming_more)
+    monkeypatch.setattr(repo_http, "_open_regular", _claiming_10_more_bytes)
     with httpx.Client(base_url=server.base, timeout=5) as c:
         with pytest.raises(httpx.RemoteProtocolError):
             c.get(f"/cvmfs/{FQRN}/data/{BIG_NAME}")
-        monkeypatch.setattr(repo_http, "_open_regular", real_open)
+        monkeypatch.setattr(repo_http, "_open_regular", _REAL_OPEN)
         assert c.get(f"/cvmfs/{FQRN}/data/{BIG_NAME}").content == BIG
 
 
@@ -240,17 +243,11 @@ def test_small_file_shrinking_while_served_is_an_error(
     server: Server, monkeypatch: pytest.MonkeyPatch, nowait: bool
 ) -> None:
     """A small file is read whole before anything is sent: a short read is a 500, never a short body."""
-    real_open = repo_http._open_regular
-
-    def open_claiming_more(path: str) -> tuple[int, int] | None:
-        opened = real_open(path)
-        return None if opened is None else (opened[0], opened[1] + 10)
-
     monkeypatch.setattr(repo_http, "_use_nowait", nowait)
-    monkeypatch.setattr(repo_http, "_open_regular", open_claiming_more)
+    monkeypatch.setattr(repo_http, "_open_regular", _claiming_10_more_bytes)
     with httpx.Client(base_url=server.base, timeout=5) as c:
         assert c.get(f"/cvmfs/{FQRN}/data/{CATALOG_NAME}").status_code == 500
-        monkeypatch.setattr(repo_http, "_open_regular", real_open)
+        monkeypatch.setattr(repo_http, "_open_regular", _REAL_OPEN)
         assert c.get(f"/cvmfs/{FQRN}/data/{CATALOG_NAME}").content == CATALOG
 
 

@@ -65,7 +65,7 @@ from ..logs import fields
 from .gc import DEFAULT_HORIZON, GcError, GcReport, ProgressFn, collect_garbage
 from .manifest import Manifest
 from .replica import PRIVATE_DIR, ReplicaError, _Replica, date_utc
-from .store import LocalStore
+from .store import LocalStore, fsync_path
 
 log = logging.getLogger("rcds.gc")
 
@@ -189,11 +189,11 @@ class ReplicaGcTarget:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, marker)
-        _fsync_dir(marker.parent)  # durable before the first deletion
+        fsync_path(marker.parent)  # durable before the first deletion
         yield
         # Reached only when the reflog without the swept roots is written (an exception skips it).
         marker.unlink()
-        _fsync_dir(marker.parent)
+        fsync_path(marker.parent)
 
     def write_reflog(self, manifest: Manifest, reflog: Path) -> None:
         """The replica's own reflog and its checksum; the manifest (the source's, signed) stays as it is."""
@@ -201,14 +201,6 @@ class ReplicaGcTarget:
 
     def write_status(self, **fields: str) -> None:
         self.replica.update_status(**fields)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["ReplicaBusy", "ReplicaGcTarget", "collect_replica_garbage", "finish_interrupted_gc", "is_replica"]

@@ -136,7 +136,7 @@ class _Connection:
         self.answered = False  # the last exchange received at least one byte
         # per exchange
         self._dests: list[BinaryIO] = []
-        self._outcomes: list[int | str] = []
+        self._outcomes: list[int] = []  # statuses of the answers read so far
         self._status = 0
         self._body_to: BinaryIO | None = None
         self._length_known = False

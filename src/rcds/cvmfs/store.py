@@ -20,6 +20,15 @@ from typing import cast
 PRIVATE_DIR = ".rcds"  # never served: keys, state, staging
 
 
+def fsync_path(path: Path | str) -> None:
+    """fsync a file or a directory (after a rename into it: the new name is durable) by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ObjectMissing(KeyError):
     """The store has no object under that key."""
 
@@ -126,16 +135,8 @@ class LocalStore(ObjectStore):
     def put_durable(self, key: str, data: bytes) -> None:
         """Put and fsync file and directory at once: for the manifest, the last step of a publish."""
         self.put(key, data)
-        fd = os.open(self.path(key), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dfd = os.open(self.path(key).parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_path(self.path(key))
+        fsync_path(self.path(key).parent)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..cvmfs.catalog import NESTED_MARKER
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.repository import Repository, RepositoryError
-from ..cvmfs.store import PRIVATE_DIR
+from ..cvmfs.store import PRIVATE_DIR, fsync_path
 from ..cvmfs.tree import EntryKind, TreeEntry
 from ..cvmfs.writer import Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
@@ -118,7 +118,7 @@ class SpoolFile:
         self._f.close()
         self._f = None
         os.rename(self.part, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
 
     def discard(self) -> None:
         if self._f is not None:
@@ -853,14 +853,6 @@ def _drain(stream: BinaryIO, size: int) -> None:
         if not block:
             break
         left -= len(block)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["Outcome", "PublishService", "ServiceUnavailable", "SpoolFile", "UploadTooLarge"]
