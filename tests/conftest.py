@@ -1,7 +1,8 @@
 """Shared fixtures for the CVMFS format tests: reference repositories, fresh repositories, source trees.
 
-The reference repositories (written by the CernVM-FS tools, not by rcds) live beside the repository in
-``../shared/fixtures/cvmfs-reference``; they are unpacked once per test session.
+The reference repositories (written by the CernVM-FS tools, not by rcds) live in the project, in
+``tests/fixtures/cvmfs-reference`` (provenance and licence in its README); they are unpacked once per test
+session.
 
 Source trees for publishing are described with a small spec language (see ``write_tree``)::
 
@@ -24,7 +25,7 @@ from rcds.cvmfs.chunking import ChunkParams
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
 
-FIXTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cvmfs-reference"
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "cvmfs-reference"
 
 FQRN = "test.rcds.example"
 # Small chunk sizes so that files of a few hundred KiB are chunked (the CVMFS defaults are 4/8/16 MiB).
@@ -208,7 +209,7 @@ class Unpacked:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES_DIR.is_dir():
-        pytest.fail(f"reference fixtures not found at {FIXTURES_DIR} (shared/ must sit beside the repo)")
+        pytest.fail(f"reference fixtures not found at {FIXTURES_DIR}")
     return FIXTURES_DIR
 
 
