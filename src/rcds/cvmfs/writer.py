@@ -15,6 +15,7 @@ objects are missing.
 
 from __future__ import annotations
 
+import io
 import itertools
 import secrets
 import shutil
@@ -389,6 +390,43 @@ class Transaction:
         self._write_nodes(path, nodes, boundaries, holder)
         self._touch_dir(parent, +1)
         return len(nodes)
+
+    def write_file(self, path: str, data: bytes, mtime: int, mode: int = 0o644) -> None:
+        """Create or replace the regular file ``path`` (its parent directory must exist).
+
+        Only a regular file may be replaced: anything else at ``path`` (a directory, a symlink) is a
+        ``TransactionError``, so a caller can never remove more than the one file it names.
+        """
+        self._check_open()
+        path = normalize_path(path)
+        if not path:
+            raise TransactionError("the repository root is a directory")
+        parent = parent_path(path)
+        p = self.lookup(parent)
+        if p is None or not p.is_dir:
+            raise TransactionError(f"parent of {path} is not a directory")
+        holder = self._catalog_for(parent)
+        old = holder.cat.lookup(path, with_chunks=False)
+        if old is not None and not old.is_regular:
+            raise TransactionError(f"{path} exists and is not a regular file")
+        stored = self.content.add_stream(io.BytesIO(data), len(data)).result()
+        row = Dirent(
+            name=path.rsplit("/", 1)[1],
+            mode=stat.S_IFREG | (mode & 0o7777),
+            flags=file_flags(chunked=stored.hash is None),
+            size=stored.size,
+            mtime=int(mtime),
+            hash=stored.hash,
+            chunks=stored.chunks,
+            hardlinks=make_hardlinks(1),
+        )
+        if old is not None:
+            holder.cat.delete(path)
+            if old.hardlink_group:
+                holder.fix_hardlinks = True
+        holder.cat.insert(path, row)
+        self._mark_dirty(holder)
+        self._touch_dir(parent, 0)
 
     def add_directory(self, path: str, source: Path, nested: bool = True) -> int:
         """Publish a local directory tree at ``path``."""

@@ -54,6 +54,10 @@ class ServiceMetrics:
         self.gc_objects_swept = Counter(
             "rcds_gc_swept_objects", "Objects deleted by garbage collection", ["repository"], registry=r
         )
+        self.ts_skipped = Counter(
+            "rcds_ts_records_skipped", "Last-use records not written: another CID's record is in their place",
+            ["repository"], registry=r,
+        )  # fmt: skip
         self.gc_bytes_freed = Counter(
             "rcds_gc_freed_bytes", "Bytes freed by garbage collection", ["repository"], registry=r
         )

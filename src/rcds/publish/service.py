@@ -712,7 +712,9 @@ class RepositoryWorker(threading.Thread):
                 if not done and not shares:
                     return
                 shares.update(dict.fromkeys((job.cid for job, _, _ in done), now))
-                write_records(txn, shares, svc.server_name)
+                # A record that would replace another CID's is skipped (logged there); it stays marked
+                # shared, so it is tried again only when its time has moved by share_seconds.
+                ts_skipped = len(write_records(txn, shares, svc.server_name).skipped)
                 result = txn.commit()
         except Exception as exc:
             # Nothing of this revision is live (the transaction aborted): every job not settled goes back
@@ -747,6 +749,7 @@ class RepositoryWorker(threading.Thread):
                 ),
             )  # fmt: skip
         m.published.labels(self.repo_name).inc(len(done))
+        m.ts_skipped.labels(self.repo_name).inc(ts_skipped)
         m.commit_seconds.labels(self.repo_name).observe(seconds)
         m.batch_size.labels(self.repo_name).observe(len(done))
         svc.update_gauges(self.repo_name, result.revision)
@@ -754,6 +757,7 @@ class RepositoryWorker(threading.Thread):
             "revision",
             extra=fields(
                 repository=self.repo_name, revision=result.revision, cids=len(done), ts_records=len(shares),
+                ts_skipped=ts_skipped,
                 catalogs=result.catalogs_written, seconds=round(seconds, 3),
             ),
         )  # fmt: skip
