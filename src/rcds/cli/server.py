@@ -212,6 +212,80 @@ def repo_create(fqrn: str, storage: Path, ttl: int, keys_dir: Path | None) -> No
     click.echo(f"master public key: {r.public_key_path}")
 
 
+@repo.command("adopt")
+@click.option(
+    "--storage",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    help="The repository's storage, as cvmfs_server keeps it (/srv/cvmfs/<fqrn>).",
+)
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=Path("/etc/cvmfs/keys"),
+    show_default=True,
+    help="Directory holding <fqrn>.masterkey, .pub, .key and .crt.",
+)
+@click.option("--fqrn", default=None, help="Expected repository name (default: the manifest's).")
+@click.option(
+    "--spool",
+    "spool_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="cvmfs_server's spool directory (default /var/spool/cvmfs/<fqrn> if it exists): open transactions,"
+    " reflog.chksum.",
+)
+@click.option(
+    "--server-conf",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="cvmfs_server's server.conf (default /etc/cvmfs/repositories.d/<fqrn>/server.conf if it exists).",
+)
+@click.option(
+    "--copy-keys",
+    is_flag=True,
+    help=f"Copy the keys into <storage>/{PRIVATE_DIR}/keys instead of referring to them.",
+)
+@click.option("--no-index", is_flag=True, help="Do not seed the content index from the stored objects.")
+@click.option("--check-only", is_flag=True, help="Run every check, change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def repo_adopt(
+    storage: Path, keys_dir: Path, fqrn: str | None, spool_dir: Path | None, server_conf: Path | None,
+    copy_keys: bool, no_index: bool, check_only: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Take over a repository made by cvmfs_server (see docs/migration.md).
+
+    Verifies the manifest, whitelist and keys, that no cvmfs_server transaction is open and that every
+    catalog has a schema rcds continues; then adds rcds's private state (content index seeded from the
+    stored objects, reflog checksum) without rewriting anything published. The revision, history and
+    reflog continue with the next publish.
+    """
+    from ..cvmfs.adopt import adopt
+
+    try:
+        report = adopt(
+            storage, keys_dir, fqrn=fqrn, spool_dir=spool_dir, server_conf=server_conf, copy_keys=copy_keys,
+            seed_index=not no_index, check_only=check_only,
+        )  # fmt: skip
+    except RepositoryError as exc:
+        raise click.ClickException(f"not adopted: {exc}") from exc
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+        return
+    for w in report.warnings:
+        click.secho(f"WARNING: {w}", fg="yellow", err=True)
+    verb = "can be adopted" if check_only else "adopted"
+    click.echo(
+        f"{report.fqrn} {verb}: revision {report.revision}, {report.catalogs} catalogs,"
+        f" {report.objects_indexed} objects {'indexable' if check_only else 'indexed'}; keys in {report.keys_dir};"
+        f" whitelist valid until {report.whitelist_expires}"
+        + (" (re-signed)" if report.whitelist_resigned else "")
+    )
+    if not check_only:
+        click.echo(f'next: [[repository]] name = "{report.fqrn}" storage = "{report.storage}" in rcds.toml')
+
+
 @repo.command("info")
 @click.option("--storage", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

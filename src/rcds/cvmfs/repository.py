@@ -44,6 +44,7 @@ WHITELIST = ".cvmfswhitelist"
 REFLOG = ".cvmfsreflog"
 MASTER_REPLICA = ".cvmfs_master_replica"
 STATUS_JSON = ".cvmfs_status.json"
+REFLOG_CHECKSUM = "reflog.chksum"  # in <storage>/.rcds/, as cvmfs_server keeps it in its spool
 WHITELIST_WARN = dt.timedelta(days=7)
 
 
@@ -230,10 +231,18 @@ class Repository:
         reflog_bytes = reflog_path.read_bytes()
         manifest = dataclasses.replace(manifest, reflog=ContentHash.of(reflog_bytes))
         self.store.put_durable(REFLOG, reflog_bytes)
+        self.write_reflog_checksum(manifest.reflog)
         failpoints.hit(after_reflog)
         self.store.sync()
         self.store.put_durable(MANIFEST, manifest.sign(self.certificate_key()))
         return manifest
+
+    def write_reflog_checksum(self, h: ContentHash | None) -> None:
+        """Keep ``.rcds/reflog.chksum`` as ``cvmfs_server`` keeps ``<spool>/reflog.chksum``: the hex SHA-1
+        of the reflog, no newline. rcds does not need it; it is what hands the repository back to
+        ``cvmfs_server`` (docs/migration.md, rollback), which refuses to publish when it does not match."""
+        if h is not None:
+            _fsync_write(self.private / REFLOG_CHECKSUM, h.hex.encode())
 
     def recover(self) -> list[str]:
         """Repair what an interrupted publish left behind; call with the writer lock held.
@@ -257,6 +266,9 @@ class Repository:
                     MANIFEST, dataclasses.replace(manifest, reflog=actual).sign(self.certificate_key())
                 )
                 done.append("re-signed the manifest for a reflog left by an interrupted publish")
+            checksum = self.private / REFLOG_CHECKSUM
+            if checksum.exists() and checksum.read_text() != actual.hex:
+                self.write_reflog_checksum(actual)
         return done
 
     def store_catalog(self, path: Path) -> tuple[ContentHash, int]:
