@@ -362,3 +362,11 @@ def test_keys_of_another_repository_are_refused(host: Host, tmp_path: Path) -> N
         adopt(host.storage, host.keys, spool_dir=host.spool, server_conf=host.server_conf)
     with pytest.raises(AdoptError, match=re.escape("holds fifeuser1.opensciencegrid.org, not fifeuser2")):
         adopt(host.storage, host.keys, fqrn="fifeuser2.opensciencegrid.org")
+
+
+def test_creating_over_a_cvmfs_server_repository_points_to_adopt(host: Host) -> None:
+    """What ``rcds serve`` (create_missing) or ``rcds repo create`` says about a storage not adopted yet."""
+    before = host.public_files()
+    p = run_rcds("repo", "create", FQRN, "--storage", host.storage, check=False)
+    assert p.returncode == 1 and "rcds repo adopt --storage" in p.stderr, p.stderr
+    assert host.public_files() == before and not (host.storage / ".rcds").exists()

@@ -108,8 +108,13 @@ class Repository:
         now: int | None = None,
     ) -> Repository:
         storage = Path(storage)
-        if (storage / MANIFEST).exists() or (storage / PRIVATE_DIR / "repo.json").exists():
+        if (storage / PRIVATE_DIR / "repo.json").exists():
             raise RepositoryError(f"{storage} already holds a repository")
+        if (storage / MANIFEST).exists():
+            raise RepositoryError(
+                f"{storage} holds a repository rcds did not create: take it over with"
+                f" 'rcds repo adopt --storage {storage}' (docs/migration.md)"
+            )
         _check_fqrn(fqrn)
         store = LocalStore(storage)
         store.initialize()
