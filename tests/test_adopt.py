@@ -33,7 +33,7 @@ from rcds.cvmfs.manifest import Manifest
 from rcds.cvmfs.objects import compress, decompress
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.reflog import Reflog, RefType
-from rcds.cvmfs.repository import Repository
+from rcds.cvmfs.repository import Repository, RepositoryError
 from rcds.cvmfs.tree import entries_from_directory
 from rcds.cvmfs.whitelist import Whitelist
 from rcds.publish.lastuse import read_records
@@ -370,3 +370,39 @@ def test_creating_over_a_cvmfs_server_repository_points_to_adopt(host: Host) -> 
     p = run_rcds("repo", "create", FQRN, "--storage", host.storage, check=False)
     assert p.returncode == 1 and "rcds repo adopt --storage" in p.stderr, p.stderr
     assert host.public_files() == before and not (host.storage / ".rcds").exists()
+
+
+def test_a_whitelist_signed_elsewhere_is_kept_and_never_resigned(host: Host) -> None:
+    """OSG signs the whitelists of *.opensciencegrid.org with its domain key: the stratum 0 has no
+    .masterkey and its .pub is the domain's. Adopted with --external-whitelist, rcds publishes (the
+    certificate key signs manifests) but leaves the whitelist to whoever renews it."""
+    domain = host.keys / "opensciencegrid.org"
+    domain.mkdir()
+    host.key("pub").rename(domain / "opensciencegrid.org.pub")
+    host.key("masterkey").unlink()
+    p = run_rcds(*adopt_args(host), check=False)
+    assert p.returncode == 1 and "--external-whitelist" in p.stderr, p.stderr
+    whitelist = (host.storage / ".cvmfswhitelist").read_bytes()
+    doc = json.loads(
+        run_rcds(
+            *adopt_args(host),
+            "--external-whitelist",
+            "--public-key",
+            domain / "opensciencegrid.org.pub",
+            "--json",
+        ).stdout
+    )
+    assert not doc["whitelist_resigned"]
+    repo = Repository(host.storage)
+    assert repo.config.external_whitelist and repo.public_key_path == domain / "opensciencegrid.org.pub"
+    with pytest.raises(RepositoryError, match="signed outside rcds"):
+        repo.resign()
+    wl = repo.whitelist()
+    assert repo.whitelist_warning(wl.expires - dt.timedelta(days=3)) is None  # a 7-day whitelist is normal
+    warning = repo.whitelist_warning(wl.expires - dt.timedelta(hours=12))
+    assert warning is not None and "renew it where it is signed" in warning
+    with repo.transaction() as txn:
+        txn.add_tree("/sw/new", entries_from_directory(host.content / "sw" / "dune"))
+        txn.commit()
+    assert (host.storage / ".cvmfswhitelist").read_bytes() == whitelist
+    run_rcds("repo", "check", host.storage)  # with the key repo.json names

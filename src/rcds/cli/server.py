@@ -247,12 +247,25 @@ def repo_create(fqrn: str, storage: Path, ttl: int, keys_dir: Path | None) -> No
     is_flag=True,
     help=f"Copy the keys into <storage>/{PRIVATE_DIR}/keys instead of referring to them.",
 )
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Master public key that verifies the whitelist (default: <keys>/<fqrn>.pub).",
+)
+@click.option(
+    "--external-whitelist",
+    is_flag=True,
+    help="The whitelist is signed elsewhere (OSG signs those of *.opensciencegrid.org): no .masterkey needed,"
+    " rcds never re-signs it; keep whatever renews it today.",
+)
 @click.option("--no-index", is_flag=True, help="Do not seed the content index from the stored objects.")
 @click.option("--check-only", is_flag=True, help="Run every check, change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def repo_adopt(
     storage: Path, keys_dir: Path, fqrn: str | None, spool_dir: Path | None, server_conf: Path | None,
-    copy_keys: bool, no_index: bool, check_only: bool, as_json: bool,
+    copy_keys: bool, public_key: Path | None, external_whitelist: bool, no_index: bool, check_only: bool,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """Take over a repository made by cvmfs_server (see docs/migration.md).
 
@@ -266,7 +279,8 @@ def repo_adopt(
     try:
         report = adopt(
             storage, keys_dir, fqrn=fqrn, spool_dir=spool_dir, server_conf=server_conf, copy_keys=copy_keys,
-            seed_index=not no_index, check_only=check_only,
+            seed_index=not no_index, check_only=check_only, public_key=public_key,
+            external_whitelist=external_whitelist,
         )  # fmt: skip
     except RepositoryError as exc:
         raise click.ClickException(f"not adopted: {exc}") from exc

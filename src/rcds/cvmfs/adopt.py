@@ -133,12 +133,17 @@ def adopt(
     seed_index: bool = True,
     check_only: bool = False,
     now: dt.datetime | None = None,
+    public_key: Path | str | None = None,
+    external_whitelist: bool = False,
 ) -> AdoptReport:
     """Check the repository in ``storage`` and, unless ``check_only``, make it an rcds repository.
 
     ``spool_dir`` and ``server_conf`` default to ``cvmfs_server``'s places for the repository, and are
     used when they exist. With ``copy_keys`` the keys are copied into ``<storage>/.rcds/keys``; else the
-    repository refers to them where they are.
+    repository refers to them where they are. ``public_key`` is the master public key that verifies the
+    whitelist when it is not ``<keys_dir>/<fqrn>.pub``. With ``external_whitelist`` the whitelist is
+    signed by someone else (OSG signs those of ``*.opensciencegrid.org`` with its domain key): no
+    ``.masterkey`` is needed and rcds never re-signs it.
     """
     storage = Path(storage).absolute()
     keys_dir = Path(keys_dir).absolute()
@@ -171,7 +176,8 @@ def adopt(
     report.chunk_sizes = (params.min_size, params.avg_size, params.max_size)
 
     store = LocalStore(storage)
-    wl = _check_keys(store, keys_dir, fqrn, manifest, signed_manifest)
+    pub_path = Path(public_key).absolute() if public_key is not None else keys_dir / f"{fqrn}.pub"
+    wl = _check_keys(store, keys_dir, pub_path, fqrn, manifest, signed_manifest, external_whitelist)
     report.whitelist_expires = wl.expires.isoformat()
     report.reflog_checksum = _check_reflog(storage, fqrn, manifest, spool if spool.is_dir() else None)
     _check_history(store, manifest)
@@ -191,8 +197,10 @@ def adopt(
     if copy_keys:
         kdir = private / "keys"
         kdir.mkdir(mode=0o700, exist_ok=True)
-        for ext, mode in (("masterkey", 0o600), ("key", 0o600), ("crt", 0o644), ("pub", 0o644)):
-            _fsync_write(kdir / f"{fqrn}.{ext}", (keys_dir / f"{fqrn}.{ext}").read_bytes(), mode)
+        for ext, mode in (("masterkey", 0o600), ("key", 0o600), ("crt", 0o644)):
+            if ext != "masterkey" or not external_whitelist:
+                _fsync_write(kdir / f"{fqrn}.{ext}", (keys_dir / f"{fqrn}.{ext}").read_bytes(), mode)
+        _fsync_write(kdir / f"{fqrn}.pub", pub_path.read_bytes())
         report.keys_dir = str(kdir)
     _fsync_write(private / REFLOG_CHECKSUM, report.reflog_checksum.encode())
     _fsync_write(
@@ -203,6 +211,8 @@ def adopt(
                 "revision": manifest.revision,
                 "root_catalog": manifest.root_catalog.hex,
                 "keys": str(keys_dir),
+                "public_key": str(pub_path),
+                "external_whitelist": external_whitelist,
                 "spool": str(spool) if spool.is_dir() else None,
                 "server_conf": str(conf_path) if conf else None,
             },
@@ -210,14 +220,18 @@ def adopt(
         ).encode(),
     )
     config = RepoConfig(
-        fqrn, manifest.ttl, "" if copy_keys else str(kdir), params.min_size, params.avg_size, params.max_size
-    )
+        fqrn, manifest.ttl, "" if copy_keys else str(kdir), params.min_size, params.avg_size, params.max_size,
+        public_key="" if copy_keys or public_key is None else str(pub_path), external_whitelist=external_whitelist,
+    )  # fmt: skip
     # repo.json last: until it exists the storage is not an rcds repository, and a failed adoption can
     # simply be run again.
     _fsync_write(private / "repo.json", json.dumps(asdict(config), indent=2).encode())
     repo = Repository(storage)
-    current = repo.whitelist()
-    if current.expires - (now or dt.datetime.now(dt.UTC)) < WHITELIST_WARN:
+    if external_whitelist:
+        warning = repo.whitelist_warning(now)
+        if warning:
+            report.warnings.append(warning)
+    elif repo.whitelist().expires - (now or dt.datetime.now(dt.UTC)) < WHITELIST_WARN:
         report.whitelist_expires = repo.resign(now=now).expires.isoformat()
         report.whitelist_resigned = True
     return report
@@ -273,18 +287,30 @@ def _same_key(a: rsa.RSAPublicKey, b: rsa.RSAPublicKey) -> bool:
 
 
 def _check_keys(
-    store: LocalStore, keys_dir: Path, fqrn: str, manifest: Manifest, signed: signing.SignedText
+    store: LocalStore,
+    keys_dir: Path,
+    pub_path: Path,
+    fqrn: str,
+    manifest: Manifest,
+    signed: signing.SignedText,
+    external_whitelist: bool,
 ) -> Whitelist:
-    """The four keys belong to this repository and to each other; returns the (verified) whitelist."""
-    paths = {ext: keys_dir / f"{fqrn}.{ext}" for ext in ("pub", "crt", "key", "masterkey")}
+    """The keys belong to this repository and to each other; returns the (verified) whitelist."""
+    paths = {ext: keys_dir / f"{fqrn}.{ext}" for ext in ("crt", "key", "masterkey")}
+    paths["pub"] = pub_path
+    if external_whitelist:
+        del paths["masterkey"]
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
-        raise AdoptError(f"missing key files: {', '.join(missing)}")
+        hint = (
+            "" if external_whitelist else " (a whitelist signed elsewhere, as OSG does: --external-whitelist)"
+        )
+        raise AdoptError(f"missing key files: {', '.join(missing)}{hint}")
     try:
         pub = signing.load_public_key(paths["pub"].read_bytes())
         local_cert = signing.load_certificate(paths["crt"].read_bytes())
         cert_key = signing.load_private_key(paths["key"].read_bytes())
-        master = signing.load_private_key(paths["masterkey"].read_bytes())
+        master = None if external_whitelist else signing.load_private_key(paths["masterkey"].read_bytes())
     except (SignatureError, ValueError, OSError) as exc:
         raise AdoptError(f"cannot read the keys in {keys_dir}: {exc}") from exc
     try:
@@ -311,7 +337,7 @@ def _check_keys(
     published_key = published.public_key()
     if not isinstance(published_key, rsa.RSAPublicKey) or not _same_key(cert_key.public_key(), published_key):
         raise AdoptError(f"{paths['key']} is not the private key of {paths['crt']}")
-    if not _same_key(master.public_key(), pub):
+    if master is not None and not _same_key(master.public_key(), pub):
         raise AdoptError(f"{paths['masterkey']} is not the private key of {paths['pub']}")
     return wl
 

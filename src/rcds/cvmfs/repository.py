@@ -46,6 +46,7 @@ MASTER_REPLICA = ".cvmfs_master_replica"
 STATUS_JSON = ".cvmfs_status.json"
 REFLOG_CHECKSUM = "reflog.chksum"  # in <storage>/.rcds/, as cvmfs_server keeps it in its spool
 WHITELIST_WARN = dt.timedelta(days=7)
+EXTERNAL_WHITELIST_WARN = dt.timedelta(days=2)
 
 
 class RepositoryError(Exception):
@@ -61,6 +62,10 @@ class RepoConfig:
     chunk_avg: int = ChunkParams().avg_size
     chunk_max: int = ChunkParams().max_size
     whitelist_days: int = 30
+    # Adopted repositories (rcds.cvmfs.adopt) whose whitelist someone else signs, e.g. OSG for
+    # *.opensciencegrid.org: the master public key lives elsewhere and rcds never re-signs.
+    public_key: str = ""
+    external_whitelist: bool = False
 
     @property
     def chunk_params(self) -> ChunkParams:
@@ -178,7 +183,7 @@ class Repository:
 
     @property
     def public_key_path(self) -> Path:
-        return self._key_path("pub")
+        return Path(self.config.public_key) if self.config.public_key else self._key_path("pub")
 
     def master_key(self) -> rsa.RSAPrivateKey:
         return signing.load_private_key(self._key_path("masterkey").read_bytes())
@@ -196,6 +201,10 @@ class Repository:
 
     def resign(self, days: int | None = None, now: dt.datetime | None = None) -> Whitelist:
         """Write a fresh whitelist for the current certificate (run well before the old one expires)."""
+        if self.config.external_whitelist:
+            raise RepositoryError(
+                f"the whitelist of {self.fqrn} is signed outside rcds (external_whitelist): renew it there"
+            )
         cert = signing.load_certificate(self.certificate_pem())
         validity = dt.timedelta(days=days or self.config.whitelist_days)
         data = whitelist.create(
@@ -211,10 +220,18 @@ class Repository:
     def whitelist_warning(self, now: dt.datetime | None = None) -> str | None:
         wl = self.whitelist()
         now = now or dt.datetime.now(dt.UTC)
+        if self.config.external_whitelist:
+            # Signed elsewhere, often for a week at a time (OSG): only a whitelist that was not renewed
+            # in time is worth a warning.
+            todo, margin = "renew it where it is signed (external whitelist)", EXTERNAL_WHITELIST_WARN
+        else:
+            todo, margin = "run 'rcds repo resign'", WHITELIST_WARN
         if wl.is_expired(now):
-            return f"whitelist EXPIRED at {wl.expires:%Y-%m-%d %H:%M} UTC: clients reject the repository; run 'rcds repo resign'"
-        if wl.expires - now < WHITELIST_WARN:
-            return f"whitelist expires {wl.expires:%Y-%m-%d %H:%M} UTC (in {wl.expires - now}); run 'rcds repo resign'"
+            return (
+                f"whitelist EXPIRED at {wl.expires:%Y-%m-%d %H:%M} UTC: clients reject the repository; {todo}"
+            )
+        if wl.expires - now < margin:
+            return f"whitelist expires {wl.expires:%Y-%m-%d %H:%M} UTC (in {wl.expires - now}); {todo}"
         return None
 
     def store_certificate(self) -> ContentHash:

@@ -265,7 +265,10 @@ class PublishService:
         return repo
 
     def resign_if_due(self, repo: Repository) -> None:
-        if repo.whitelist_warning() is not None:
+        warning = repo.whitelist_warning()
+        if warning is not None and repo.config.external_whitelist:  # signed elsewhere: only say so
+            log.warning("whitelist", extra=fields(repository=repo.fqrn, warning=warning))
+        elif warning is not None:
             with repo.lock():
                 wl = repo.resign()
             log.info(
