@@ -142,8 +142,8 @@ def test_older_rcds_directory_records_are_read_refreshed_as_files_and_removed_ex
     assert set(records(repo)) == {"old1"}
     reader = open_reader(repo)
     assert reader.lookup("/ts/tg") is None and reader.lookup("/ts/grp") is None
-    report = check_repository(reader)  # catalogs, counters and mountpoint rows after all these edits
-    assert report.ok, [str(i) for i in report.issues]
+    checked = check_repository(reader)  # catalogs, counters and mountpoint rows after all these edits
+    assert checked.ok, [str(i) for i in checked.issues]
 
 
 def test_a_cid_named_by_is_told_from_a_legacy_marker(make_repo: Callable[..., Repository]) -> None:
