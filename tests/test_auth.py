@@ -46,6 +46,8 @@ from rcds.publish.auth import (
     server_ssl_context,
     strip_proxy_cns,
 )
+from rcds.publish.config import GroupSettings, settings_from_dict
+from rcds.tomlconfig import ConfigError
 
 NOW = 1_750_000_000
 AUD = "https://rcds.example"
@@ -646,15 +648,14 @@ def test_authorizer() -> None:
     bob = Identity("x509", BOB, None, "Bob Jones")
     fnal = Identity("token", "u-123", ISSUER, "u-123")
     other = Identity("token", "u-456", "https://other.example", "u-456")
-    other_alice = Identity("token", ALICE, "https://other.example", ALICE)  # subjects match subs too
     local = Identity("localhost", "localhost", None, "localhost")
     rules = [
-        GroupRule("dune", frozenset({ALICE})),
+        GroupRule("dune", dns=frozenset({ALICE})),
         GroupRule("dune", issuers=frozenset({ISSUER})),
-        GroupRule("cms", frozenset({"u-456"})),
+        GroupRule("cms", tokens=frozenset({("https://other.example", "u-456")})),
     ]
     az = Authorizer(rules)
-    for ident in (alice, fnal, local, other_alice):
+    for ident in (alice, fnal, local):
         az.check(ident, "dune/abc")
     for ident, name in ((bob, "Bob Jones"), (other, "u-456")):
         with pytest.raises(AuthError) as exc:
@@ -663,10 +664,10 @@ def test_authorizer() -> None:
     az.check(other, "cms/x")
     with pytest.raises(AuthError, match=r"^u-123 may not publish under cms/$"):
         az.check(fnal, "cms/x")
-    # No rule for the group, or no group at all: default_allow decides.
+    # No rule for the group: default_allow decides.
     for ident in (alice, bob, fnal, other):
         az.check(ident, "nova/abc")
-        az.check(ident, "dune")  # no slash: not the dune group
+        az.check(ident, "nova")
 
     closed = Authorizer(rules, default_allow=False)
     closed.check(alice, "dune/abc")
@@ -675,6 +676,55 @@ def test_authorizer() -> None:
         closed.check(alice, "nova/abc")
     with pytest.raises(AuthError, match=r"^alice may not publish abc$"):
         closed.check(alice, "abc")
+
+
+def test_a_group_rule_also_governs_the_one_level_cid_of_its_name() -> None:
+    # Issue 12, defect 1: "dune" was nobody's group, so anyone could publish the CID "dune" itself.
+    az = Authorizer([GroupRule("dune", dns=frozenset({ALICE}))])
+    az.check(Identity("x509", ALICE, None, "alice"), "dune")
+    with pytest.raises(AuthError, match=r"^Bob Jones may not publish dune$"):
+        az.check(Identity("x509", BOB, None, "Bob Jones"), "dune")
+    az.check(Identity("x509", BOB, None, "Bob Jones"), "dunex")  # another group, no rule
+
+
+def test_group_rules_match_the_full_identity_not_the_subject_alone() -> None:
+    # Issue 12, defect 7: a rule used to match the bare subject, whoever vouched for it.
+    rules = [GroupRule("dune", dns=frozenset({ALICE}), tokens=frozenset({(ISSUER, "u-123")}))]
+    az = Authorizer(rules, default_allow=False)
+    az.check(Identity("x509", ALICE, None, "alice"), "dune/a")
+    az.check(Identity("token", "u-123", ISSUER, "u-123"), "dune/a")
+    impostors = [
+        Identity("token", "u-123", "https://other.example", "u-123"),  # same sub, second trusted issuer
+        Identity("token", ALICE, ISSUER, ALICE),  # a token whose sub is Alice's DN
+        Identity("token", ALICE, "https://other.example", ALICE),
+        Identity("x509", "u-123", None, "u-123"),  # a certificate cannot pose as a token identity either
+    ]
+    for ident in impostors:
+        with pytest.raises(AuthError, match="may not publish under dune/"):
+            az.check(ident, "dune/a")
+
+
+def test_group_settings_keep_dns_and_token_identities_apart(tmp_path: Path) -> None:
+    base = {"repository": [{"name": "r.example"}]}
+
+    def groups(spec: dict[str, Any]) -> tuple[GroupSettings, ...]:
+        return settings_from_dict({**base, "auth": {"groups": {"dune": spec}}}, tmp_path).auth.groups
+
+    (g,) = groups(
+        {
+            "subjects": [ALICE, f"{ISSUER}#u-123"],
+            "tokens": [{"issuer": "https://other.example", "sub": "u-456"}],
+            "issuers": [ISSUER],
+        }
+    )
+    assert g == GroupSettings(
+        "dune", (ALICE,), ((ISSUER, "u-123"), ("https://other.example", "u-456")), (ISSUER,)
+    )
+    # A bare sub used to match from any issuer: refused instead of silently meaning something else.
+    with pytest.raises(ConfigError, match="neither a DN"):
+        groups({"subjects": ["u-123"]})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        groups({"tokens": [{"issuer": ISSUER, "sub": "u-1", "subject": "x"}]})
 
 
 # --- real TLS -------------------------------------------------------------------------------------------

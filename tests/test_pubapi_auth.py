@@ -15,6 +15,7 @@ from server import RcdsServer, free_port, make_tarball
 
 ISSUER = "https://tokens.example.org"
 AUDIENCE = "https://rcds.example"
+SECOND_ISSUER = "https://second.example.org"
 
 
 class Pki:
@@ -34,6 +35,9 @@ class Pki:
         self.issuer = TokenIssuer(ISSUER, AUDIENCE, subject="carol-7")
         self.jwks = self.issuer.write_jwks(d / "jwks.json")
         self.stranger = TokenIssuer("https://other.example.org", AUDIENCE)
+        # A second trusted issuer that also has a "carol-7", who is not the first issuer's carol.
+        self.second = TokenIssuer(SECOND_ISSUER, AUDIENCE, subject="carol-7")
+        self.second_jwks = self.second.write_jwks(d / "jwks2.json")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[RcdsS
         ),
         extra_config=(
             f'[auth]\nallow_localhost = false\ngridmapfile = "{pki.gridmap}"\naudiences = ["{AUDIENCE}"]\n'
-            f'[auth.issuers]\n"{ISSUER}" = "{pki.jwks}"\n'
+            f'[auth.issuers]\n"{ISSUER}" = "{pki.jwks}"\n"{SECOND_ISSUER}" = "{pki.second_jwks}"\n'
             f'[auth.groups.dune]\nsubjects = ["{pki.alice_dn}"]\n'
+            f'[auth.groups.minerva]\nsubjects = ["{pki.alice_dn}"]\n'
+            f'[auth.groups.cms]\ntokens = [{{issuer = "{ISSUER}", sub = "carol-7"}}]\n'
         ),
     ).start()
     srv.https_url = f"https://127.0.0.1:{https_port}"  # type: ignore[attr-defined]
@@ -141,6 +147,33 @@ def test_tokens_from_a_trusted_issuer(server: RcdsServer, pki: Pki) -> None:
     assert spool_files(server) == []
 
 
+def test_group_rules_match_issuer_and_subject_and_cover_the_one_level_cid(
+    server: RcdsServer, pki: Pki
+) -> None:
+    data = make_tarball({"g.py": "1\n"})
+
+    def publish(c: httpx.Client, cid: str, token: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        return c.post("/pubapi/publish", params={"cid": cid}, content=data, headers=headers)
+
+    with client(server, pki) as c:
+        # Defect 7: the cms rule names carol-7 *of the first issuer*; the second issuer's carol-7 is refused.
+        assert publish(c, "cms/group-rule", pki.issuer.make_token()).text == "OK\n"
+        r = publish(c, "cms/impostor", pki.second.make_token())
+        assert (r.status_code, r.text) == (403, "carol-7 may not publish under cms/\n")
+        # A token whose sub is Alice's DN is not Alice.
+        r = publish(c, "dune/impostor", pki.issuer.make_token({"sub": pki.alice_dn}))
+        assert (r.status_code, r.text) == (403, f"{pki.alice_dn} may not publish under dune/\n")
+        # Defect 1: the one-level CID "minerva" belongs to the minerva rule too.
+        r = publish(c, "minerva", pki.issuer.make_token())
+        assert (r.status_code, r.text) == (403, "carol-7 may not publish minerva\n")
+    with client(server, pki, pki.alice_proxy) as c:
+        assert publish(c, "minerva").text == "OK\n"
+        assert _wait(c, "minerva")["state"] == "published"
+        for cid in ("cms/impostor", "dune/impostor"):
+            assert _wait(c, cid)["state"] == "missing"
+
+
 def _wait(c: httpx.Client, cid: str, headers: dict[str, str] | None = None) -> dict[str, object]:
     import time
 
@@ -148,7 +181,7 @@ def _wait(c: httpx.Client, cid: str, headers: dict[str, str] | None = None) -> d
         doc: dict[str, object] = json.loads(
             c.get("/pubapi/status", params={"cid": cid}, headers=headers).text
         )
-        if doc["state"] in ("published", "failed"):
+        if doc["state"] in ("published", "failed", "missing"):
             return doc
         time.sleep(0.02)
     raise TimeoutError(cid)

@@ -731,47 +731,56 @@ class Authenticator:
 
 @dataclass(frozen=True)
 class GroupRule:
-    """Who may publish CIDs ``<group>/...``: these DNs or token subjects, or any token from these issuers."""
+    """Who may publish the CIDs of one group (``<group>/...`` and the one-level CID ``<group>``).
+
+    Every entry names a full identity, so no credential can pass for another kind: ``dns`` match X.509
+    identities only (a token whose ``sub`` happens to be a DN does not), ``tokens`` are ``(issuer, sub)``
+    pairs (the same ``sub`` from another trusted issuer is someone else), and ``issuers`` admit any token
+    from that issuer.
+    """
 
     group: str
-    subjects: frozenset[str] = frozenset()
+    dns: frozenset[str] = frozenset()
+    tokens: frozenset[tuple[str, str]] = frozenset()
     issuers: frozenset[str] = frozenset()
 
 
 class Authorizer:
-    """Per-group publishing rights, keyed on a CID's first component (only CIDs with a ``/`` have a group).
+    """Per-group publishing rights, keyed on a CID's first component.
 
-    Several rules for one group add up. Groups without a rule (and CIDs without a group) are allowed when
-    ``default_allow``, else refused. The ``localhost`` identity is always allowed.
+    A rule for group ``G`` governs ``G/...`` and the one-level CID ``G`` alike (otherwise ``G`` itself would
+    be a way round the rule). Several rules for one group add up. CIDs whose first component has no rule are
+    allowed when ``default_allow``, else refused. The ``localhost`` identity is always allowed.
     """
 
     def __init__(self, rules: Iterable[GroupRule], default_allow: bool = True) -> None:
-        subjects: dict[str, set[str]] = {}
-        issuers: dict[str, set[str]] = {}
+        merged: dict[str, GroupRule] = {}
         for rule in rules:
-            subjects.setdefault(rule.group, set()).update(rule.subjects)
-            issuers.setdefault(rule.group, set()).update(rule.issuers)
-        self._rules = {g: GroupRule(g, frozenset(subjects[g]), frozenset(issuers[g])) for g in subjects}
+            seen = merged.get(rule.group, GroupRule(rule.group))
+            merged[rule.group] = GroupRule(
+                rule.group, seen.dns | rule.dns, seen.tokens | rule.tokens, seen.issuers | rule.issuers
+            )
+        self._rules = merged
         self.default_allow = default_allow
 
     @staticmethod
-    def group_of(cid: str) -> str | None:
-        return cid.split("/", 1)[0] if "/" in cid else None
+    def group_of(cid: str) -> str:
+        return cid.split("/", 1)[0]
 
     def allowed(self, identity: Identity, cid: str) -> bool:
         if identity.method == "localhost":
             return True
-        group = self.group_of(cid)
-        rule = self._rules.get(group) if group is not None else None
+        rule = self._rules.get(self.group_of(cid))
         if rule is None:
             return self.default_allow
-        if identity.subject in rule.subjects:
-            return True
-        return identity.method == "token" and identity.issuer is not None and identity.issuer in rule.issuers
+        if identity.method == "x509":
+            return identity.subject in rule.dns
+        if identity.method == "token" and identity.issuer is not None:
+            return identity.issuer in rule.issuers or (identity.issuer, identity.subject) in rule.tokens
+        return False
 
     def check(self, identity: Identity, cid: str) -> None:
         if not self.allowed(identity, cid):
-            group = self.group_of(cid)
-            if group is None:
+            if "/" not in cid:
                 raise AuthError(f"{identity.name} may not publish {cid}")
-            raise AuthError(f"{identity.name} may not publish under {group}/")
+            raise AuthError(f"{identity.name} may not publish under {self.group_of(cid)}/")

@@ -59,8 +59,11 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class GroupSettings:
+    """``[auth.groups.<group>]``: X.509 DNs, token identities ``(issuer, sub)``, and whole token issuers."""
+
     group: str
-    subjects: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    tokens: tuple[tuple[str, str], ...] = ()
     issuers: tuple[str, ...] = ()
 
 
@@ -196,9 +199,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     a = TomlTable(r.subtable("auth"), "auth.")
     groups = []
     for g, spec in a.subtable("groups").items():
-        gr = TomlTable(spec, f"auth.groups.{g}.")
-        groups.append(GroupSettings(g, tuple(gr.texts("subjects")), tuple(gr.texts("issuers"))))
-        gr.done()
+        groups.append(_group_settings(str(g), spec))
     gridmap = a.text("gridmapfile", "/etc/grid-security/grid-mapfile")
     auth = AuthSettings(
         allow_localhost=a.flag("allow_localhost", True),
@@ -272,6 +273,37 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     if not settings.prefix or "/" in settings.prefix:
         raise ConfigError("prefix must be one path component")
     return settings
+
+
+def _group_settings(group: str, spec: Any) -> GroupSettings:
+    """One ``[auth.groups.<group>]`` table.
+
+    ``subjects`` keeps its old spelling for DNs (they start with ``/``); a token identity is written
+    ``"<issuer>#<sub>"`` there or ``{issuer = ..., sub = ...}`` in ``tokens``. A bare token ``sub`` (which older
+    versions matched from any issuer, and against DNs) is refused rather than silently reinterpreted.
+    """
+    where = f"auth.groups.{group}."
+    gr = TomlTable(spec, where)
+    dns: list[str] = []
+    tokens: list[tuple[str, str]] = []
+    for subject in gr.texts("subjects"):
+        issuer, hash_sign, sub = subject.partition("#")
+        if subject.startswith("/"):
+            dns.append(subject)
+        elif hash_sign and issuer.startswith(("https://", "http://")) and sub:
+            tokens.append((issuer, sub))
+        else:
+            raise ConfigError(
+                f"{where}subjects: {subject!r} is neither a DN (starting with /) nor a token identity "
+                '"<issuer>#<sub>" (a token subject means nothing without its issuer)'
+            )
+    for i, item in enumerate(gr.items("tokens")):
+        t = TomlTable(item, f"{where}tokens[{i}].")
+        tokens.append((t.text("issuer"), t.text("sub")))
+        t.done()
+    issuers = tuple(gr.texts("issuers"))
+    gr.done()
+    return GroupSettings(group, tuple(dns), tuple(tokens), issuers)
 
 
 def _listener(spec: str, tls: bool) -> Listener:

@@ -35,7 +35,9 @@ def make_auth(settings: ServiceSettings) -> tuple[Authenticator, Authorizer]:
             {iss: (loc or None) for iss, loc in a.issuers.items()}, list(a.audiences), settings.prefix
         )
     authenticator = Authenticator(gridmap, tokens, allow_localhost=a.allow_localhost)
-    rules = [GroupRule(g.group, frozenset(g.subjects), frozenset(g.issuers)) for g in a.groups]
+    rules = [
+        GroupRule(g.group, frozenset(g.dns), frozenset(g.tokens), frozenset(g.issuers)) for g in a.groups
+    ]
     return authenticator, Authorizer(rules, default_allow=a.groups_default_allow)
 
 
