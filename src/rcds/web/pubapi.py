@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
+import socket
 import time
+from typing import Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -146,9 +150,12 @@ class PubApi:
         )
         try:
             # A token may need its issuer's keys fetched (seconds): keep that off the event loop.
-            return await asyncio.to_thread(call) if authorization else call()
+            identity = await asyncio.to_thread(call) if authorization else call()
         except AuthError as err:
             raise ApiError(403, err.message) from err
+        if identity.method != "token":
+            _refuse_foreign_browser_requests(request, identity)
+        return identity
 
     async def _publish(
         self, request: web.Request, cid: str, identity: Identity, info: dict[str, object]
@@ -204,6 +211,67 @@ class PubApi:
         finally:
             if not accepted:
                 await asyncio.to_thread(spool.discard)
+
+
+def _own_host_names() -> frozenset[str]:
+    names = {"localhost", socket.gethostname(), socket.getfqdn()}
+    return frozenset(n.lower().rstrip(".") for n in names if n)
+
+
+_OWN_HOST_NAMES: Final = _own_host_names()
+
+
+def _is_own_address(request: web.Request, host: str | None, port: int | None) -> bool:
+    """Whether ``host:port`` (from a Host or Origin header) names this server as the client reached it.
+
+    Own names are loopback addresses, ``localhost``, this machine's host names and the address the client
+    connected to, each with the port it connected to. A name an attacker controls that merely resolves to
+    127.0.0.1 (DNS rebinding) is not one of them.
+    """
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not host or not sockname:
+        return False
+    local_ip, local_port = str(sockname[0]), int(sockname[1])
+    if (port if port is not None else (443 if request.secure else 80)) != local_port:
+        return False
+    host = host.lower().rstrip(".")
+    if host in _OWN_HOST_NAMES or host == local_ip:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_url(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port of a URL (``//host:port`` for a Host header); no host if it does not parse."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme, parts.hostname, parts.port
+    except ValueError:  # a port that is not a number, unbalanced brackets
+        return "", None, None
+
+
+def _refuse_foreign_browser_requests(request: web.Request, identity: Identity) -> None:
+    """Refuse what a web browser does on behalf of another site (issue 12, defect 8).
+
+    Localhost access and client certificates are ambient credentials: a browser on the server host (or one
+    holding a grid certificate) would lend them to any page it shows. Browsers send ``Origin`` on
+    cross-site POSTs, so a foreign or ``null`` Origin is refused; curl and the rcds client send none. A page
+    served from an attacker's name that resolves to 127.0.0.1 (DNS rebinding) is same-origin to the browser
+    and sends no Origin, but its Host header names the attacker's domain: for the localhost identity the
+    Host must be one of this server's own names.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        scheme, host, port = _split_url(origin)
+        expected_scheme = "https" if request.secure else "http"
+        if scheme != expected_scheme or not _is_own_address(request, host, port):
+            raise ApiError(403, "Cross-site request refused")
+    if identity.method == "localhost":
+        _, host, port = _split_url("//" + request.headers.get("Host", ""))
+        if not _is_own_address(request, host, port):
+            raise ApiError(403, "Host header does not name this server")
 
 
 async def _receive(request: web.Request, spool: SpoolFile) -> None:
