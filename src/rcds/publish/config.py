@@ -15,6 +15,7 @@ The full list of keys, with defaults, is in the README ("Configuration").
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -82,8 +83,12 @@ class AuthSettings:
 class SourceSettings:
     """Server-side downloads (``publish?source=host/path``)."""
 
-    # Host names, or "*.domain" for its subdomains. GitHub archive links redirect to codeload.github.com.
+    # Host names, or "*.domain" for its subdomains, each with an optional ":port" (else the scheme's default
+    # port only). GitHub archive links redirect to codeload.github.com.
     allow: tuple[str, ...] = ("github.com", "*.github.com", "*.githubusercontent.com")
+    # Networks outside the public internet (loopback, private, link-local, ...) that downloads may reach;
+    # every other non-public address is refused, whatever name resolves to it.
+    allow_networks: tuple[str, ...] = ()
     scheme: str = "https"
     timeout: float = 300.0
     max_size: int = 4 * GiB
@@ -214,12 +219,18 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     s = TomlTable(r.subtable("source"), "source.")
     source = SourceSettings(
         allow=tuple(s.texts("allow", list(SourceSettings.allow))),
+        allow_networks=tuple(s.texts("allow_networks", [])),
         scheme=s.text("scheme", "https"),
         timeout=s.number("timeout", 300.0),
         max_size=s.integer("max_size", 4 * GiB),
     )
     if source.scheme not in ("http", "https"):
         raise ConfigError("source.scheme must be http or https")
+    for network in source.allow_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"source.allow_networks: {exc}") from exc
     s.done()
 
     h = TomlTable(r.subtable("server"), "server.")

@@ -26,7 +26,7 @@ from aiohttp import web
 from ..logs import fields
 from ..publish.auth import Authenticator, AuthError, Authorizer, Identity, peer_dn_from_ssl_object
 from ..publish.cid import CidError, validate_cid
-from ..publish.download import DownloadError, SourceNotAllowed, download, source_url
+from ..publish.download import DownloadError, SourceNotAllowed, SourceUrl, download, parse_source
 from ..publish.service import PublishService, ServiceUnavailable, SpoolFile, UploadTooLarge
 
 log = logging.getLogger("rcds.api")
@@ -170,13 +170,13 @@ class PubApi:
             raise bad_request("only striplevels 0, 1, and 2 supported")
         striplevels = int(striplevels_raw)
         source = request.query.get("source")
-        url = None
+        url: SourceUrl | None = None
         if source is not None:
             try:
-                url = source_url(source, svc.settings.source)
+                url = parse_source(source, svc.settings.source)
             except SourceNotAllowed as exc:
                 raise bad_request(str(exc)) from exc
-            info["source"] = url
+            info["source"] = str(url)
         elif request.content_length is not None and request.content_length > svc.settings.max_upload:
             raise ApiError(413, f"Bad request: upload exceeds the limit of {svc.settings.max_upload} bytes")
 
