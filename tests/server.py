@@ -73,13 +73,20 @@ class RcdsServer:
         return self.root / "data" / repo
 
     def start(
-        self, env: dict[str, str] | None = None, timeout: float = 60, max_file_size: int | None = None
+        self,
+        env: dict[str, str] | None = None,
+        timeout: float = 60,
+        max_file_size: int | None = None,
+        max_open_files: int | None = None,
     ) -> RcdsServer:
-        """``max_file_size``: RLIMIT_FSIZE of the server, to make writes fail as on a full disk."""
+        """``max_file_size``: RLIMIT_FSIZE of the server, to make writes fail as on a full disk;
+        ``max_open_files``: its RLIMIT_NOFILE (soft and hard), to run it out of file descriptors."""
 
         def limit() -> None:
             if max_file_size is not None:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+            if max_open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
 
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(

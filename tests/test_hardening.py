@@ -5,13 +5,18 @@ Every test runs a real ``rcds serve`` and talks to it over real sockets.
 
 from __future__ import annotations
 
+import json
+import select
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from pki import TokenIssuer
 from server import RcdsServer, make_tarball
 
 TARBALL = make_tarball({"code.py": "print('fetched')\n"})
@@ -176,3 +181,207 @@ def test_source_tricks_never_reach_an_internal_host(tmp_path: Path) -> None:
         srv.close()
         victim.close()
         origin.close()
+
+
+# --- defect 6: stalled uploads ---------------------------------------------------------------------------
+
+ISSUER = "https://tokens.example.org"
+AUDIENCE = "https://rcds.example"
+UPLOAD_LIMITS = (
+    "[limits]\nupload_idle_timeout = 1.5\nupload_min_rate = 1000\nupload_rate_window = 1.0\n"
+    "max_uploads = 100\nmax_uploads_per_identity = 20\nretry_after = 7\n"
+)
+
+
+def open_upload(
+    port: int, cid: str, first: bytes = b"x" * 100, length: int = 100_000, token: str | None = None
+) -> socket.socket:
+    """A raw POST that announces ``length`` bytes of body and sends only ``first``."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    head = (
+        f"POST /pubapi/publish?cid={cid} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + first)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout`` passes)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def read_response(sock: socket.socket, timeout: float) -> bytes:
+    """One response (headers and a Content-Length body), without waiting for the connection to close."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def request_log_lines(srv: RcdsServer, status: int) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
+    return [d for d in lines if d.get("event") == "request" and d.get("status") == status]
+
+
+def test_stalled_uploads_are_cut_and_cannot_crowd_out_others(tmp_path: Path) -> None:
+    issuer = TokenIssuer(ISSUER, AUDIENCE, subject="carol")
+    jwks = issuer.write_jwks(tmp_path / "jwks.json")
+    srv = RcdsServer(
+        tmp_path,
+        server_config="idle_timeout = 2.0\n",
+        extra_config=(
+            f'{UPLOAD_LIMITS}[auth]\ngridmapfile = ""\naudiences = ["{AUDIENCE}"]\n'
+            f'[auth.issuers]\n"{ISSUER}" = "{jwks}"\n'
+        ),
+    ).start()
+    sockets: list[socket.socket] = []
+    try:
+        # localhost (one identity) starts 20 uploads and stalls: its whole share.
+        started = time.monotonic()
+        stalled = [open_upload(srv.port, f"stall/s{i}") for i in range(20)]
+        sockets += stalled
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not list((tmp_path / "data" / "queue" / "spool").iterdir()):
+            time.sleep(0.01)
+        time.sleep(0.3)  # every stalled upload has its slot and spool file
+        # 40 more from the same identity are refused at once, with Retry-After, not queued behind the stalls.
+        refused = [open_upload(srv.port, f"stall/r{i}") for i in range(40)]
+        sockets += refused
+        for sock in refused:
+            answer = read_response(sock, 1.0)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"\r\nRetry-After: 7\r\n" in answer
+            assert answer.endswith(b"Service busy: too many uploads in progress, retry later\n")
+        assert time.monotonic() - started < 1.5  # answered before the stalls time out
+        # Another identity publishes normally meanwhile; its trickle (50 bytes/s, never idle for long) is
+        # cut by the minimum rate.
+        token = issuer.make_token({"scope": "compute.create"})
+        data = make_tarball({"ok.txt": "fine\n"})
+        r = srv.client.post(
+            "/pubapi/publish", params={"cid": "stall/normal"}, content=data,
+            headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        assert r.text == "OK\n"
+        assert srv.wait_state("stall/normal")["state"] == "published"
+        trickle = open_upload(srv.port, "stall/trickle", first=b"", token=token)
+        sockets.append(trickle)
+        trickle_started = time.monotonic()
+        try:
+            for _ in range(15):
+                trickle.sendall(b"y" * 10)
+                time.sleep(0.2)
+        except OSError:  # cut while trickling: what should happen
+            pass
+        # A connection that never finishes its headers is closed after server.idle_timeout.
+        header_stall = socket.create_connection(("127.0.0.1", srv.port))
+        sockets.append(header_stall)
+        header_stall.sendall(b"POST /pubapi/publish?cid=stall/h HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        header_started = time.monotonic()
+
+        # The stalled uploads are cut after the idle timeout (1.5 s), with a 408, and the socket closed.
+        for sock in stalled:
+            answer = read_until_closed(sock, 5.0)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert answer.endswith(b"Bad request: upload stalled: no data for 1.5 s\n")
+        assert 1.5 <= time.monotonic() - started < 6
+        answer = read_until_closed(trickle, 5.0)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"slower than 1000 bytes/s" in answer
+        assert time.monotonic() - trickle_started < 3.0  # never idle for 1.5 s, cut by the rate
+        assert read_until_closed(header_stall, 5.0) == b""  # closed, nothing to answer
+        assert 1.5 <= time.monotonic() - header_started < 5
+
+        # Nothing is left behind, and the identity's slots are free again.
+        assert spool_files(srv) == []
+        for cid in ("stall/s0", "stall/s19", "stall/r0", "stall/trickle"):
+            assert srv.status(cid)["state"] == "missing"
+        assert srv.publish("stall/after", make_tarball({"a": "b"})).text == "OK\n"
+        # The log stays bounded: 40 refusals and 21 cuts give at most 10 lines each per 10 s.
+        assert 1 <= len(request_log_lines(srv, 503)) <= 10
+        assert 1 <= len(request_log_lines(srv, 408)) <= 10
+        assert "Traceback" not in srv.log()
+    finally:
+        for sock in sockets:
+            sock.close()
+        srv.close()
+
+
+def test_connections_over_the_cap_get_a_503_and_idle_ones_are_closed(tmp_path: Path) -> None:
+    srv = RcdsServer(tmp_path, server_config="idle_timeout = 1.5\nmax_connections = 30\n").start()
+    idle: list[socket.socket] = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(40)]
+        time.sleep(0.3)
+        answered, _, _ = select.select(idle, [], [], 0.1)  # the ones over the cap, answered at once
+        assert 10 <= len(answered) <= 11  # 30 at most, counting the test client's keep-alive connection
+        for sock in answered:
+            answer = read_until_closed(sock, 1.0)
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\n"), answer
+            assert answer.endswith(b"Service busy: too many connections, retry later\n")
+        # Connections that never send a request are closed after server.idle_timeout, freeing their slots.
+        started = time.monotonic()
+        for sock in idle:
+            if sock not in answered:
+                assert read_until_closed(sock, 3.0) == b""
+        assert time.monotonic() - started < 2.5
+        # 10 + 1 refusals, but the warning is logged at a bounded rate.
+        assert 1 <= srv.log().count("connection refused:") <= 10
+        assert srv.publish("cap/after", make_tarball({"a": "b"})).text == "OK\n"
+        assert "Traceback" not in srv.log()
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.close()
+
+
+def test_running_out_of_file_descriptors_gives_503_not_500(tmp_path: Path) -> None:
+    # A deliberately wrong configuration: more connections and uploads than 160 descriptors can hold.
+    limits = UPLOAD_LIMITS.replace("max_uploads = 100", "max_uploads = 400").replace(
+        "max_uploads_per_identity = 20", "max_uploads_per_identity = 400"
+    )
+    srv = RcdsServer(tmp_path, server_config="max_connections = 400\n", extra_config=limits)
+    srv.start(max_open_files=160)
+    sockets: list[socket.socket] = []
+    try:
+        sockets = [open_upload(srv.port, f"fd/s{i}") for i in range(120)]
+        answers = [read_response(sock, 1.0) if _readable(sock) else b"" for sock in sockets]
+        statuses = {a.split(b" ", 2)[1] for a in answers if a}
+        assert b"500" not in statuses
+        assert b"503" in statuses, statuses
+        assert any(a.endswith(b"Service busy: out of file descriptors, retry later\n") for a in answers)
+        for sock in sockets:
+            sock.close()
+        time.sleep(2.0)  # the stalled ones are cut after 1.5 s
+        assert srv.publish("fd/after", make_tarball({"a": "b"})).text == "OK\n"
+        assert srv.wait_state("fd/after")["state"] == "published"
+        assert spool_files(srv) == []
+        assert len(request_log_lines(srv, 503)) <= 10
+        assert "Traceback" not in srv.log()  # nothing died: the publish workers survived EMFILE too
+    finally:
+        for sock in sockets:
+            sock.close()
+        srv.close()
+
+
+def _readable(sock: socket.socket, timeout: float = 0.5) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])

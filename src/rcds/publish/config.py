@@ -95,6 +95,23 @@ class SourceSettings:
 
 
 @dataclass(frozen=True)
+class UploadLimits:
+    """What one client may hold while an upload body (or a ``source=`` download) is being received.
+
+    The defaults never stop an honest upload: a 3 GB tarball over a 1 Mbit/s link sends 125 KB every second,
+    over a hundred times ``min_rate``, and never pauses for a minute. They do stop stalled or trickling
+    uploads from holding a socket and an open spool file for ever (issue 12, defect 6).
+    """
+
+    idle_timeout: float = 60.0  # seconds without a byte of body, then the upload is cut (408)
+    min_rate: int = 1024  # bytes per second, averaged over each rate_window of time spent waiting for data
+    rate_window: float = 60.0
+    max_uploads: int = 256  # uploads and downloads being received at once, in total (503 beyond)
+    max_uploads_per_identity: int = 64  # ... and per identity (all localhost clients are one identity)
+    retry_after: int = 10  # seconds, in the Retry-After of those 503 answers
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     data_dir: Path
     repositories: tuple[RepositorySettings, ...]
@@ -107,6 +124,7 @@ class ServiceSettings:
     share_seconds: float = 3600.0  # how far a last-use time may move before its ts/ record is rewritten
     replica_interval: float = 15.0  # seconds between snapshots of each replica's upstream
     max_upload: int = 4 * GiB
+    uploads: UploadLimits = field(default_factory=UploadLimits)
     limits: IngestLimits = field(default_factory=IngestLimits)
     batch_max_jobs: int = 100
     batch_max_bytes: int = 512 * MiB
@@ -117,6 +135,11 @@ class ServiceSettings:
     source: SourceSettings = field(default_factory=SourceSettings)
     listeners: tuple[Listener, ...] = (Listener("127.0.0.1", 8080),)
     tls: TlsSettings | None = None
+    # A connection that sends no complete request for this long (slow or stalled headers included) is closed.
+    idle_timeout: float = 75.0
+    # Open client connections at once; beyond it a new one gets a 503 and is closed. 0: derived at start from
+    # the open-file limit, so that accept() and spool files never run out of file descriptors.
+    max_connections: int = 0
     create_missing: bool = True  # create local repositories on first start
     embedded: bool = False
 
@@ -199,6 +222,19 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     max_upload = lim.integer("max_upload", 4 * GiB)
     batch_max_jobs = lim.integer("batch_max_jobs", 100)
     batch_max_bytes = lim.integer("batch_max_bytes", 512 * MiB)
+    du = UploadLimits()
+    uploads = UploadLimits(
+        idle_timeout=lim.number("upload_idle_timeout", du.idle_timeout),
+        min_rate=lim.integer("upload_min_rate", du.min_rate),
+        rate_window=lim.number("upload_rate_window", du.rate_window),
+        max_uploads=lim.integer("max_uploads", du.max_uploads),
+        max_uploads_per_identity=lim.integer("max_uploads_per_identity", du.max_uploads_per_identity),
+        retry_after=lim.integer("retry_after", du.retry_after),
+    )
+    if min(uploads.idle_timeout, uploads.rate_window) <= 0 or uploads.min_rate < 0:
+        raise ConfigError("limits.upload_idle_timeout and upload_rate_window must be positive")
+    if min(uploads.max_uploads, uploads.max_uploads_per_identity, uploads.retry_after) < 1:
+        raise ConfigError("limits.max_uploads, max_uploads_per_identity and retry_after must be at least 1")
     lim.done()
 
     a = TomlTable(r.subtable("auth"), "auth.")
@@ -252,6 +288,10 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         )
     if any(li.tls for li in listeners) and tls is None:
         raise ConfigError("server.https needs server.tls_cert and server.tls_key")
+    idle_timeout = h.number("idle_timeout", 75.0)
+    max_connections = h.integer("max_connections", 0)
+    if idle_timeout <= 0 or max_connections < 0:
+        raise ConfigError("server.idle_timeout must be positive and server.max_connections not negative")
     h.done()
 
     settings = ServiceSettings(
@@ -266,6 +306,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         share_seconds=r.number("share_seconds", 3600.0),
         replica_interval=r.number("replica_interval", 15.0),
         max_upload=max_upload,
+        uploads=uploads,
         limits=limits,
         batch_max_jobs=batch_max_jobs,
         batch_max_bytes=batch_max_bytes,
@@ -276,6 +317,8 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         source=source,
         listeners=tuple(listeners),
         tls=tls,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
         create_missing=r.flag("create_missing", True),
     )
     r.done()

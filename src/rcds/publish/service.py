@@ -687,6 +687,11 @@ class RepositoryWorker(threading.Thread):
                 return False
         except RepositoryError:
             return True
+        except OSError as exc:  # out of file descriptors for the lock file: try again in a moment
+            log.warning(
+                "cannot check the repository lock", extra=fields(repository=self.repo_name, error=str(exc))
+            )
+            return True
 
     def publish(self, jobs: list[Job]) -> None:
         """One revision: the jobs, plus the last-use (ts/) records that are due. Nothing to do, no revision."""

@@ -13,11 +13,13 @@ before a byte of the body is read, so it leaves nothing on disk.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -26,8 +28,10 @@ from aiohttp import web
 from ..logs import fields
 from ..publish.auth import Authenticator, AuthError, Authorizer, Identity, peer_dn_from_ssl_object
 from ..publish.cid import CidError, validate_cid
+from ..publish.config import UploadLimits
 from ..publish.download import DownloadError, SourceNotAllowed, SourceUrl, download, parse_source
 from ..publish.service import PublishService, ServiceUnavailable, SpoolFile, UploadTooLarge
+from .limits import LogThrottle, UploadSlots
 
 log = logging.getLogger("rcds.api")
 
@@ -37,35 +41,56 @@ _ENDPOINTS = frozenset({"publish", "exists", "update", "config", "ping", "status
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: str) -> None:
+    def __init__(self, status: int, body: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(body)
         self.status = status
         self.body = body
+        self.headers = headers or {}
+
+
+class UploadStalled(Exception):
+    """The client stopped sending the body, or sends it slower than ``[limits] upload_min_rate``."""
 
 
 def bad_request(reason: str) -> ApiError:
     return ApiError(400, f"Bad request: {reason}")
 
 
-_REASONS = {200: "OK", 400: "Bad request", 403: "Access denied", 404: "Not found", 413: "Request too large",
-            503: "Service unavailable", 507: "Insufficient storage"}  # fmt: skip
+_REASONS = {200: "OK", 400: "Bad request", 403: "Access denied", 404: "Not found", 408: "Request timeout",
+            413: "Request too large", 503: "Service unavailable", 507: "Insufficient storage"}  # fmt: skip
+# What is refused because of load or a misbehaving client: logged at a bounded rate, not once per request.
+_THROTTLED_STATUSES = frozenset({408, 503})
 
 
-def text(status: int, body: str) -> web.Response:
+def text(status: int, body: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
         reason=_REASONS.get(status),
         text=body + "\n",
         content_type="text/plain",
-        headers={"Cache-control": "max-age=0"},
+        headers={"Cache-control": "max-age=0", **(headers or {})},
     )
 
 
+def _identity_key(identity: Identity) -> str:
+    return f"{identity.method}:{identity.issuer or ''}:{identity.subject}"
+
+
 class PubApi:
-    def __init__(self, service: PublishService, authenticator: Authenticator, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        service: PublishService,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        throttle: LogThrottle | None = None,
+    ) -> None:
         self.service = service
         self.authenticator = authenticator
         self.authorizer = authorizer
+        limits = service.settings.uploads
+        self.upload_limits = limits
+        self.slots = UploadSlots(limits.max_uploads, limits.max_uploads_per_identity)
+        self.throttle = throttle or LogThrottle()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/pubapi/{endpoint}", self.handle)
@@ -83,12 +108,22 @@ class PubApi:
         try:
             response = await self._dispatch(request, endpoint, info)
         except ApiError as err:
-            response = text(err.status, err.body)
+            response = text(err.status, err.body, err.headers)
             info.setdefault("error", err.body)
         except ServiceUnavailable as exc:
             response = text(400, f"Bad request: {exc}")
+        except UploadStalled as exc:
+            response = await _cut(request, text(408, f"Bad request: upload stalled: {exc}"))
+            info.setdefault("error", str(exc))
         name = endpoint if endpoint in _ENDPOINTS else "other"
         self.service.metrics.requests.labels(name, str(response.status)).inc()
+        suppressed = 0
+        if response.status in _THROTTLED_STATUSES:
+            allowed, suppressed = self.throttle.allow(f"request {response.status}")
+            if not allowed:
+                return response
+            if suppressed:
+                info["suppressed_similar"] = suppressed
         log.info(
             "request",
             extra=fields(
@@ -137,6 +172,22 @@ class PubApi:
             return web.json_response(doc, headers={"Cache-control": "max-age=0"})
         return await self._publish(request, cid, identity, info)
 
+    async def _receive(self, request: web.Request, spool: SpoolFile) -> None:
+        buffered: list[bytes] = []
+        size = 0
+        async for block in _body(request, self.upload_limits):
+            buffered.append(block)
+            size += len(block)
+            if size >= READ_BLOCK:  # write in ~1 MiB pieces, off the event loop
+                await asyncio.to_thread(spool.write, b"".join(buffered))
+                buffered, size = [], 0
+        if buffered:
+            await asyncio.to_thread(spool.write, b"".join(buffered))
+
+    async def _drain(self, request: web.Request) -> None:
+        async for _ in _body(request, self.upload_limits):
+            pass
+
     async def _authenticate(self, request: web.Request, cid: str | None) -> Identity:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         authorization = request.headers.get("Authorization")
@@ -182,18 +233,47 @@ class PubApi:
 
         early = await asyncio.to_thread(svc.before_upload, cid)
         if early is not None:  # present, or already queued: the body is not needed
-            await _drain(request)
+            await self._drain(request)
             info["outcome"] = "present" if early.present else "already-queued"
             return text(200, early.body)
 
-        spool = svc.new_spool()
+        slot = _identity_key(identity)
+        if not self.slots.acquire(slot):
+            info["uploads_in_progress"] = self.slots.in_use
+            raise self._busy("too many uploads in progress, retry later")
+        try:
+            return await self._receive_and_accept(request, cid, identity, url, striplevels, info)
+        finally:
+            self.slots.release(slot)
+
+    def _busy(self, why: str) -> ApiError:
+        return ApiError(503, f"Service busy: {why}", {"Retry-After": str(self.upload_limits.retry_after)})
+
+    async def _receive_and_accept(
+        self,
+        request: web.Request,
+        cid: str,
+        identity: Identity,
+        url: SourceUrl | None,
+        striplevels: int,
+        info: dict[str, object],
+    ) -> web.Response:
+        svc = self.service
+        try:
+            spool = svc.new_spool()
+        except OSError as exc:
+            if self.throttle.allow("spool open failed")[0]:
+                log.warning("cannot open a spool file", extra=fields(cid=cid, error=str(exc)))
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: a moment's overload
+                raise self._busy("out of file descriptors, retry later") from exc
+            raise bad_request(f"error getting publish data: {exc.strerror or exc}") from exc
         accepted = False
         try:
             if url is not None:
-                await _drain(request)
+                await self._drain(request)
                 await download(url, svc.settings.source, spool)
             else:
-                await _receive(request, spool)
+                await self._receive(request, spool)
             if spool.size == 0:
                 raise bad_request("error getting publish data: empty upload")
             info["bytes"] = spool.size
@@ -206,7 +286,10 @@ class PubApi:
         except DownloadError as exc:
             raise bad_request(f"error getting publish data: {exc}") from exc
         except OSError as exc:  # a full spool disk, a dropped connection: nothing was acknowledged
-            log.warning("upload failed", extra=fields(cid=cid, error=str(exc)))
+            if self.throttle.allow("upload failed")[0]:
+                log.warning("upload failed", extra=fields(cid=cid, error=str(exc)))
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise self._busy("out of file descriptors, retry later") from exc
             raise bad_request(f"error getting publish data: {exc.strerror or exc}") from exc
         finally:
             if not accepted:
@@ -274,19 +357,37 @@ def _refuse_foreign_browser_requests(request: web.Request, identity: Identity) -
             raise ApiError(403, "Host header does not name this server")
 
 
-async def _receive(request: web.Request, spool: SpoolFile) -> None:
-    buffered: list[bytes] = []
-    size = 0
-    async for block in request.content.iter_chunked(READ_BLOCK):
-        buffered.append(block)
-        size += len(block)
-        if size >= READ_BLOCK:  # write in ~1 MiB pieces, off the event loop
-            await asyncio.to_thread(spool.write, b"".join(buffered))
-            buffered, size = [], 0
-    if buffered:
-        await asyncio.to_thread(spool.write, b"".join(buffered))
+async def _body(request: web.Request, limits: UploadLimits) -> AsyncIterator[bytes]:
+    """The request body in blocks, raising :class:`UploadStalled` when the client stops or trickles.
+
+    Only the time spent waiting for the client counts (not our own spool writes): no byte for
+    ``idle_timeout``, or fewer than ``min_rate`` bytes per second over a ``rate_window`` of waiting.
+    """
+    loop = asyncio.get_running_loop()
+    waited, window_bytes = 0.0, 0
+    while True:
+        started = loop.time()
+        try:
+            async with asyncio.timeout(limits.idle_timeout):
+                block = await request.content.read(READ_BLOCK)
+        except TimeoutError:
+            raise UploadStalled(f"no data for {limits.idle_timeout:g} s") from None
+        if not block:
+            return
+        waited += loop.time() - started
+        window_bytes += len(block)
+        if waited >= limits.rate_window:
+            if window_bytes < limits.min_rate * waited:
+                raise UploadStalled(f"slower than {limits.min_rate} bytes/s")
+            waited, window_bytes = 0.0, 0
+        yield block
 
 
-async def _drain(request: web.Request) -> None:
-    async for _ in request.content.iter_chunked(READ_BLOCK):
-        pass
+async def _cut(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` and close the connection now, instead of lingering for the rest of a stalled body."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # after the response is flushed
+    return response

@@ -20,6 +20,13 @@ from ..publish.auth import (
 )
 from ..publish.config import ServiceSettings
 from ..publish.service import PublishService
+from .limits import (
+    ConnectionCap,
+    LogThrottle,
+    connection_budget,
+    raise_open_file_limit,
+    throttle_library_logs,
+)
 from .pubapi import PubApi
 from .repo_http import add_repository_routes
 
@@ -41,10 +48,10 @@ def make_auth(settings: ServiceSettings) -> tuple[Authenticator, Authorizer]:
     return authenticator, Authorizer(rules, default_allow=a.groups_default_allow)
 
 
-def make_app(service: PublishService) -> web.Application:
+def make_app(service: PublishService, throttle: LogThrottle | None = None) -> web.Application:
     authenticator, authorizer = make_auth(service.settings)
     app = web.Application(client_max_size=1 << 20)  # bodies are streamed, never read whole
-    PubApi(service, authenticator, authorizer).add_routes(app)
+    PubApi(service, authenticator, authorizer, throttle).add_routes(app)
     add_repository_routes(app, {r.name: r.storage for r in service.settings.repositories})
     return app
 
@@ -75,27 +82,52 @@ def banner(settings: ServiceSettings) -> str:
 
 
 async def serve(settings: ServiceSettings, announce: bool = True) -> None:
+    open_files = raise_open_file_limit()
+    max_connections = settings.max_connections or connection_budget(open_files, settings.uploads.max_uploads)
+    throttle = LogThrottle()
+    throttle_library_logs(throttle)
     service = PublishService(settings)
     await asyncio.to_thread(service.start)
-    app = make_app(service)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+    app = make_app(service, throttle)
+    # keepalive_timeout also bounds how long a new connection may take to send its request headers.
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=10,
+        keepalive_timeout=settings.idle_timeout,
+    )
     await runner.setup()
+    assert runner.server is not None
+    handlers = runner.server
+    cap = ConnectionCap(handlers, max_connections, settings.uploads.retry_after, throttle)
     ctx = make_ssl_context(settings)
+    loop = asyncio.get_running_loop()
+    listening: list[asyncio.Server] = []
     try:
         for li in settings.listeners:
-            site = web.TCPSite(runner, li.host, li.port, ssl_context=ctx if li.tls else None, backlog=1024)
-            await site.start()
-        log.info("listening", extra=fields(addresses=[f"{li.host}:{li.port}" for li in settings.listeners]))
+            listening.append(
+                await loop.create_server(cap, li.host, li.port, ssl=ctx if li.tls else None, backlog=1024)
+            )
+        log.info(
+            "listening",
+            extra=fields(
+                addresses=[f"{li.host}:{li.port}" for li in settings.listeners],
+                max_connections=max_connections,
+                open_file_limit=open_files,
+            ),
+        )
         if announce:
             print(banner(settings), flush=True)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down: finishing in-flight publishes")
     finally:
         service.running = False  # new requests get "Service not running" while workers finish
+        for server in listening:
+            server.close()  # no new connections; the runner then shuts the open ones down
         await runner.cleanup()
         await asyncio.to_thread(service.stop)
         log.info("stopped")
