@@ -20,7 +20,6 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Final
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -296,12 +295,11 @@ class PubApi:
                 await asyncio.to_thread(spool.discard)
 
 
+@functools.cache
 def _own_host_names() -> frozenset[str]:
+    # Looked up once, on first use: getfqdn() may ask DNS, which an importing CLI command should not wait for.
     names = {"localhost", socket.gethostname(), socket.getfqdn()}
     return frozenset(n.lower().rstrip(".") for n in names if n)
-
-
-_OWN_HOST_NAMES: Final = _own_host_names()
 
 
 def _is_own_address(request: web.Request, host: str | None, port: int | None) -> bool:
@@ -318,7 +316,7 @@ def _is_own_address(request: web.Request, host: str | None, port: int | None) ->
     if (port if port is not None else (443 if request.secure else 80)) != local_port:
         return False
     host = host.lower().rstrip(".")
-    if host in _OWN_HOST_NAMES or host == local_ip:
+    if host in _own_host_names() or host == local_ip:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
