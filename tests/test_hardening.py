@@ -5,6 +5,7 @@ Every test runs a real ``rcds serve`` and talks to it over real sockets.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import select
 import socket
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from pki import TokenIssuer
+from rcds.publish.config import settings_from_dict
+from rcds.publish.download import address_allowed
+from rcds.tomlconfig import ConfigError
 from server import RcdsServer, make_tarball
 
 TARBALL = make_tarball({"code.py": "print('fetched')\n"})
@@ -385,3 +389,50 @@ def test_running_out_of_file_descriptors_gives_503_not_500(tmp_path: Path) -> No
 
 def _readable(sock: socket.socket, timeout: float = 0.5) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("127.8.9.10", False),
+        ("0.0.0.0", False),  # connects to the local host on Linux
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("169.254.169.254", False),  # cloud metadata service
+        ("224.0.0.1", False),
+        ("255.255.255.255", False),
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped
+        ("::ffff:8.8.8.8", True),
+        ("2002:7f00:1::", False),  # 6to4 around 127.0.0.1
+        ("2002:a01:203::", False),  # 6to4 around 10.1.2.3
+        ("64:ff9b::7f00:1", False),  # NAT64 around 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 around 169.254.169.254
+    ],
+)
+def test_only_public_addresses_are_reachable_by_default(address: str, allowed: bool) -> None:
+    assert address_allowed(ipaddress.ip_address(address), ()) is allowed
+
+
+def test_allow_networks_admits_exactly_the_listed_networks(tmp_path: Path) -> None:
+    nets = (ipaddress.ip_network("10.1.2.0/24"),)
+    assert address_allowed(ipaddress.ip_address("10.1.2.200"), nets)
+    assert address_allowed(ipaddress.ip_address("::ffff:10.1.2.3"), nets)
+    assert not address_allowed(ipaddress.ip_address("10.1.3.1"), nets)
+    base: dict[str, object] = {"repository": [{"name": "r.example"}]}
+    with pytest.raises(ConfigError, match="allow_networks"):
+        settings_from_dict({**base, "source": {"allow_networks": ["10.1.2.0/33"]}}, tmp_path)
+    with pytest.raises(ConfigError, match="max_uploads"):
+        settings_from_dict({**base, "limits": {"max_uploads_per_identity": 0}}, tmp_path)
+    defaults = settings_from_dict(base, tmp_path)
+    # A 3 GB upload over 1 Mbit/s (125 kB/s) is far above the minimum rate and never idle for a minute.
+    assert defaults.uploads.min_rate * 100 < 125_000 and defaults.uploads.idle_timeout >= 60
+    assert defaults.source.allow_networks == ()
