@@ -9,7 +9,7 @@ import click
 
 from .. import __version__
 from .client import cache, get, publish, wait
-from .server import cleanup, gc, replicate, repo, serve
+from .server import audit, cleanup, gc, replicate, repo, serve
 
 
 @click.group()
@@ -18,7 +18,7 @@ def main() -> None:
     """rcds: publish user code into CernVM-FS repositories within seconds."""
 
 
-for command in (serve, repo, cleanup, gc, replicate, publish, wait, get, cache):
+for command in (serve, repo, cleanup, gc, audit, replicate, publish, wait, get, cache):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -179,6 +179,39 @@ def gc(
         click.echo(json.dumps(reports))
 
 
+@click.command("audit")
+@_config_option
+@_data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def audit(config_path: Path | None, data_dir: Path, as_json: bool) -> None:
+    """Find CID namespace collisions in the server's repositories and replicas; exit 1 if there are any.
+
+    A name under the prefix must be a one-level CID or a group, never both: reported are names that are
+    one kind in one repository and the other in another ("mixed"), and directories holding a .publisher
+    inside a one-level CID ("nested"). Reads the live revisions only; safe while ``rcds serve`` runs.
+    """
+    from ..publish.namespace import audit as audit_namespace
+
+    settings = _service_settings(config_path, data_dir)
+    storages = {r.name: r.storage for r in settings.repositories}
+    try:
+        report = audit_namespace(storages, settings.prefix)
+    except (OSError, ManifestError, RepositoryError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        for c in report.collisions:
+            click.echo(f"{c.problem}: {c.detail}")
+        for name in report.skipped:
+            click.echo(f"skipped {name}: no published revision yet")
+        status = "OK" if not report.collisions else f"{len(report.collisions)} COLLISIONS"
+        click.echo(
+            f"{status}: {report.cids} CIDs in {len(report.repositories)} repositories under /{settings.prefix}"
+        )
+    sys.exit(1 if report.collisions else 0)
+
+
 @click.group()
 def repo() -> None:
     """Create, inspect, change, check and serve repositories (stratum 0)."""

@@ -31,21 +31,35 @@ class Presence:
 
 
 class PresenceIndex:
+    """Per repository: its CIDs (-> the revision that showed them) and its groups (-> how many CIDs).
+
+    The group counts let the namespace rule (``namespace``) ask "is N a group here?" in one dictionary
+    look-up per repository, as ``find`` asks "is C a CID here?".
+    """
+
     def __init__(self, repositories: Sequence[str], prefix: str) -> None:
         self.order = list(repositories)  # configuration order decides which copy ``exists`` names
         self.prefix = prefix
         self._cids: dict[str, dict[str, int | None]] = {r: {} for r in self.order}
+        self._groups: dict[str, dict[str, int]] = {r: {} for r in self.order}
         self._lock = threading.Lock()
 
     def replace(self, repository: str, cids: Iterable[str], revision: int | None = None) -> None:
         fresh: dict[str, int | None] = dict.fromkeys(cids, revision)
+        groups: dict[str, int] = {}
+        for cid in fresh:
+            _count_group(groups, cid, 1)
         with self._lock:
             self._cids[repository] = fresh
+            self._groups[repository] = groups
 
     def add(self, repository: str, cids: Iterable[str], revision: int) -> None:
         with self._lock:
             table = self._cids.setdefault(repository, {})
+            groups = self._groups.setdefault(repository, {})
             for cid in cids:
+                if cid not in table:
+                    _count_group(groups, cid, 1)
                 table[cid] = revision
 
     def find(self, cid: str) -> Presence | None:
@@ -58,14 +72,40 @@ class PresenceIndex:
     def remove(self, repository: str, cids: Iterable[str]) -> None:
         with self._lock:
             table = self._cids.get(repository, {})
+            groups = self._groups.get(repository, {})
             for cid in cids:
-                table.pop(cid, None)
+                if cid in table:
+                    del table[cid]
+                    _count_group(groups, cid, -1)
+
+    def is_cid(self, repository: str, name: str) -> bool:
+        return name in self._cids.get(repository, ())
+
+    def is_group(self, repository: str, name: str) -> bool:
+        return name in self._groups.get(repository, ())
+
+    def names(self, repository: str) -> tuple[set[str], set[str]]:
+        """The one-level CIDs and the groups of ``repository`` (copies)."""
+        with self._lock:
+            leaves = {c for c in self._cids.get(repository, {}) if "/" not in c}
+            return leaves, set(self._groups.get(repository, {}))
 
     def count(self, repository: str) -> int:
         return len(self._cids.get(repository, {}))
 
     def anywhere(self, cid: str) -> bool:
         return any(cid in table for table in self._cids.values())
+
+
+def _count_group(groups: dict[str, int], cid: str, delta: int) -> None:
+    group, slash, _ = cid.partition("/")
+    if not slash:
+        return
+    left = groups.get(group, 0) + delta
+    if left > 0:
+        groups[group] = left
+    else:
+        groups.pop(group, None)
 
 
 class StorageView:
@@ -122,11 +162,16 @@ class StorageView:
         return self.catalog_for(path).listdir(path)
 
 
-def scan_cid_dirs(view: StorageView, top: str, marker: str = PUBLISHER_FILE) -> dict[str, Dirent]:
+def scan_cid_dirs(
+    view: StorageView, top: str, marker: str = PUBLISHER_FILE, shadowed: list[str] | None = None
+) -> dict[str, Dirent]:
     """The CID directories under ``top`` (the prefix, or ts/), each with its directory entry.
 
-    A directory directly under ``top`` that holds the file ``marker`` is a one-level CID; any other is a
-    group whose subdirectories are two-level CIDs (the layout of the service rcds replaces).
+    A directory directly under ``top`` that holds the file ``marker`` is a one-level CID, and everything
+    inside it is its content, never another CID; any other directory is a group whose subdirectories are
+    two-level CIDs (the layout of the service rcds replaces). With ``shadowed``, the CID-like directories
+    found inside one-level CIDs (a subdirectory holding ``marker``, ``<name>/<sub>``) are appended to it:
+    namespace collisions, which the audit reports.
     """
     found: dict[str, Dirent] = {}
     top = normalize_path(top)
@@ -139,6 +184,12 @@ def scan_cid_dirs(view: StorageView, top: str, marker: str = PUBLISHER_FILE) -> 
         child_path = f"{top}/{child.name}"
         if view.lookup(f"{child_path}/{marker}") is not None:
             found[child.name] = child
+            if shadowed is not None:
+                shadowed.extend(
+                    f"{child.name}/{sub.name}"
+                    for sub in view.listdir(child_path)
+                    if sub.is_dir and view.lookup(f"{child_path}/{sub.name}/{marker}") is not None
+                )
             continue
         for grandchild in view.listdir(child_path):
             if grandchild.is_dir:
@@ -146,11 +197,11 @@ def scan_cid_dirs(view: StorageView, top: str, marker: str = PUBLISHER_FILE) -> 
     return found
 
 
-def scan_published_cids(storage: Path, prefix: str) -> set[str]:
+def scan_published_cids(storage: Path, prefix: str, shadowed: list[str] | None = None) -> set[str]:
     """The CIDs under ``/<prefix>`` in the live revision of a repository's storage.
 
     Only the prefix catalog, the group catalogs and one-level CIDs' catalogs are opened, never the
-    catalogs of the (many) two-level CIDs.
+    catalogs of the (many) two-level CIDs. ``shadowed``: as for ``scan_cid_dirs``.
     """
     with StorageView(storage) as view:
-        return set(scan_cid_dirs(view, prefix))
+        return set(scan_cid_dirs(view, prefix, shadowed=shadowed))

@@ -8,6 +8,10 @@
 * ``exists`` answers from the presence index: only CIDs in a live, signed revision are ``PRESENT``. The
   index covers replicas of other servers' repositories too, and follows revisions made outside this
   process (housekeeping thread).
+* The namespace rule (``namespace``): a top-level name under the prefix is a one-level CID or a group,
+  never both, across all repositories and the queue. An upload that would break it is refused before its
+  body is read and again atomically with its enqueue; a worker that finds a conflict in its repository
+  fails the job with the reason instead of writing.
 * Last-use times (``update``, and ``publish`` of a present CID) are collected in memory and written to
   the state database in batches; a worker copies those that moved by ``share_seconds`` into its next
   revision as ts records (``lastuse``), so other servers see them.
@@ -48,6 +52,7 @@ from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
 from .lastuse import server_name, write_records
 from .metrics import ServiceMetrics
+from .namespace import RULE, Namespace, NamespaceConflict, find_collisions, log_collisions, top_name
 from .presence import PUBLISHER_FILE, Presence, PresenceIndex, scan_published_cids
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
 
@@ -137,6 +142,13 @@ class PublishService:
         self.metrics = ServiceMetrics()
         self.spool_dir = settings.queue_dir / "spool"
         self.presence = PresenceIndex([r.name for r in settings.repositories], settings.prefix)
+        self.namespace = Namespace(self.presence, self._active_named)
+        # Held around the namespace check and the enqueue of an upload, so that two uploads of conflicting
+        # kinds (G and G/x) cannot both pass the check before either is queued.
+        self._enqueue_lock = threading.Lock()
+        # Per repository: the CID-like directories inside its one-level CIDs (collisions, see namespace).
+        self._shadowed: dict[str, list[str]] = {}
+        self._collisions_warned: set[str] = set()
         self.repositories: dict[str, Repository] = {}
         self.workers: list[RepositoryWorker] = []
         self.state: StateDB | None = None
@@ -212,9 +224,12 @@ class PublishService:
         if not force and self.known_revision.get(name) == revision:
             return False
         started = time.monotonic()
-        cids = scan_published_cids(storage, self.prefix)
+        shadowed: list[str] = []
+        cids = scan_published_cids(storage, self.prefix, shadowed=shadowed)
         self.presence.replace(name, cids, revision)
         self.known_revision[name] = revision
+        self._shadowed[name] = shadowed
+        log_collisions(find_collisions(self.presence, self._shadowed, only=name), self._collisions_warned)
         if name in self.repositories:
             self.update_gauges(name, revision)
         log.info(
@@ -344,13 +359,17 @@ class PublishService:
     # --- uploads ---------------------------------------------------------------------------------
 
     def before_upload(self, cid: str) -> Outcome | None:
-        """The answer to give without storing the body, or None if the upload must be received."""
+        """The answer to give without storing the body, or None if the upload must be received.
+
+        Raises ``NamespaceConflict`` for a CID whose top-level name has the other kind somewhere.
+        """
         self._check_running()
         where = self.presence.find(cid)
         if where is not None:
             self.touch(cid)
             return Outcome(where)
         assert self.state is not None
+        self.namespace.check(cid)
         if self.state.active(cid) is not None:
             return Outcome(None)  # already queued or publishing: the body is not needed
         return None
@@ -368,8 +387,14 @@ class PublishService:
             spool.discard()
             self.touch(cid)
             return Outcome(where)
-        spool.finish()
-        job_id = self.state.enqueue(cid, str(spool.path), spool.size, striplevels, identity)
+        spool.finish()  # the fsync stays outside the lock: large uploads must not hold up the others
+        with self._enqueue_lock:
+            try:
+                self.namespace.check(cid)  # again: a conflicting upload may have been queued meanwhile
+            except NamespaceConflict:
+                spool.discard()
+                raise
+            job_id = self.state.enqueue(cid, str(spool.path), spool.size, striplevels, identity)
         if job_id is None:  # a concurrent upload of the same CID was queued first
             spool.discard()
             return Outcome(self.presence.find(cid))
@@ -377,6 +402,9 @@ class PublishService:
         log.info("queued", extra=fields(cid=cid, job=job_id, bytes=spool.size, identity=identity))
         self._notify()
         return Outcome(None)
+
+    def _active_named(self, name: str) -> list[str]:
+        return self.state.active_named(name) if self.state is not None else []
 
     def _check_running(self) -> None:
         if not self.running:
@@ -771,20 +799,40 @@ class RepositoryWorker(threading.Thread):
         )  # fmt: skip
 
     def _add_job(self, txn: Transaction, job: Job) -> tuple[int, int] | None:
-        """Add one CID to the open transaction. None if its tarball was rejected (the job is failed)."""
+        """Add one CID to the open transaction. None if the job is settled without it: rejected tarball or
+        namespace conflict (failed with the reason), or the CID itself found published meanwhile."""
         svc = self.service
         assert svc.state is not None
         path = f"/{svc.prefix}/{job.cid}"
         group = cid_group(job.cid)
         group_path = f"/{svc.prefix}/{group}" if group else None
-        new_group = group_path is not None and not txn.exists(group_path)
         where = svc.presence.find(job.cid)
-        if where is not None or txn.exists(path):
-            # Published meanwhile (another repository, or a previous attempt whose commit was live).
-            repository, revision = (where.repository, where.revision or 0) if where else (self.repo_name, 0)
-            svc.state.mark_published([(job.id, None)], repository, revision)
+        if where is not None:
+            # Published meanwhile: this very CID is in a live revision (another repository, or ours).
+            svc.state.mark_published([(job.id, None)], where.repository, where.revision or 0)
             Path(job.spool).unlink(missing_ok=True)
             return None
+        if self._is_own_root(txn, job.cid):
+            # Published meanwhile in this repository, as the open transaction shows: a previous attempt
+            # whose commit was live, or a revision by another process that the index has not seen yet.
+            svc.state.mark_published(
+                [(job.id, None)], self.repo_name, svc.known_revision.get(self.repo_name, 0)
+            )
+            Path(job.spool).unlink(missing_ok=True)
+            return None
+        # The other repositories through the index; ours through the open transaction, which is newer.
+        conflict = svc.namespace.conflict(job.cid, skip_repository=self.repo_name, queue=False)
+        conflict = conflict or self._conflict_here(txn, job.cid)
+        if conflict is not None:
+            reason = f"conflict: {conflict}"
+            svc.state.mark_failed(job.id, reason)
+            svc.metrics.failures.labels("conflict").inc()
+            Path(job.spool).unlink(missing_ok=True)
+            log.warning("publish conflict", extra=fields(cid=job.cid, reason=reason, identity=job.identity))
+            return None
+        if group_path is None and _is_empty(txn, path):
+            txn.remove(path)  # a group directory left without CIDs holds nothing: the name is free
+        new_group = group_path is not None and not txn.exists(group_path)
         try:
             if group_path is not None and new_group:
                 txn.mkdir(group_path, nested=True)
@@ -804,6 +852,39 @@ class RepositoryWorker(threading.Thread):
             Path(job.spool).unlink(missing_ok=True)
             log.warning("publish rejected", extra=fields(cid=job.cid, reason=str(exc), identity=job.identity))
             return None
+
+    def _is_own_root(self, txn: Transaction, cid: str) -> bool:
+        """Whether this CID itself is published here: its directory holds a ``.publisher`` and its top-level
+        name has its kind. Another CID's directory, or a directory inside one, never counts."""
+        prefix = self.service.prefix
+        name = top_name(cid)
+        if not txn.exists(f"/{prefix}/{cid}/{PUBLISHER_FILE}"):
+            return False
+        return "/" not in cid or not txn.exists(f"/{prefix}/{name}/{PUBLISHER_FILE}")
+
+    def _conflict_here(self, txn: Transaction, cid: str) -> str | None:
+        """Why this repository (as the open transaction sees it) has no room for ``cid``, or None.
+
+        Called after ``_is_own_root`` said the CID is not there. An empty group directory is room for a
+        one-level CID (``_add_job`` removes it).
+        """
+        prefix, repo = self.service.prefix, self.repo_name
+        name = top_name(cid)
+        top = txn.lookup(f"/{prefix}/{name}")
+        if top is None:
+            return None
+        if not top.is_dir:
+            return f"/{prefix}/{name} in {repo} is not a directory"
+        top_is_leaf = txn.exists(f"/{prefix}/{name}/{PUBLISHER_FILE}")
+        if "/" not in cid:
+            if _is_empty(txn, f"/{prefix}/{name}"):
+                return None
+            return f"cid {cid} conflicts with the group {name}/ in {repo}: {RULE}"
+        if top_is_leaf:
+            return f"cid {cid} conflicts with the one-level cid {name} in {repo}: {RULE}"
+        if txn.exists(f"/{prefix}/{cid}"):
+            return f"/{prefix}/{cid} in {repo} exists but is not a published cid (no {PUBLISHER_FILE})"
+        return None
 
     def _retry_or_fail(self, job: Job, reason: str) -> None:
         svc = self.service

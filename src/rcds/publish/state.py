@@ -135,6 +135,17 @@ class StateDB:
             ).fetchone()
         return Job(*row) if row else None
 
+    def active_named(self, name: str) -> list[str]:
+        """The active (queued or publishing) CIDs whose first component is ``name``: ``name`` itself and
+        ``name/...``. A range on the ``cid`` index, so it stays cheap with a long queue."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT cid FROM jobs WHERE (cid = ? OR (cid >= ? AND cid < ?)) AND state IN (?, ?) "
+                "ORDER BY id",
+                (name, f"{name}/", f"{name}0", QUEUED, PUBLISHING),  # "0" is the character after "/"
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def latest(self, cid: str) -> Job | None:
         with self._lock:
             row = self._db.execute(

@@ -29,6 +29,7 @@ from ..publish.auth import Authenticator, AuthError, Authorizer, Identity, peer_
 from ..publish.cid import CidError, validate_cid
 from ..publish.config import UploadLimits
 from ..publish.download import DownloadError, SourceNotAllowed, SourceUrl, download, parse_source
+from ..publish.namespace import NamespaceConflict
 from ..publish.service import PublishService, ServiceUnavailable, SpoolFile, UploadTooLarge
 from .limits import LogThrottle, UploadSlots
 
@@ -230,7 +231,10 @@ class PubApi:
         elif request.content_length is not None and request.content_length > svc.settings.max_upload:
             raise ApiError(413, f"Bad request: upload exceeds the limit of {svc.settings.max_upload} bytes")
 
-        early = await asyncio.to_thread(svc.before_upload, cid)
+        try:
+            early = await asyncio.to_thread(svc.before_upload, cid)
+        except NamespaceConflict as exc:
+            raise bad_request(str(exc)) from exc
         if early is not None:  # present, or already queued: the body is not needed
             await self._drain(request)
             info["outcome"] = "present" if early.present else "already-queued"
@@ -282,6 +286,8 @@ class PubApi:
             return text(200, outcome.body)
         except UploadTooLarge as exc:
             raise ApiError(413, f"Bad request: {exc}") from exc
+        except NamespaceConflict as exc:  # a conflicting upload was queued while this body came in
+            raise bad_request(str(exc)) from exc
         except DownloadError as exc:
             raise bad_request(f"error getting publish data: {exc}") from exc
         except OSError as exc:  # a full spool disk, a dropped connection: nothing was acknowledged
