@@ -214,17 +214,22 @@ def test_the_worker_fails_a_conflicting_job_with_a_reason_instead_of_calling_it_
     # W: a one-level CID holding W/x, which looks like a CID (.publisher); the job W/x used to be taken
     # for "published meanwhile" and dropped.
     seed(srv, SOLO[0], "W", {".publisher": "bob\n", "x/.publisher": "bob\n", "x/run.sh": "echo W\n"})
+    with Repository(srv.storage(SOLO[0])).transaction() as txn:  # E: a group left without CIDs
+        txn.mkdir("/sw/E", nested=True)
+        txn.commit()
     state = StateDB(srv.root / "data" / "queue" / "state.db")
     spool = srv.root / "data" / "queue" / "spool"
-    for i, cid in enumerate(["W/x", "V", "V/x", "U/y", "U"]):  # in this order, one batch
+    cids = ["W/x", "V", "V/x", "U/y", "U", "E"]
+    for i, cid in enumerate(cids):  # in this order, one batch
         tar = spool / f"job{i}.tar"
         tar.write_bytes(make_tarball({"run.sh": f"echo {cid}\n"}))
         assert state.enqueue(cid, str(tar), tar.stat().st_size, 0, "old-queue") is not None
     state.close()
     srv.start()
     try:
-        docs = {cid: srv.wait_state(cid) for cid in ["W/x", "V", "V/x", "U/y", "U"]}
-        assert [docs[c]["state"] for c in ["V", "U/y"]] == ["published", "published"]
+        docs = {cid: srv.wait_state(cid) for cid in cids}
+        # An empty group directory is no CID of either kind: the one-level CID E takes its place.
+        assert [docs[c]["state"] for c in ["V", "U/y", "E"]] == ["published"] * 3
         assert docs["W/x"]["state"] == "failed"
         assert (
             docs["W/x"]["reason"]
@@ -238,12 +243,13 @@ def test_the_worker_fails_a_conflicting_job_with_a_reason_instead_of_calling_it_
         with reader(srv, SOLO[0]) as r:
             assert r.read("sw/W/x/run.sh") == b"echo W\n"  # untouched
             assert r.lookup("sw/V/x") is None and r.lookup("sw/U/.publisher") is None
+            assert r.read("sw/E/run.sh") == b"echo E\n"
         metrics = srv.client.get("/metrics").text
         assert 'rcds_publish_failures_total{reason="conflict"} 3.0' in metrics
         srv.stop()
         srv.start()
-        assert [srv.status(c)["state"] for c in ["W/x", "V", "V/x", "U/y", "U"]] == [
-            "failed", "published", "failed", "published", "failed"
+        assert [srv.status(c)["state"] for c in cids] == [
+            "failed", "published", "failed", "published", "failed", "published"
         ]  # fmt: skip
         assert [exists(srv, c) for c in ["W/x", "V/x", "U"]] == ["MISSING"] * 3
     finally:
