@@ -62,6 +62,17 @@ def refused(srv: RcdsServer, cid: str, files: dict[str, bytes | str]) -> str:
     return r.text
 
 
+def enqueue(srv: RcdsServer, cids: list[str]) -> None:
+    """Queue jobs in the state database of a stopped server, as a queue from before the rule holds them."""
+    state = StateDB(srv.root / "data" / "queue" / "state.db")
+    spool = srv.root / "data" / "queue" / "spool"
+    for cid in cids:
+        tar = spool / f"{cid.replace('/', '_')}.tar"
+        tar.write_bytes(make_tarball({"run.sh": f"echo {cid}\n"}))
+        assert state.enqueue(cid, str(tar), tar.stat().st_size, 0, "old-queue") is not None
+    state.close()
+
+
 def reader(srv: RcdsServer, repo: str) -> RepositoryReader:
     key = srv.storage(repo) / ".rcds" / "keys" / f"{repo}.pub"
     return RepositoryReader.open(
@@ -217,14 +228,8 @@ def test_the_worker_fails_a_conflicting_job_with_a_reason_instead_of_calling_it_
     with Repository(srv.storage(SOLO[0])).transaction() as txn:  # E: a group left without CIDs
         txn.mkdir("/sw/E", nested=True)
         txn.commit()
-    state = StateDB(srv.root / "data" / "queue" / "state.db")
-    spool = srv.root / "data" / "queue" / "spool"
     cids = ["W/x", "V", "V/x", "U/y", "U", "E"]
-    for i, cid in enumerate(cids):  # in this order, one batch
-        tar = spool / f"job{i}.tar"
-        tar.write_bytes(make_tarball({"run.sh": f"echo {cid}\n"}))
-        assert state.enqueue(cid, str(tar), tar.stat().st_size, 0, "old-queue") is not None
-    state.close()
+    enqueue(srv, cids)  # in this order, one batch
     srv.start()
     try:
         docs = {cid: srv.wait_state(cid) for cid in cids}
@@ -254,6 +259,23 @@ def test_the_worker_fails_a_conflicting_job_with_a_reason_instead_of_calling_it_
         assert [exists(srv, c) for c in ["W/x", "V/x", "U"]] == ["MISSING"] * 3
     finally:
         srv.close()
+
+
+def test_the_worker_checks_the_other_repositories_too(tmp_path: Path) -> None:
+    srv = RcdsServer(tmp_path)
+    srv.start().stop()
+    seed(srv, USER1, "R", {".publisher": "eve\n", "x/run.sh": "echo R\n"})
+    enqueue(srv, ["R/x"])
+    with Repository(srv.storage(USER1)).lock():  # only the worker of USER2, where R is free, takes jobs
+        srv.start()
+        try:
+            doc = srv.wait_state("R/x")
+            assert doc["state"] == "failed", doc
+            assert doc["reason"] == f"conflict: cid R/x conflicts with the one-level cid R in {USER1}: {RULE}"
+            with reader(srv, USER2) as r:
+                assert r.lookup("sw/R") is None
+        finally:
+            srv.close()
 
 
 # --- collisions already in repositories ----------------------------------------------------------------
