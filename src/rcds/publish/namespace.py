@@ -126,21 +126,20 @@ def find_collisions(
     (``scan_cid_dirs``); the index itself never holds them.
     """
     repos = presence.order
-    names: dict[str, tuple[set[str], set[str]]] = {r: presence.names(r) for r in repos}
+    scope = [only] if only is not None else repos
     candidates: set[str] = set()
-    for r in [only] if only is not None else repos:
-        if r in names:
-            candidates |= names[r][0] | names[r][1]
+    for r in scope:  # the other repositories are asked name by name, never copied
+        candidates |= presence.top_names(r)
     found: list[Collision] = []
     for name in sorted(candidates):
-        leaf_in = tuple(r for r in repos if name in names[r][0])
-        group_in = tuple(r for r in repos if name in names[r][1])
+        leaf_in = tuple(r for r in repos if presence.is_cid(r, name))
+        group_in = tuple(r for r in repos if presence.is_group(r, name))
         if leaf_in and group_in:
             found.append(
                 Collision(name, "mixed", tuple(dict.fromkeys(leaf_in + group_in)),
                           f"{name} is a one-level cid in {', '.join(leaf_in)} and a group in {', '.join(group_in)}")
             )  # fmt: skip
-    for r in [only] if only is not None else repos:
+    for r in scope:
         for path in sorted(shadowed.get(r, ())):
             name = top_name(path)
             found.append(

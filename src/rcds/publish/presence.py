@@ -84,11 +84,11 @@ class PresenceIndex:
     def is_group(self, repository: str, name: str) -> bool:
         return name in self._groups.get(repository, ())
 
-    def names(self, repository: str) -> tuple[set[str], set[str]]:
-        """The one-level CIDs and the groups of ``repository`` (copies)."""
+    def top_names(self, repository: str) -> set[str]:
+        """The top-level names ``repository`` uses: its one-level CIDs and its groups."""
         with self._lock:
             leaves = {c for c in self._cids.get(repository, {}) if "/" not in c}
-            return leaves, set(self._groups.get(repository, {}))
+            return leaves | set(self._groups.get(repository, {}))
 
     def count(self, repository: str) -> int:
         return len(self._cids.get(repository, {}))
