@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client import client_env
+from client import rcds as rcds_client
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
 from rcds.publish.state import StateDB
@@ -312,5 +314,38 @@ def test_the_audit_reports_collisions_and_exists_names_only_exact_cids(tmp_path:
         assert srv.publish("M", make_tarball({"a": "a\n"})).text == f"PRESENT:/cvmfs/{USER1}/sw/M\n"
         refused(srv, "M/q", {"run.sh": "echo q\n"})
         refused(srv, "N/z", {"run.sh": "echo z\n"})
+    finally:
+        srv.close()
+
+
+def test_rcds_wait_and_get_take_only_a_cids_own_directory(tmp_path: Path) -> None:
+    """With such a collision, the client finds M/y where it is a CID (USER2), not inside the one-level CID
+    M of the first repository (USER1), over HTTP and through a mount alike."""
+    (tmp_path / "srv").mkdir()
+    srv = RcdsServer(tmp_path / "srv")
+    srv.start().stop()
+    seed(srv, USER1, "M", {".publisher": "eve\n", "y/run.sh": "echo shadow\n"})
+    seed(srv, USER2, "M/y", {".publisher": "bob\n", "run.sh": "echo real\n"})
+    srv.start()
+    try:
+        keys = ", ".join(f'"{srv.storage(r) / ".rcds" / "keys"}"' for r in REPOS)
+        env = client_env(tmp_path / "home", f'servers = ["{srv.url}"]\nkeys = [{keys}]\n')
+        p = rcds_client("wait", "M/y", "--mode", "http", "--timeout", "10", "--json", env=env)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["path"] == f"/cvmfs/{USER2}/sw/M/y"
+        p = rcds_client("get", "M/y", tmp_path / "code", env=env)
+        assert p.returncode == 0, p.stderr
+        assert (tmp_path / "code" / "run.sh").read_text() == "echo real\n"
+        # A mount shows the same trees.
+        mount = tmp_path / "cvmfs"
+        (mount / USER1 / "sw" / "M" / "y").mkdir(parents=True)
+        (mount / USER1 / "sw" / "M" / ".publisher").write_text("eve\n")
+        (mount / USER2 / "sw" / "M" / "y").mkdir(parents=True)
+        env = client_env(tmp_path / "home2", f'servers = ["{srv.url}"]\nmount_root = "{mount}"\n')
+        p = rcds_client("wait", "M/y", "--mode", "mount", "--timeout", "10", env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == str(mount / USER2 / "sw" / "M" / "y")
+        p = rcds_client("wait", "M", "--mode", "mount", "--timeout", "10", env=env)
+        assert p.stdout.strip() == str(mount / USER1 / "sw" / "M")
     finally:
         srv.close()

@@ -1,16 +1,18 @@
 """Finding a CID in any of the repositories, through a CVMFS mount or over HTTP without one.
 
 With a mount (the usual worker node), a CID is there when ``/cvmfs/<repo>/<prefix>/<cid>`` is a
-directory; the CVMFS client refreshes its catalogs every TTL, so looking more often than that is
-pointless. Without one (HPC nodes without FUSE), each repository is read like a CVMFS client reads it:
-the signed manifest is fetched fresh (past caches), verified against the master key, and the CID is
-looked up in the catalogs, through the site's proxies with failover.
+directory, and that CID's own rather than one inside a one-level CID (``is_cid_directory``); the CVMFS
+client refreshes its catalogs every TTL, so looking more often than that is pointless. Without one
+(HPC nodes without FUSE), each repository is read like a CVMFS client reads it: the signed manifest is
+fetched fresh (past caches), verified against the master key, and the CID is looked up in the catalogs,
+through the site's proxies with failover.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Literal
 
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.sources import HttpSettings
-from ..publish.cid import CidError, validate_cid
+from ..publish.cid import CidError, is_cid_directory, validate_cid
 from .credentials import find_credentials
 from .errors import ClientError, ServersUnavailable
 from .pubapi import PubApiClient
@@ -158,21 +160,32 @@ class Locator:
             if self.mounted[repository]:
                 local = self.settings.mount_root / repository / repo_path
                 with contextlib.suppress(OSError):
-                    if local.is_dir():
+                    if local.is_dir() and self._own_on_mount(repository, cid):
                         return Found(cid, repository, canonical, repo_path, local, "mount")
                 self.last_error[repository] = "not there yet"
                 continue
             try:
                 reader = self.reader(repository, fresh=True)
                 dirent = reader.lookup(repo_path)
+                own = dirent is not None and dirent.is_dir and self._own_in(reader, cid)
             except ReaderError as exc:
                 self.last_error[repository] = str(exc)
                 log.info("cannot read %s: %s", repository, exc)
                 continue
-            if dirent is not None and dirent.is_dir:
+            if own:
                 return Found(cid, repository, canonical, repo_path, None, self.describe(repository))
             self.last_error[repository] = f"not in revision {reader.revision}"
         return None
+
+    # A directory inside a one-level CID (which a tarball may have made look like a CID) is never the CID.
+
+    def _own_on_mount(self, repository: str, cid: str) -> bool:
+        top = self.settings.mount_root / repository / self.settings.prefix
+        return is_cid_directory(cid, lambda path: os.path.lexists(top / path))
+
+    def _own_in(self, reader: RepositoryReader, cid: str) -> bool:
+        prefix = self.settings.prefix
+        return is_cid_directory(cid, lambda path: reader.lookup(f"{prefix}/{path}") is not None)
 
     def reader(self, repository: str, fresh: bool = False) -> RepositoryReader:
         """An open, verified reader of ``repository`` over HTTP; ``fresh`` re-checks the manifest."""

@@ -18,8 +18,7 @@ from ..cvmfs.catalog import Catalog, Dirent
 from ..cvmfs.hashes import ContentHash, Suffix, normalize_path
 from ..cvmfs.manifest import Manifest
 from ..cvmfs.objects import decompress
-
-PUBLISHER_FILE = ".publisher"  # written into every CID directory (the layout of the service rcds replaces)
+from .cid import PUBLISHER_FILE as PUBLISHER_FILE
 
 
 @dataclass(frozen=True)
