@@ -21,6 +21,7 @@ from .catalog import (
     TRANSITION_FLAGS,
     Catalog,
     Dirent,
+    NestedRef,
     add_counts,
 )
 from .hashes import ROOT_MD5, ContentHash, Suffix, md5_pair, parent_path
@@ -69,6 +70,17 @@ class _Row:
     d: Dirent
 
 
+@dataclass
+class _Frame:
+    """A catalog whose own rows are checked, waiting for its nested catalogs."""
+
+    where: str
+    cat: Catalog
+    legacy: bool
+    pending: list[tuple[str, NestedRef, Dirent]]  # nested catalogs still to check (last one next)
+    subtree: dict[str, int]  # their totals so far
+
+
 class Checker:
     def __init__(
         self,
@@ -85,7 +97,7 @@ class Checker:
     def run(self) -> CheckReport:
         self._check_manifest()
         try:
-            self._check_catalog(self.reader.manifest.root_catalog, "", None, None)
+            self._check_catalogs(self.reader.manifest.root_catalog)
         except ReaderError as exc:
             self.report.error("", f"cannot read the root catalog: {exc}")
         self._check_reflog()
@@ -133,10 +145,38 @@ class Checker:
 
     # --- catalogs --------------------------------------------------------------------------------
 
-    def _check_catalog(
+    def _check_catalogs(self, root: ContentHash) -> None:
+        """Check every catalog of the revision, depth first, with an explicit stack.
+
+        Each catalog's statistics are compared with its nested catalogs' totals, so a catalog is
+        finished only after all its children. A chain of nested catalogs can be as deep as a tree of
+        directories (a thousand and more, from other tools or older rcds): recursion would hit Python's
+        recursion limit.
+        """
+        first = self._enter_catalog(root, "", None, None)
+        stack = [first] if first is not None else []
+        while stack:
+            frame = stack[-1]
+            if frame.pending:
+                path, ref, row = frame.pending.pop()
+                try:
+                    child = self._enter_catalog(ref.hash, path, row, ref.size or None)
+                except ReaderError as exc:
+                    self.report.error(path, f"nested catalog {ref.hash.hex} unreadable: {exc}")
+                    continue
+                if child is not None:
+                    stack.append(child)
+                continue
+            stack.pop()
+            totals = self._leave_catalog(frame)
+            if stack:
+                stack[-1].subtree = add_counts(stack[-1].subtree, totals)
+
+    def _enter_catalog(
         self, h: ContentHash, mount: str, parent_row: Dirent | None, expected_size: int | None
-    ) -> dict[str, int]:
-        """Check one catalog and its subtree; returns its counter totals (self + subtree) as recomputed."""
+    ) -> _Frame | None:
+        """Check one catalog's own rows and objects. Returns what is left to do once its nested catalogs
+        are checked (``_leave_catalog``), or None if the catalog has no root entry (nothing to count)."""
         rep = self.report
         where = mount or "/"
         cat = self.reader.catalog(h)
@@ -168,7 +208,7 @@ class Checker:
         root = rows.get(root_md5)
         if root is None:
             rep.error(where, "catalog has no root entry")
-            return {}
+            return None
         if mount:
             if not root.d.flags & FLAG_NESTED_ROOT:
                 rep.error(where, "nested catalog root entry lacks the nested-root flag")
@@ -246,16 +286,15 @@ class Checker:
 
         self._check_objects(where, cat)
 
-        subtree = dict.fromkeys(COUNTER_KINDS, 0)
-        for path, ref in sorted(nested.items()):
-            if path not in mountpoints:
-                continue
-            try:
-                totals = self._check_catalog(ref.hash, path, mountpoints[path], ref.size or None)
-            except ReaderError as exc:
-                rep.error(path, f"nested catalog {ref.hash.hex} unreadable: {exc}")
-                continue
-            subtree = add_counts(subtree, totals)
+        pending = [
+            (path, ref, mountpoints[path]) for path, ref in sorted(nested.items()) if path in mountpoints
+        ]
+        pending.reverse()  # popped from the end: checked in path order
+        return _Frame(where, cat, legacy, pending, dict.fromkeys(COUNTER_KINDS, 0))
+
+    def _leave_catalog(self, frame: _Frame) -> dict[str, int]:
+        """Compare a catalog's statistics with its recount; returns its totals (self + subtree)."""
+        rep, where, cat, legacy, subtree = self.report, frame.where, frame.cat, frame.legacy, frame.subtree
         own = cat.compute_self_counters()
         stored = cat.counters()
         if stored is None:

@@ -25,12 +25,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import signing
 from .catalog import COMPRESSION_NONE, Catalog, Dirent
-from .hashes import Algorithm, ContentHash, Suffix, normalize_path
+from .hashes import Algorithm, ContentHash, Suffix, normalize_path, parent_path
 from .history import History
 from .manifest import Manifest, ManifestError
 from .objects import ObjectCorrupt
 from .sources import HttpSettings, Source, open_source
 from .whitelist import Whitelist
+
+# Most characters of paths whose holding catalog a reader remembers (about 16 MB).
+_HOLDER_CACHE_CHARS = 16_000_000
 
 
 class ReaderError(Exception):
@@ -81,6 +84,9 @@ class RepositoryReader:
         self.cache = ObjectCache(cache_dir)
         self.check_whitelist_expiry = check_whitelist_expiry
         self._catalogs: dict[ContentHash, Catalog] = {}
+        # path -> (mountpoint, catalog hash) of the catalog holding its row, for the current revision
+        self._holders: dict[str, tuple[str, ContentHash]] = {}
+        self._holder_chars = 0
         self._lock = threading.RLock()
         self.manifest: Manifest
         self.whitelist: Whitelist
@@ -174,6 +180,7 @@ class RepositoryReader:
         if fingerprint not in wl.fingerprints:
             self._distrust("the publisher certificate is not in the whitelist")
         self.manifest, self.whitelist = manifest, wl
+        self._holders, self._holder_chars = {}, 0  # they name the previous revision's catalogs
         return True
 
     def _distrust(self, message: str) -> None:
@@ -275,13 +282,42 @@ class RepositoryReader:
         return self.catalog(self.manifest.root_catalog)
 
     def catalog_for(self, path: str) -> tuple[str, Catalog]:
-        """The mountpoint and catalog that hold ``path``'s row."""
-        mount, cat = "", self.root_catalog
+        """The mountpoint and catalog that hold ``path``'s row.
+
+        Resolved from the nearest ancestor already resolved in this revision (``_holders``), then
+        downwards with one ``nested_catalogs`` probe per path component. Asking a parent catalog for
+        the deepest nested catalog above ``path`` instead probes every ancestor again at every level,
+        quadratic in the depth: repositories made by other tools (or before rcds limited nesting) can
+        hold chains of a thousand nested catalogs, where that took seconds per lookup.
+        """
+        holders = self._holders
+        hit = holders.get(path)
+        if hit is not None:
+            return hit[0], self.catalog(hit[1])
+        unresolved = []  # path and its ancestors below the nearest resolved one, deepest first
+        probe = path
         while True:
-            ref = cat.find_nested_for(path)
-            if ref is None:
-                return mount, cat
-            mount, cat = ref.path, self.catalog(ref.hash)
+            if not probe:
+                hit = ("", self.manifest.root_catalog)
+                break
+            hit = holders.get(probe)
+            if hit is not None:
+                break
+            unresolved.append(probe)
+            probe = parent_path(probe)
+        mount, h = hit
+        cat = self.catalog(h)
+        if self._holder_chars > _HOLDER_CACHE_CHARS:  # bounded memory: start over (rarely, if ever)
+            holders.clear()
+            self._holder_chars = 0
+        for p in reversed(unresolved):
+            ref = cat.nested_ref(p)
+            if ref is not None:
+                mount, h = p, ref.hash
+                cat = self.catalog(h)
+            holders[p] = (mount, h)
+            self._holder_chars += len(p)
+        return mount, cat
 
     def iter_catalogs(
         self, root: ContentHash | None = None, mount: str = ""
@@ -329,18 +365,22 @@ class RepositoryReader:
         yield Entry(path, top)
         if not top.is_dir:
             return
-        stack = [path]
+        # Each directory travels with the catalog that lists its children, so a nested catalog is
+        # entered once from its parent's row instead of being searched for from the root again.
+        stack = [(path, self.catalog_for(path)[1])]
         while stack:
-            p = stack.pop()
-            _, cat = self.catalog_for(p)
-            children = cat.listdir(p, with_chunks=True)
-            for d in children:
+            p, cat = stack.pop()
+            for d in cat.listdir(p, with_chunks=True):
                 cp = f"{p}/{d.name}"
+                inner = cat
                 if d.is_nested_mountpoint:
-                    d = self.catalog_for(cp)[1].lookup(cp) or d
+                    ref = cat.nested_ref(cp)
+                    if ref is not None:  # else a dangling mountpoint: nothing below it to list
+                        inner = self.catalog(ref.hash)
+                        d = inner.lookup(cp) or d
                 yield Entry(cp, d)
                 if d.is_dir:
-                    stack.append(cp)
+                    stack.append((cp, inner))
 
     def iter_content(self, d: Dirent) -> Iterator[bytes]:
         """A regular file's bytes, block by block, verified."""

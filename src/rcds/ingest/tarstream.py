@@ -46,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol, Self, cast
 
 import zstandard
 
+from rcds.cvmfs.catalog import NESTED_MARKER
 from rcds.cvmfs.tree import EntryKind, TreeEntry
 
 if TYPE_CHECKING:
@@ -90,6 +91,12 @@ class IngestLimits:
     ``max_name_length``: bytes of one path component.
     ``max_compression_ratio``: decompressed tar bytes / compressed bytes read, checked continuously once
     more than ``ratio_grace`` bytes were decompressed (small archives may compress very well).
+    ``max_nested_catalogs``: directories holding a ``.cvmfscatalog`` (each becomes a nested catalog of its
+    own, some 20 KB of storage and work per publish); one at the top of the tree does not count, it
+    names the catalog every published tree gets anyway.
+    ``max_catalog_depth``: how deeply such catalogs may nest inside one another below the tree's own
+    (``a/.cvmfscatalog`` is 1, ``a/b/.cvmfscatalog`` beside it 2). Clients resolve a path catalog by
+    catalog, so every level is a lookup (and a download) for every path below it.
     """
 
     max_total_size: int = 16 * GiB
@@ -99,6 +106,8 @@ class IngestLimits:
     max_name_length: int = 255
     max_compression_ratio: float = 200.0
     ratio_grace: int = 64 * MiB
+    max_nested_catalogs: int = 500
+    max_catalog_depth: int = 32
 
 
 DEFAULT_LIMITS = IngestLimits()
@@ -695,6 +704,9 @@ class _Ingest:
         self.total_size = 0
         self.newest: int | None = None
         self.current: _MemberStream | None = None
+        # Directories with a nested catalog marker ("<dir>/" keys) -> their nesting depth. At most
+        # max_nested_catalogs of them, so checking a new one against all is cheap.
+        self.catalogs: dict[str, int] = {}
 
     def entries(self) -> Iterator[TreeEntry]:
         members = self.members()
@@ -883,7 +895,41 @@ class _Ingest:
         for p in implied:
             self.count(f"directory {_show(p)}")
             self.kinds[p] = _IMPLIED
+            if p.endswith("/" + NESTED_MARKER):
+                self.nested_catalog(p, shown)
         self.kinds[path] = new
+        if path.endswith("/" + NESTED_MARKER):
+            self.nested_catalog(path, shown)
+
+    def nested_catalog(self, marker: str, shown: str) -> None:
+        """Count the nested catalog that ``marker`` (a path ending in ``/.cvmfscatalog``, of any type: the
+        writer nests on the name alone) makes of its directory, refusing too many or too deep ones.
+
+        Members come in any order, so a marker may land above ones already seen: those sink one level.
+        """
+        limits = self.limits
+        key = marker[: -len(NESTED_MARKER)]  # "<dir>/"
+        if len(self.catalogs) >= limits.max_nested_catalogs:
+            raise IngestError(
+                f"too many nested catalogs: more than {limits.max_nested_catalogs} directories with a "
+                f"{NESTED_MARKER} (at member {shown}; [limits] max_nested_catalogs)"
+            )
+        depth = 1
+        below = []
+        for other, other_depth in self.catalogs.items():
+            if key.startswith(other):  # an enclosing catalog (the nearest one is the deepest)
+                depth = max(depth, other_depth + 1)
+            elif other.startswith(key):
+                below.append(other)
+        self.catalogs[key] = depth
+        for other in below:
+            self.catalogs[other] += 1
+        deepest = max([depth, *(self.catalogs[o] for o in below)])
+        if deepest > limits.max_catalog_depth:
+            raise IngestError(
+                f"nested catalogs too deep: {deepest} levels, more than {limits.max_catalog_depth} "
+                f"(at member {shown}; [limits] max_catalog_depth)"
+            )
 
 
 def _read_head(stream: BinaryIO) -> bytes:

@@ -218,7 +218,11 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         max_name_length=lim.integer("max_name_length", d.max_name_length),
         max_compression_ratio=lim.number("max_compression_ratio", d.max_compression_ratio),
         ratio_grace=lim.integer("ratio_grace", d.ratio_grace),
+        max_nested_catalogs=lim.integer("max_nested_catalogs", d.max_nested_catalogs),
+        max_catalog_depth=lim.integer("max_catalog_depth", d.max_catalog_depth),
     )
+    if limits.max_nested_catalogs < 0 or limits.max_catalog_depth < 0:
+        raise ConfigError("limits.max_nested_catalogs and limits.max_catalog_depth must not be negative")
     max_upload = lim.integer("max_upload", 4 * GiB)
     batch_max_jobs = lim.integer("batch_max_jobs", 100)
     batch_max_bytes = lim.integer("batch_max_bytes", 512 * MiB)
