@@ -378,23 +378,24 @@ def test_sigterm_finishes_or_keeps_in_flight_work(fresh_server: RcdsServer) -> N
         assert srv.wait_state(cid)["state"] == "published"
 
 
-def test_a_full_disk_during_publish_is_retried_then_reported_and_nothing_is_half_published(
-    tmp_path: Path,
-) -> None:
-    srv = RcdsServer(tmp_path, top_config="retry_delay = 0.1\npublish_attempts = 3")
+def test_a_full_disk_during_publish_is_waited_out_and_nothing_is_half_published(tmp_path: Path) -> None:
+    srv = RcdsServer(tmp_path, top_config="retry_delay = 0.1\nmax_retry_delay = 0.2\npublish_attempts = 3")
     try:
         srv.start(env={"RCDS_FAILPOINT": "after-objects:enospc"})
         assert srv.publish("full/disk", make_tarball(CODE)).text == "OK\n"
-        doc = srv.wait_state("full/disk", ("failed",))
-        assert doc["reason"] == "error: OSError: [Errno 28] No space left on device"
+        deadline = time.monotonic() + 60
+        while (doc := srv.status("full/disk")).get("waits", 0) < 4:  # more tries than publish_attempts
+            assert doc["state"] in ("queued", "publishing"), doc  # never failed: the upload is kept
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.05)
+        assert doc["reason"] == "waiting for disk space: OSError: [Errno 28] No space left on device"
         for r in REPOS:
             repo = Repository(srv.storage(r))
             assert repo.manifest().revision == 0  # every attempt aborted before any catalog
             assert_repository_ok(repo)
-        assert 'rcds_publish_failures_total{reason="retried"} 2.0' in srv.client.get("/metrics").text
+        assert 'rcds_publish_failures_total{reason="error"}' not in srv.client.get("/metrics").text
         srv.stop()
-        srv.start()  # the disk has space again: the same CID publishes, it is not stuck
-        assert srv.publish("full/disk", make_tarball(CODE)).text == "OK\n"
+        srv.start()  # the disk has space again: the upload acknowledged before publishes, no new upload
         assert srv.wait_state("full/disk")["state"] == "published"
     finally:
         srv.close()

@@ -2,8 +2,12 @@
 
 ``RCDS_FAILPOINT=<name>`` makes the process exit abruptly (``os._exit``, no cleanup, like a kill -9
 or a power cut for everything not yet fsynced) when it reaches that point.
-``RCDS_FAILPOINT=<name>:enospc`` instead raises ``OSError(ENOSPC)`` there, as a full disk would.
-Unset, ``hit`` costs one dictionary lookup.
+``RCDS_FAILPOINT=<name>:enospc`` instead raises ``OSError(ENOSPC)`` there, as a full disk would;
+``<name>:eio`` raises ``OSError(EIO)``, a failing disk; ``<name>:error`` raises ``FailpointError``, an error
+that is nobody's environment (as a bug would be).
+``RCDS_FAILPOINT_FILE=<path>`` reads the setting from that file at every point instead (missing or empty:
+none), so that a test can fill and free the "disk" of a running server.
+Unset, ``hit`` costs one or two dictionary lookups.
 """
 
 from __future__ import annotations
@@ -12,14 +16,30 @@ import errno
 import os
 
 ENV = "RCDS_FAILPOINT"
+FILE_ENV = "RCDS_FAILPOINT_FILE"
 EXIT_CODE = 137
+
+
+class FailpointError(RuntimeError):
+    pass
 
 
 def hit(name: str) -> None:
     point = os.environ.get(ENV)
-    if point is None:
+    path = os.environ.get(FILE_ENV)
+    if path is not None:
+        try:
+            with open(path) as f:
+                point = f.read().strip() or None
+        except OSError:
+            point = None
+    if point is None or not point.startswith(name):
         return
     if point == name:
         os._exit(EXIT_CODE)
     if point == f"{name}:enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if point == f"{name}:eio":
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    if point == f"{name}:error":
+        raise FailpointError(f"failpoint {name}")

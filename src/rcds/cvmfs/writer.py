@@ -574,7 +574,10 @@ class Transaction:
                 cat.insert(_absolute(path, rel), d)  # without nesting this includes the tree's root row
         except BaseException:
             for cat in touched:
-                cat.db.execute("ROLLBACK")
+                # SQLite has rolled back already after some errors (an I/O error, a full disk); a second
+                # ROLLBACK would raise "no transaction is active" and hide the real error.
+                if cat.db.in_transaction:
+                    cat.db.execute("ROLLBACK")
             raise
         for cat in touched:
             cat.commit()

@@ -130,6 +130,9 @@ class ServiceSettings:
     batch_max_bytes: int = 512 * MiB
     publish_attempts: int = 3
     retry_delay: float = 5.0  # seconds before the first retry; doubles with each attempt
+    # Longest wait between tries of a job waiting for the storage (full disk...): how soon publishing
+    # resumes once space is back.
+    max_retry_delay: float = 60.0
     touch_flush_seconds: float = 5.0
     auth: AuthSettings = field(default_factory=AuthSettings)
     source: SourceSettings = field(default_factory=SourceSettings)
@@ -316,6 +319,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         batch_max_bytes=batch_max_bytes,
         publish_attempts=r.integer("publish_attempts", 3),
         retry_delay=r.number("retry_delay", 5.0),
+        max_retry_delay=r.number("max_retry_delay", 60.0),
         touch_flush_seconds=r.number("touch_flush_seconds", 5.0),
         auth=auth,
         source=source,
@@ -328,6 +332,8 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     r.done()
     if settings.maxdays <= 0 or settings.gc_horizon_days < 0 or not 0 <= settings.gcstarthour <= 23:
         raise ConfigError("maxdays must be positive, gc_horizon_days not negative, gcstarthour 0-23")
+    if settings.retry_delay <= 0 or settings.max_retry_delay < settings.retry_delay:
+        raise ConfigError("retry_delay must be positive and max_retry_delay at least retry_delay")
     if not settings.prefix or "/" in settings.prefix:
         raise ConfigError("prefix must be one path component")
     return settings

@@ -16,6 +16,17 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             "rcds_queue_depth", "Uploads acknowledged and waiting to be published", registry=r
         )
+        self.waiting = Gauge(
+            "rcds_waiting_jobs",
+            "Acknowledged uploads waiting for the storage to recover (full disk, I/O errors): kept, retried",
+            registry=r,
+        )
+        self.storage_waiting = Gauge(
+            "rcds_storage_waiting",
+            "1 while a repository's publishing waits for its storage to recover (full disk, I/O errors)",
+            ["repository"],
+            registry=r,
+        )
         self.publishing = Gauge("rcds_publishing", "Uploads being published now", ["repository"], registry=r)
         self.publish_seconds = Histogram(
             "rcds_publish_seconds",
@@ -62,8 +73,9 @@ class ServiceMetrics:
             "rcds_gc_freed_bytes", "Bytes freed by garbage collection", ["repository"], registry=r
         )
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
+    def watch_queue(self, depth: Callable[[], int], waiting: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
+        self.waiting.set_function(lambda: float(waiting()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

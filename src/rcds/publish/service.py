@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -55,6 +56,7 @@ from .metrics import ServiceMetrics
 from .namespace import RULE, Namespace, NamespaceConflict, find_collisions, log_collisions, top_name
 from .presence import PUBLISHER_FILE, Presence, PresenceIndex, scan_published_cids
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
+from .transient import environment_wait
 
 if TYPE_CHECKING:
     from ..cvmfs.gc import GcReport
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rcds.publish")
 
 RESIGN_DAYS_LEFT = 7  # re-sign a local repository's whitelist when it expires sooner than this
+STORAGE_LOG_INTERVAL = 600.0  # seconds between warnings while publishing waits for a failed storage
 REPLICA_BUSY_WAIT = 120.0  # seconds cleanup waits for a replica another process holds (rcds repo gc)
 CLOCK_OFFSET_ENV = (
     "RCDS_CLOCK_OFFSET"  # tests: seconds added to the service's clock (last-use, publish times)
@@ -186,7 +189,7 @@ class PublishService:
         s = self.settings
         self.open()
         self._recover_jobs()
-        self.metrics.watch_queue(self.queued_count)
+        self.metrics.watch_queue(self.queued_count, self.waiting_count)
         self.running = True
         for name, repo in self.repositories.items():
             worker = RepositoryWorker(self, name, repo)
@@ -302,6 +305,11 @@ class PublishService:
             else:
                 requeue.append(job.id)
         self.state.reset_to_queued(requeue)
+        # Jobs that waited for the storage (a full disk) try again at once: a restart is often how an
+        # operator says it is fixed.
+        woken = self.state.wake_waiting()
+        if woken:
+            log.info("jobs waiting for the storage retried now", extra=fields(jobs=woken))
         active = self.state.active_spools()
         for f in self.spool_dir.iterdir():
             # .part files were never acknowledged; a .tar without a job was fsynced but never recorded.
@@ -328,6 +336,9 @@ class PublishService:
     def queued_count(self) -> int:
         return self.state.queued_count() if self.state is not None else 0
 
+    def waiting_count(self) -> int:
+        return self.state.waiting_count() if self.state is not None else 0
+
     def status(self, cid: str) -> dict[str, object]:
         assert self.state is not None
         doc: dict[str, object] = {"cid": cid}
@@ -341,6 +352,8 @@ class PublishService:
                 doc["reason"] = job.reason
             if job.attempts:
                 doc["attempts"] = job.attempts
+            if job.waits:  # tries that failed on the storage (full disk...): the job waits, it is kept
+                doc["waits"] = job.waits
         elif where is not None:
             doc.update(
                 state="published", repository=where.repository, revision=where.revision, path=where.path
@@ -405,6 +418,11 @@ class PublishService:
 
     def _active_named(self, name: str) -> list[str]:
         return self.state.active_named(name) if self.state is not None else []
+
+    def backoff(self, failures: int) -> float:
+        """Seconds before the next try after ``failures`` earlier ones: doubling, capped."""
+        s = self.settings
+        return float(min(s.max_retry_delay, s.retry_delay * 2 ** min(failures, 30)))
 
     def _check_running(self) -> None:
         if not self.running:
@@ -674,16 +692,32 @@ class RepositoryWorker(threading.Thread):
         self.busy = threading.Lock()  # held while publishing a revision
         self._next_resign_check = 0.0
         self._next_share_check = 0.0
+        # While the storage fails (a full disk...): consecutive failures, since when (wall clock), no new
+        # try before _resume_at (monotonic), last warning logged (monotonic).
+        self._storage_failures = 0
+        self._storage_since: float | None = None
+        self._resume_at = 0.0
+        self._storage_logged = 0.0
+        # State database writes that failed (the database shares the full disk), replayed in order before
+        # anything else: without them a job would stay "publishing" until the next restart.
+        self._pending_writes: list[Callable[[], object]] = []
 
     def run(self) -> None:
         svc = self.service
         assert svc.state is not None
         while not svc.stopping.is_set():
             seen = svc.generation
+            pause = self._resume_at - time.monotonic()
+            if pause > 0:  # the storage failed: the next try waits for the backoff
+                svc.stopping.wait(min(pause, 1.0))
+                continue
             if not self.accepting.is_set() or self._locked_elsewhere():
                 svc.wait_for_work(seen, 1.0)
                 continue
             try:
+                while self._pending_writes:
+                    self._pending_writes[0]()
+                    self._pending_writes.pop(0)
                 with self.busy:
                     if not self.accepting.is_set():
                         continue
@@ -700,7 +734,13 @@ class RepositoryWorker(threading.Thread):
                         self._next_share_check = time.monotonic() + min(60.0, svc.settings.share_seconds / 2)
                         self.publish([])
                         continue
-            except Exception:  # never let the worker die; the jobs were requeued or failed by publish()
+            except (
+                Exception
+            ) as exc:  # never let the worker die; the jobs were requeued or failed by publish()
+                wait = environment_wait(exc)
+                if wait is not None:
+                    self._storage_failed(wait, exc)
+                    continue
                 log.exception("worker error", extra=fields(repository=self.repo_name))
                 time.sleep(1)
                 continue
@@ -754,24 +794,37 @@ class RepositoryWorker(threading.Thread):
                 result = txn.commit()
         except Exception as exc:
             # Nothing of this revision is live (the transaction aborted): every job not settled goes back
-            # to the queue, to be retried alone, or fails for good after ``publish_attempts`` tries.
-            state.unshare(shares)
-            reason = f"{type(exc).__name__}: {exc}"
-            log.exception("publish failed", extra=fields(repository=self.repo_name, jobs=len(jobs)))
-            for job in jobs:
-                if job.id not in settled:
-                    self._retry_or_fail(job, reason)
+            # to the queue. If the storage failed (a full disk...) it waits, keeping its spool file, for
+            # as long as that lasts; otherwise it is retried alone, and fails for good after
+            # ``publish_attempts`` tries.
+            unsettled = [job for job in jobs if job.id not in settled]
+            wait = environment_wait(exc)
+            if wait is None:
+                reason = f"{type(exc).__name__}: {exc}"
+                log.exception("publish failed", extra=fields(repository=self.repo_name, jobs=len(jobs)))
+                for job in unsettled:
+                    self._write_state(functools.partial(self._retry_or_fail, job, reason))
+            else:
+                self._storage_failed(wait, exc, len(unsettled))
+                for job in unsettled:
+                    self._write_state(functools.partial(self._wait, job, wait))
+            self._write_state(functools.partial(state.unshare, shares))
             return
         finally:
             m.publishing.labels(self.repo_name).set(0)
+        self._storage_works()
         svc.known_revision[self.repo_name] = result.revision
         seconds = time.monotonic() - started
         cids = [job.cid for job, _, _ in done]
         for job, _, _ in done:  # a crash from here on is fine: recovery finds the CIDs in the live revision
             Path(job.spool).unlink(missing_ok=True)
         svc.presence.add(self.repo_name, cids, result.revision)
-        state.mark_published([(job.id, n) for job, n, _ in done], self.repo_name, result.revision)
-        state.mark_shared(dict.fromkeys(cids, now))
+        self._write_state(
+            functools.partial(
+                state.mark_published, [(job.id, n) for job, n, _ in done], self.repo_name, result.revision
+            )
+        )
+        self._write_state(functools.partial(state.mark_shared, dict.fromkeys(cids, now)))
         for job, n, nbytes in done:
             m.publish_seconds.labels(self.repo_name).observe(time.time() - job.submitted)
             m.bytes_ingested.labels(self.repo_name).inc(nbytes)
@@ -885,6 +938,71 @@ class RepositoryWorker(threading.Thread):
         if txn.exists(f"/{prefix}/{cid}"):
             return f"/{prefix}/{cid} in {repo} exists but is not a published cid (no {PUBLISHER_FILE})"
         return None
+
+    def _wait(self, job: Job, reason: str) -> None:
+        """Back to the queue to wait for the storage; the spool file stays, no attempt is spent."""
+        svc = self.service
+        assert svc.state is not None
+        svc.state.wait(job.id, reason, svc.backoff(job.waits))
+        svc.metrics.failures.labels("waiting").inc()
+
+    def _write_state(self, write: Callable[[], object]) -> None:
+        """Do a write to the state database now, or, if it fails (or earlier ones wait), later, in order."""
+        if not self._pending_writes:
+            try:
+                write()
+                return
+            except Exception as exc:
+                wait = environment_wait(exc)
+                if wait is not None:
+                    self._storage_failed(wait, exc)
+                else:
+                    log.exception("state update failed, retried", extra=fields(repository=self.repo_name))
+        self._pending_writes.append(write)
+
+    def _storage_failed(self, reason: str, exc: BaseException, jobs: int = 0) -> None:
+        """The storage failed (full disk, I/O error): back off, and tell the operator, but not every time."""
+        svc = self.service
+        now = time.monotonic()
+        delay = svc.backoff(self._storage_failures)
+        self._storage_failures += 1
+        self._resume_at = now + delay
+        svc.metrics.storage_waiting.labels(self.repo_name).set(1)
+        if self._storage_since is None:
+            self._storage_since = time.time()
+            self._storage_logged = now
+            log.warning(
+                "publishing waits for the storage; acknowledged uploads are kept and retried",
+                extra=fields(repository=self.repo_name, reason=reason, jobs=jobs, retry_in=round(delay, 1)),
+                exc_info=exc,
+            )
+        elif now - self._storage_logged >= STORAGE_LOG_INTERVAL:
+            self._storage_logged = now
+            log.warning(
+                "publishing still waits for the storage",
+                extra=fields(
+                    repository=self.repo_name, reason=reason, failures=self._storage_failures,
+                    waiting_seconds=round(time.time() - self._storage_since),
+                ),
+            )  # fmt: skip
+
+    def _storage_works(self) -> None:
+        """A publish went through: if the storage had failed, it is back; the waiting jobs go now."""
+        if self._storage_since is None:
+            return
+        svc = self.service
+        assert svc.state is not None
+        log.warning(
+            "publishing resumed: the storage works again",
+            extra=fields(
+                repository=self.repo_name, failures=self._storage_failures,
+                waited_seconds=round(time.time() - self._storage_since, 1),
+            ),
+        )  # fmt: skip
+        self._storage_failures, self._storage_since, self._resume_at = 0, None, 0.0
+        svc.metrics.storage_waiting.labels(self.repo_name).set(0)
+        self._write_state(svc.state.wake_waiting)
+        svc._notify()
 
     def _retry_or_fail(self, job: Job, reason: str) -> None:
         svc = self.service

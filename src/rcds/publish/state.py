@@ -6,6 +6,8 @@ table; a partial unique index allows at most one *active* (queued or publishing)
 makes two concurrent uploads of one CID publish it once.
 
 Job states: ``queued`` -> ``publishing`` -> ``published`` | ``failed`` (or back to ``queued`` for a retry).
+A job back in the queue counts either an ``attempt`` (an error that may be anyone's: bounded by
+``publish_attempts``) or a ``wait`` (the storage failed, e.g. a full disk: retried until it recovers).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     files INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     not_before REAL NOT NULL DEFAULT 0,
-    reason TEXT
+    reason TEXT,
+    waits INTEGER NOT NULL DEFAULT 0  -- failures of the storage (full disk...) since the last other outcome
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_cid ON jobs(cid) WHERE state IN ('queued', 'publishing');
 CREATE INDEX IF NOT EXISTS jobs_cid ON jobs(cid, id);
@@ -75,11 +78,12 @@ class Job:
     files: int | None
     attempts: int
     reason: str | None
+    waits: int = 0
 
 
 _JOB_COLUMNS = (
     "id, cid, state, spool, size, striplevels, identity, submitted, started, finished, repository, "
-    "revision, files, attempts, reason"
+    "revision, files, attempts, reason, waits"
 )
 
 
@@ -96,6 +100,9 @@ class StateDB:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(access)")}
         if "shared" not in columns:  # a state file from before ts/ records
             self._db.execute("ALTER TABLE access ADD COLUMN shared REAL")
+        job_columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "waits" not in job_columns:  # a state file from before jobs waited for the storage
+            self._db.execute("ALTER TABLE jobs ADD COLUMN waits INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -154,11 +161,16 @@ class StateDB:
         return Job(*row) if row else None
 
     def claim(self, repository: str, max_jobs: int, max_bytes: int, now: float | None = None) -> list[Job]:
-        """Move the oldest queued jobs (at least one, then up to the limits) to ``publishing``."""
+        """Move the oldest queued jobs (at least one, then up to the limits) to ``publishing``.
+
+        New jobs first, in order; then retries, the one waiting longest first: a job that keeps failing
+        (say, one too big for what is left of the disk) goes to the back each time, after the others.
+        """
         now = time.time() if now is None else now
         with self._txn() as db:
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? AND not_before <= ? ORDER BY id LIMIT ?",
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? AND not_before <= ? "
+                "ORDER BY not_before, id LIMIT ?",
                 (QUEUED, now, max_jobs),
             ).fetchall()
             jobs: list[Job] = []
@@ -166,7 +178,8 @@ class StateDB:
             for row in rows:
                 job = Job(*row)
                 # A job that failed once is retried alone, so that it cannot sink a batch twice.
-                if jobs and (total + job.size > max_bytes or job.attempts or jobs[0].attempts):
+                retried = job.attempts or job.waits
+                if jobs and (total + job.size > max_bytes or retried or jobs[0].attempts or jobs[0].waits):
                     break
                 jobs.append(job)
                 total += job.size
@@ -179,6 +192,15 @@ class StateDB:
     def queued_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()[0])
+
+    def waiting_count(self) -> int:
+        """Queued jobs whose last try failed on the storage (``wait``)."""
+        with self._lock:
+            return int(
+                self._db.execute(
+                    "SELECT count(*) FROM jobs WHERE state = ? AND waits > 0", (QUEUED,)
+                ).fetchone()[0]
+            )
 
     def next_retry_at(self) -> float | None:
         with self._lock:
@@ -206,10 +228,26 @@ class StateDB:
         """Back to the queue after a failure that was not the tarball's fault (one more attempt)."""
         with self._txn() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, attempts = attempts + 1, reason = ?, started = NULL, "
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, waits = 0, reason = ?, started = NULL, "
                 "repository = NULL, not_before = ? WHERE id = ?",
                 (QUEUED, reason, time.time() + delay, job_id),
             )
+
+    def wait(self, job_id: int, reason: str, delay: float) -> None:
+        """Back to the queue after the storage failed (a full disk...): no attempt is spent."""
+        with self._txn() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, waits = waits + 1, reason = ?, started = NULL, "
+                "repository = NULL, not_before = ? WHERE id = ?",
+                (QUEUED, reason, time.time() + delay, job_id),
+            )
+
+    def wake_waiting(self) -> int:
+        """Make every job waiting for the storage due now (it recovered, or the server restarted)."""
+        with self._txn() as db:
+            return db.execute(
+                "UPDATE jobs SET not_before = 0 WHERE state = ? AND waits > 0 AND not_before > 0", (QUEUED,)
+            ).rowcount
 
     def interrupted(self) -> list[Job]:
         """Jobs a previous process was publishing when it stopped."""
