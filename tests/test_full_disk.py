@@ -162,3 +162,30 @@ def test_other_errors_keep_the_bounded_retries(tmp_path: Path) -> None:
         assert events(srv, "publishing waits for the storage") == []
     finally:
         srv.close()
+
+
+def test_a_state_database_on_the_full_disk_catches_up_when_space_returns(tmp_path: Path) -> None:
+    """The revision went through but recording it did not (the state database shares the full disk):
+    the job must not stay "publishing" until a restart; the write is replayed once it can be."""
+    disk = tmp_path / "failpoint"
+    disk.write_text("state-published:enospc")
+    srv = RcdsServer(tmp_path, repos=(REPO,), top_config=FAST)
+    try:
+        srv.start(env={FILE_ENV: str(disk)})
+        data = make_tarball({"c.txt": "recorded late\n"})
+        cid = cid_of(data)
+        assert srv.publish(cid, data).text == "OK\n"
+        deadline = time.monotonic() + 30
+        while not srv.api("exists", cid=cid).text.startswith("PRESENT:"):
+            assert time.monotonic() < deadline, srv.log()[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # several tries to record it, all failing
+        assert srv.status(cid)["state"] == "publishing"  # live, but not recorded yet
+        assert len(events(srv, "publishing waits for the storage")) == 1
+        disk.write_text("")
+        doc = srv.wait_state(cid, ("published",), timeout=10)
+        # As the replayed write recorded it: the tree's root, c.txt, .publisher and the catalog marker.
+        assert doc["files"] == 4
+        assert Repository(srv.storage(REPO)).manifest().revision == 1  # published once, not again
+    finally:
+        srv.close()

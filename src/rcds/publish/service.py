@@ -771,9 +771,11 @@ class RepositoryWorker(threading.Thread):
         m.publishing.labels(self.repo_name).set(len(jobs))
         done: list[tuple[Job, int, int]] = []  # job, entries, bytes
         settled: set[int] = set()  # jobs already failed (rejected) or found published
-        shares = state.claim_shares(svc.settings.share_seconds)
+        shares: dict[str, float] = {}
         now = svc.clock()
         try:
+            # In the try: on a full disk this first write may fail too, and the jobs must go back.
+            shares = state.claim_shares(svc.settings.share_seconds)
             with self.repo.transaction() as txn:
                 txn.clock = svc.clock
                 top = f"/{svc.prefix}"

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..cvmfs import failpoints
+
 QUEUED: Final = "queued"
 PUBLISHING: Final = "publishing"
 PUBLISHED: Final = "published"
@@ -209,6 +211,7 @@ class StateDB:
 
     def mark_published(self, jobs: Iterable[tuple[int, int | None]], repository: str, revision: int) -> None:
         """``jobs``: (job id, number of files)."""
+        failpoints.hit("state-published")
         now = time.time()
         with self._txn() as db:
             db.executemany(
