@@ -149,7 +149,11 @@ def test_a_server_rejects_both_tarballs_with_the_reason_and_publishes_nothing(tm
         assert srv.api("exists", cid="abuse/chain").text == "MISSING\n"
         storage = srv.storage("solo.rcds.test")
         assert Repository(storage).manifest().revision == 0  # nothing was published
-        assert list((tmp_path / "data" / "queue" / "spool").iterdir()) == []
+        spool = tmp_path / "data" / "queue" / "spool"
+        deadline = time.monotonic() + 10  # the spool file goes right after the job is marked failed
+        while list(spool.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(spool.iterdir()) == []
     finally:
         srv.close()
 
