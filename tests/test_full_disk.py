@@ -158,6 +158,9 @@ def test_other_errors_keep_the_bounded_retries(tmp_path: Path) -> None:
         doc = srv.wait_state(cid_of(data), ("failed",))
         assert doc["reason"] == "error: FailpointError: failpoint after-objects"
         assert 'rcds_publish_failures_total{reason="retried"} 2.0' in srv.client.get("/metrics").text
+        deadline = time.monotonic() + 10  # the spool file goes right after the job is marked failed
+        while spool_files(srv) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert spool_files(srv) == []
         assert events(srv, "publishing waits for the storage") == []
     finally:
