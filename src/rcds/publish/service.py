@@ -747,6 +747,11 @@ class RepositoryWorker(threading.Thread):
             retry_at = svc.state.next_retry_at()
             timeout = 1.0 if retry_at is None else max(0.05, min(1.0, retry_at - time.time()))
             svc.wait_for_work(seen, timeout)
+        # Stopping: one last go at state writes still owed (else the next start sorts those jobs out).
+        with contextlib.suppress(Exception):
+            while self._pending_writes:
+                self._pending_writes[0]()
+                self._pending_writes.pop(0)
 
     def _locked_elsewhere(self) -> bool:
         """Another process (``rcds cleanup``, ``rcds repo``) holds the repository: leave the jobs to others."""
