@@ -41,6 +41,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..compat import SLOTS
 from ..cvmfs.catalog import COMPRESSION_NONE, NESTED_MARKER, Dirent
 from ..cvmfs.hashes import ContentHash, Suffix, normalize_path
 from ..cvmfs.reader import ReaderError, RepositoryReader
@@ -89,7 +90,7 @@ class _Corrupt(Exception):
     """The bytes served for an object are not the object (hash, zlib stream or size is wrong)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class _Piece:
     hash: ContentHash
     suffix: Suffix
@@ -101,13 +102,13 @@ class _Piece:
         return self.hash.object_name(self.suffix)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Target:
     rel: str  # path below DEST
     group: tuple[str, int] | None  # hard-link group: (catalog mountpoint, group id)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Entry:
     """One cache entry (content + mode + mtime) and the DEST files made from it."""
 
@@ -117,7 +118,7 @@ class _Entry:
     targets: list[_Target] = field(default_factory=list)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Content:
     """Distinct file content needed by the tree, with the cache entries (variants) that hold it."""
 
@@ -500,10 +501,11 @@ class _Run:
             return {}
         bufs = [io.BytesIO() for _ in pieces]
         try:
-            errors = self.reader.source.fetch_many([(p.name, b) for p, b in zip(pieces, bufs, strict=True)])
+            errors = self.reader.source.fetch_many([(p.name, b) for p, b in zip(pieces, bufs)])
         except Exception:
             return {}
-        return {p.name: b.getvalue() for p, b, e in zip(pieces, bufs, errors, strict=True) if e is None}
+        # fetch_many gives one error (or None) per item
+        return {p.name: b.getvalue() for p, b, e in zip(pieces, bufs, errors) if e is None}
 
     def run_piece(self, job: _Job, piece: _Piece, prefetched: bytes | None = None) -> None:
         """Download one object of a job (unless ``prefetched``); the thread finishing the job's last piece

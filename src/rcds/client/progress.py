@@ -1,4 +1,7 @@
-"""Progress bars for long client work (uploads, downloads), shown only to a person at a terminal."""
+"""Progress bars for long client work (uploads, downloads), shown only to a person at a terminal.
+
+Without tqdm (the job client on a bare python3) there are none.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,12 @@ import sys
 from types import TracebackType
 from typing import Any
 
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # a bare python3 (the job client): no bars
+    HAVE_TQDM = False
+else:
+    HAVE_TQDM = True
 
 
 class Progress:
@@ -14,7 +22,7 @@ class Progress:
 
     def __init__(self, total: int | None, description: str, enabled: bool = True) -> None:
         self._bar: tqdm[Any] | None = None
-        if enabled and sys.stderr.isatty():
+        if enabled and HAVE_TQDM and sys.stderr.isatty():
             self._bar = tqdm(
                 total=total,
                 desc=description,

@@ -10,6 +10,7 @@ a bounded number of rounds. The final error lists what each server answered.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
@@ -18,13 +19,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import httpx
+from urllib.parse import urlencode
 
 from .. import __version__
+from ..cvmfs.stdhttp import StdlibHttp, describe, timeout_error
 from .credentials import Credentials
 from .errors import ClientError, RequestRefused, ServersUnavailable
 from .progress import Progress
+
+try:
+    import httpx
+except ImportError:  # a bare python3 (the job client): http.client (stdhttp)
+    HAVE_HTTPX = False
+else:
+    HAVE_HTTPX = True
 
 log = logging.getLogger("rcds.client")
 
@@ -58,15 +66,30 @@ class PubApiClient:
         self.backoff_cap = backoff_cap
         self._good = 0  # index of the server that answered last: keep using it
         https = any(s.startswith("https://") for s in self.servers)
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout, write=read_timeout),
-            verify=self.credentials.ssl_context() if https else True,
-            headers={"User-Agent": f"rcds/{__version__}"},
-            trust_env=False,  # a site's http_proxy must not carry uploads; servers are reached directly
-        )
+        self._http: httpx.Client | None = None
+        self._std: StdlibHttp | None = None
+        # Either way, never through a site's http_proxy: it must not carry uploads; servers are reached
+        # directly.
+        if HAVE_HTTPX:
+            self._http = httpx.Client(
+                timeout=httpx.Timeout(read_timeout, connect=connect_timeout, write=read_timeout),
+                verify=self.credentials.ssl_context() if https else True,
+                headers={"User-Agent": f"rcds/{__version__}"},
+                trust_env=False,
+            )
+        else:
+            self._std = StdlibHttp(
+                connect_timeout,
+                read_timeout,
+                f"rcds/{__version__}",
+                self.credentials.ssl_context() if https else None,
+            )
 
     def close(self) -> None:
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
+        if self._std is not None:
+            self._std.close()
 
     def __enter__(self) -> PubApiClient:
         return self
@@ -166,9 +189,20 @@ class PubApiClient:
         headers = self.credentials.headers_for(url)
         if body is not None:
             headers["Content-Length"] = str(size)
+        method = "POST" if body is not None else "GET"
+        if self._std is not None:
+            try:
+                with self._std.request(
+                    method, url + (f"?{urlencode({'cid': cid})}" if cid else ""), headers, body=body
+                ) as response:
+                    status, text = response.status, response.read().decode("utf-8", "replace").strip()
+            except (OSError, http.client.HTTPException) as exc:
+                return f"timed out ({type(exc).__name__})" if timeout_error(exc) else describe(exc)
+            return _outcome(server, status, text)
+        assert self._http is not None
         try:
             r = self._http.request(
-                "POST" if body is not None else "GET",
+                method,
                 url,
                 params={"cid": cid} if cid else None,
                 headers=headers,
@@ -177,15 +211,19 @@ class PubApiClient:
         except httpx.TimeoutException as exc:
             return f"timed out ({type(exc).__name__})"
         except httpx.TransportError as exc:
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        text = r.text.strip()
-        if r.status_code == 200:
-            return Answer(server, text)
-        if r.status_code >= 500 or r.status_code == 429:
-            return f"HTTP {r.status_code}: {text[:200]}"
-        if r.status_code == 400 and any(t in text for t in _TRANSIENT_400):
-            return f"HTTP 400: {text[:200]}"
-        raise RequestRefused(server, r.status_code, text[:500])
+            return describe(exc)
+        return _outcome(server, r.status_code, r.text.strip())
+
+
+def _outcome(server: str, status: int, text: str) -> Answer | str:
+    """A server's answer, or a one-line reason to try another server; raises if no server can help."""
+    if status == 200:
+        return Answer(server, text)
+    if status >= 500 or status == 429:
+        return f"HTTP {status}: {text[:200]}"
+    if status == 400 and any(t in text for t in _TRANSIENT_400):
+        return f"HTTP 400: {text[:200]}"
+    raise RequestRefused(server, status, text[:500])
 
 
 def _present(body: str) -> str | None:

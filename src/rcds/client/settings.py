@@ -26,13 +26,17 @@ import getpass
 import os
 import random
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..tomlconfig import ConfigError, TomlTable
+
+try:
+    import tomllib  # novermin (vermin: minitoml is used before 3.11)
+except ImportError:  # python < 3.11: the job client on a worker node
+    from .. import minitoml as tomllib  # type: ignore[no-redef]
 
 DIRECT = "DIRECT"
 DEFAULT_PREFIX = "sw"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..compat import SLOTS
 from .hashes import Algorithm, ContentHash, md5_pair, parent_path
 
 SCHEMA = "2.5"
@@ -88,7 +89,7 @@ class Chunk:
     hash: ContentHash
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Dirent:
     """One catalog row. ``flags`` holds the type, nesting, chunking, algorithm and compression bits."""
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives.asymmetric import rsa
+from typing import TYPE_CHECKING
 
 from . import signing
 from .hashes import EMPTY_MD5_HEX, ContentHash
 from .signing import SignatureError, SignedText
+
+if TYPE_CHECKING:  # signing needs cryptography; reading (the job client) does not
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 
 class ManifestError(SignatureError):
@@ -108,10 +110,7 @@ class Manifest:
         return manifest, signed
 
     def verify_signature(self, signed: SignedText, certificate_pem: bytes) -> None:
-        cert = signing.load_certificate(certificate_pem)
-        key = cert.public_key()
-        if not isinstance(key, rsa.RSAPublicKey):
-            raise ManifestError("certificate key is not RSA")
+        key = signing.certificate_public_key(certificate_pem)
         try:
             signing.verify_sha1(key, signed.hash_hex.encode("ascii"), signed.signature)
         except SignatureError as exc:

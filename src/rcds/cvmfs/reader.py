@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from . import signing
 from .catalog import COMPRESSION_NONE, Catalog, Dirent
 from .hashes import Algorithm, ContentHash, Suffix, normalize_path, parent_path
@@ -65,7 +63,7 @@ class RepositoryReader:
     def __init__(
         self,
         source: Source,
-        public_keys: list[rsa.RSAPublicKey],
+        public_keys: list[signing.PublicKey],
         fqrn: str | None = None,
         cache_dir: Path | None = None,
         check_whitelist_expiry: bool = True,
@@ -106,7 +104,7 @@ class RepositoryReader:
     ) -> RepositoryReader:
         """Open ``location`` (a storage directory or ``http://host/cvmfs/<fqrn>``; several URLs ``;``-separated)."""
         if public_key is None:
-            keys: list[rsa.RSAPublicKey] = []
+            keys: list[signing.PublicKey] = []
         elif isinstance(public_key, bytes):
             keys = [signing.load_public_key(public_key)]
         elif isinstance(public_key, list):
@@ -174,9 +172,7 @@ class RepositoryReader:
                 wl = Whitelist.parse(wl_data)[0]
             except signing.SignatureError as parse_exc:  # not even parsable: nothing to go on
                 raise ReaderError(f"bad whitelist: {parse_exc}") from parse_exc
-        fingerprint = signing.parse_fingerprint(
-            signing.certificate_fingerprint(signing.load_certificate(cert_pem))
-        )
+        fingerprint = signing.parse_fingerprint(signing.pem_certificate_fingerprint(cert_pem))
         if fingerprint not in wl.fingerprints:
             self._distrust("the publisher certificate is not in the whitelist")
         self.manifest, self.whitelist = manifest, wl
@@ -197,7 +193,7 @@ class RepositoryReader:
         return self.manifest.revision
 
     def whitelist_expires_in(self) -> dt.timedelta:
-        return self.whitelist.expires - dt.datetime.now(dt.UTC)
+        return self.whitelist.expires - dt.datetime.now(dt.timezone.utc)
 
     # --- objects ---------------------------------------------------------------------------------
 

@@ -80,8 +80,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from ..logs import fields
 from . import failpoints, signing
 from .catalog import FLAG_EXTERNAL, FLAG_FILE, HASH_ALGORITHM_MASK, HASH_ALGORITHM_SHIFT, Catalog
@@ -264,7 +262,7 @@ def _fqrn_from_url(source_url: str | list[str]) -> str | None:
     return parts[-1] if len(parts) >= 2 and parts[-2] == "cvmfs" and parts[-1] else None
 
 
-def _load_keys(public_keys: list[Path] | bytes) -> list[rsa.RSAPublicKey]:
+def _load_keys(public_keys: list[Path] | bytes) -> list[signing.PublicKey]:
     try:
         if isinstance(public_keys, bytes):
             return [signing.load_public_key(public_keys)]
@@ -914,7 +912,7 @@ class _Snapshot:
         self,
         replica: _Replica,
         source: _RootFilesFresh,
-        keys: list[rsa.RSAPublicKey],
+        keys: list[signing.PublicKey],
         fqrn: str | None,
         current: Manifest | None,
         jobs: int,

@@ -196,7 +196,7 @@ class Repository:
     def certificate_pem(self) -> bytes:
         return self._key_path("crt").read_bytes()
 
-    def public_keys(self) -> list[rsa.RSAPublicKey]:
+    def public_keys(self) -> list[signing.PublicKey]:
         return [signing.load_public_key(self.public_key_path.read_bytes())]
 
     def resign(self, days: int | None = None, now: dt.datetime | None = None) -> Whitelist:

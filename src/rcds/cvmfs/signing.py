@@ -7,7 +7,8 @@
 
 Both are done here with modular exponentiation on the key numbers, so that a host crypto policy that
 forbids SHA-1 signatures (RHEL 9 DEFAULT) cannot break publishing. ``cryptography`` is used for key
-generation, PEM and X.509 handling.
+generation, PEM and X.509 handling; without it (the job client on a bare python3) ``pkcs1`` reads the
+public keys and certificates that verifying needs, and the rest is not available.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ import datetime as dt
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from . import pkcs1
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+except ImportError:  # a bare python3 (the job client): it only verifies, and pkcs1 reads its keys
+    HAVE_CRYPTOGRAPHY = False
+else:
+    HAVE_CRYPTOGRAPHY = True
 
 KEY_BITS = 2048
 # DER prefix of DigestInfo for SHA-1 (RFC 8017 section 9.2, note 1).
@@ -29,6 +38,20 @@ _SHA1_DIGEST_INFO = bytes.fromhex("3021300906052b0e03021a05000414")
 
 class SignatureError(Exception):
     """A signature does not verify, or a key cannot be used."""
+
+
+class _PublicNumbers(Protocol):
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def e(self) -> int: ...
+
+
+class PublicKey(Protocol):
+    """What verifying needs of an RSA public key: ``cryptography``'s, or ``pkcs1``'s on a bare python3."""
+
+    def public_numbers(self) -> _PublicNumbers: ...
 
 
 def generate_key() -> rsa.RSAPrivateKey:
@@ -55,7 +78,12 @@ def load_private_key(data: bytes) -> rsa.RSAPrivateKey:
     return key
 
 
-def load_public_key(data: bytes) -> rsa.RSAPublicKey:
+def load_public_key(data: bytes) -> PublicKey:
+    if not HAVE_CRYPTOGRAPHY:
+        try:
+            return pkcs1.load_public_key(data)
+        except pkcs1.NotRsaKey as exc:
+            raise SignatureError("only RSA public keys are supported") from exc
     key: object
     if b"BEGIN CERTIFICATE" in data:
         key = x509.load_pem_x509_certificate(data).public_key()
@@ -66,14 +94,14 @@ def load_public_key(data: bytes) -> rsa.RSAPublicKey:
     return key
 
 
-def load_public_keys(paths: list[Path]) -> list[rsa.RSAPublicKey]:
+def load_public_keys(paths: list[Path]) -> list[PublicKey]:
     return [load_public_key(p.read_bytes()) for p in paths]
 
 
 def make_certificate(key: rsa.RSAPrivateKey, fqrn: str, days: int = 3650) -> x509.Certificate:
     """Self-signed publisher certificate, CN = fqrn. Clients do not check its validity period."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, fqrn)])
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -99,8 +127,38 @@ def load_certificate(pem: bytes) -> x509.Certificate:
 
 def certificate_fingerprint(cert: x509.Certificate) -> str:
     """SHA-1 of the DER encoding, uppercase hex bytes joined by ``:`` (the whitelist form)."""
-    digest = hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    return _der_fingerprint(cert.public_bytes(serialization.Encoding.DER))
+
+
+def _der_fingerprint(der: bytes) -> str:
+    digest = hashlib.sha1(der).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, 40, 2))
+
+
+def pem_certificate_fingerprint(pem: bytes) -> str:
+    """``certificate_fingerprint`` of a PEM certificate."""
+    if not HAVE_CRYPTOGRAPHY:
+        try:
+            return _der_fingerprint(pkcs1.certificate_der(pem))
+        except ValueError as exc:
+            raise SignatureError(f"invalid certificate: {exc}") from exc
+    return certificate_fingerprint(load_certificate(pem))
+
+
+def certificate_public_key(pem: bytes) -> PublicKey:
+    """The RSA key of a PEM certificate (the publisher's, which signs the manifest)."""
+    if not HAVE_CRYPTOGRAPHY:
+        try:
+            der = pkcs1.certificate_der(pem)
+            return pkcs1.certificate_public_key(der)
+        except pkcs1.NotRsaKey as exc:
+            raise SignatureError("certificate key is not RSA") from exc
+        except ValueError as exc:
+            raise SignatureError(f"invalid certificate: {exc}") from exc
+    key = load_certificate(pem).public_key()
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise SignatureError("certificate key is not RSA")
+    return key
 
 
 def parse_fingerprint(line: str) -> str | None:
@@ -139,7 +197,7 @@ def _private_op(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
     return s.to_bytes(k, "big")
 
 
-def _public_op(key: rsa.RSAPublicKey, signature: bytes) -> bytes:
+def _public_op(key: PublicKey, signature: bytes) -> bytes:
     numbers = key.public_numbers()
     k = _modulus_bytes(numbers.n)
     if len(signature) != k:
@@ -164,7 +222,7 @@ def sign_raw(key: rsa.RSAPrivateKey, payload: bytes) -> bytes:
     return _private_op(key, _type1_pad(payload, _modulus_bytes(key.public_key().public_numbers().n)))
 
 
-def recover_raw(key: rsa.RSAPublicKey, signature: bytes) -> bytes:
+def recover_raw(key: PublicKey, signature: bytes) -> bytes:
     """``RSA_public_decrypt``: the payload a raw signature carries."""
     return _type1_unpad(_public_op(key, signature))
 
@@ -174,7 +232,7 @@ def sign_sha1(key: rsa.RSAPrivateKey, message: bytes) -> bytes:
     return sign_raw(key, _SHA1_DIGEST_INFO + hashlib.sha1(message).digest())
 
 
-def verify_sha1(key: rsa.RSAPublicKey, message: bytes, signature: bytes) -> None:
+def verify_sha1(key: PublicKey, message: bytes, signature: bytes) -> None:
     try:
         recovered = recover_raw(key, signature)
     except SignatureError as exc:  # say what failed, not only how

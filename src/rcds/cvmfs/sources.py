@@ -3,11 +3,13 @@
 HTTP sources keep connections alive and fail over the way the CVMFS client does: across the proxy list
 first, then across the server list, remembering what worked. Plain HTTP (the CVMFS case: stratum 1s behind
 squids) goes over our own small pipelining client on ``httptools``; HTTPS and proxies with credentials over
-``httpx``.
+``httpx``. Without those two (the job client on a bare python3), everything goes over ``http.client``
+(``stdhttp``), one request at a time, with the same failover.
 """
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import socket
 import threading
@@ -18,8 +20,15 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-import httptools
-import httpx
+from .stdhttp import StdlibHttp, describe
+
+try:
+    import httptools
+    import httpx
+except ImportError:  # a bare python3 (the job client): http.client does all of HTTP (stdhttp)
+    FAST_HTTP = False
+else:
+    FAST_HTTP = True
 
 DIRECT = "DIRECT"
 _READ_BLOCK = 1 << 20
@@ -327,6 +336,8 @@ class HttpSource(Source):
         self.settings = settings or HttpSettings()
         self._clients: dict[str, httpx.Client] = {}
         self._plain = _PlainHttp(self.settings)
+        s = self.settings
+        self._std = None if FAST_HTTP else StdlibHttp(s.connect_timeout, s.read_timeout, s.user_agent)
         self._lock = threading.Lock()
         self._good_url = 0
         self._good_proxy = 0
@@ -356,6 +367,8 @@ class HttpSource(Source):
                 yield (self._good_url + i) % nu, (self._good_proxy + j) % np_
 
     def _get(self, base: str, key: str, proxy: str, fresh: bool, dest: BinaryIO) -> int | str:
+        if self._std is not None:
+            return self._std_get(self._std, f"{base}/{key}", proxy, fresh, dest)
         if self._plain_path(base, proxy):
             outcome = self._plain.get_many(base, [key], [dest], proxy, fresh)[0]
             return "connection closed by the server" if outcome is None else outcome
@@ -370,6 +383,21 @@ class HttpSource(Source):
             return 200
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _std_get(std: StdlibHttp, url: str, proxy: str, fresh: bool, dest: BinaryIO) -> int | str:
+        headers = {"Cache-Control": "no-cache", "Pragma": "no-cache"} if fresh else {}
+        try:
+            with std.request("GET", url, headers, proxy) as r:
+                if r.status != 200:
+                    return r.status
+                while True:
+                    block = r.read(_READ_BLOCK)
+                    if not block:
+                        return 200
+                    dest.write(block)
+        except (OSError, http.client.HTTPException) as exc:
+            return describe(exc)
 
     @staticmethod
     def _plain_path(url: str, proxy: str) -> bool:
@@ -424,13 +452,13 @@ class HttpSource(Source):
             return super().fetch_many(items, fresh)
         ui, pi = self._good_url, self._good_proxy
         base, proxy = self.urls[ui], self.proxies[pi]
-        if not self._plain_path(base, proxy):
+        if self._std is not None or not self._plain_path(base, proxy):
             return super().fetch_many(items, fresh)
         dests = [dest for _, dest in items]
         starts = [dest.tell() for dest in dests]
         outcomes = self._plain.get_many(base, [key for key, _ in items], dests, proxy, fresh)
         results: list[SourceError | None] = []
-        for (key, dest), start, outcome in zip(items, starts, outcomes, strict=True):
+        for (key, dest), start, outcome in zip(items, starts, outcomes):  # one outcome per item
             if outcome == 200:
                 results.append(None)
                 continue
@@ -446,17 +474,29 @@ class HttpSource(Source):
 
     def exists(self, key: str) -> bool:
         for ui, pi in self._order():
-            try:
-                r = self._client(self.proxies[pi]).head(f"{self.urls[ui]}/{key}")
-            except httpx.HTTPError:
-                continue
-            if r.status_code == 200:
+            status = self._head(f"{self.urls[ui]}/{key}", self.proxies[pi])
+            if status == 200:
                 return True
-            if r.status_code == 404:
+            if status == 404:
                 return False
         raise SourceError(key, ["no server answered HEAD"])
 
+    def _head(self, url: str, proxy: str) -> int | None:
+        """The status of a HEAD request, None if it failed."""
+        if self._std is not None:
+            try:
+                with self._std.request("HEAD", url, proxy=proxy) as r:
+                    return r.status
+            except (OSError, http.client.HTTPException):
+                return None
+        try:
+            return self._client(proxy).head(url).status_code
+        except httpx.HTTPError:
+            return None
+
     def close(self) -> None:
+        if self._std is not None:
+            self._std.close()
         for c in self._clients.values():
             c.close()
         self._clients.clear()

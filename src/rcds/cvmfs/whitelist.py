@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-
-from cryptography.hazmat.primitives.asymmetric import rsa
+from typing import TYPE_CHECKING
 
 from . import signing
 from .signing import SignatureError, SignedText
+
+if TYPE_CHECKING:  # signing needs cryptography; verifying (the job client) does not
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 DEFAULT_VALIDITY = dt.timedelta(days=30)
 _FORMAT = "%Y%m%d%H%M%S"
@@ -19,13 +21,13 @@ class WhitelistError(SignatureError):
 
 
 def _stamp(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime(_FORMAT)
+    return when.astimezone(dt.timezone.utc).strftime(_FORMAT)
 
 
 def _parse_stamp(text: str) -> dt.datetime:
     if len(text) != 14 or not text.isdigit():
         raise WhitelistError(f"bad whitelist timestamp {text!r}")
-    return dt.datetime.strptime(text, _FORMAT).replace(tzinfo=dt.UTC)
+    return dt.datetime.strptime(text, _FORMAT).replace(tzinfo=dt.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Whitelist:
 
     def is_expired(self, now: dt.datetime | None = None) -> bool:
         """CVMFS checks at hour granularity: valid while the current UTC hour is before the expiry's."""
-        now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+        now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
         hour = now.replace(minute=0, second=0, microsecond=0)
         expiry_hour = self.expires.replace(minute=0, second=0, microsecond=0)
         return not hour < expiry_hour
@@ -74,7 +76,7 @@ class Whitelist:
         cls,
         data: bytes,
         fqrn: str,
-        master_keys: list[rsa.RSAPublicKey],
+        master_keys: list[signing.PublicKey],
         now: dt.datetime | None = None,
         check_expiry: bool = True,
     ) -> Whitelist:
@@ -100,7 +102,7 @@ def create(
     validity: dt.timedelta = DEFAULT_VALIDITY,
 ) -> bytes:
     """Signed whitelist text. ``certificate_fingerprints`` are in the ``AB:CD:...`` display form."""
-    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
+    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).replace(microsecond=0)
     prints = [p for p in (signing.parse_fingerprint(f) for f in certificate_fingerprints) if p]
     wl = Whitelist(fqrn, now, now + validity, prints)
     body = wl.body(certificate_fingerprints)
