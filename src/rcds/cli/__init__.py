@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from .client import cache, get, publish, wait
+from .jobclient import build_job_client
 from .server import audit, cleanup, gc, replicate, repo, serve
 
 
@@ -18,7 +19,7 @@ def main() -> None:
     """rcds: publish user code into CernVM-FS repositories within seconds."""
 
 
-for command in (serve, repo, cleanup, gc, audit, replicate, publish, wait, get, cache):
+for command in (serve, repo, cleanup, gc, audit, replicate, publish, wait, get, cache, build_job_client):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import click
 
 from ..client.errors import ClientError
-from ..client.settings import ClientSettings, load_client_settings, parse_proxies, server_url
+from ..client.jobcli import get_output, reading_settings, wait_output  # shared with the job client
+from ..client.settings import ClientSettings, load_client_settings, server_url
 from ..tomlconfig import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,10 +53,6 @@ def _settings(**overrides: Any) -> ClientSettings:
 
 def _servers(values: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(server_url(v) for v in values) if values else None
-
-
-def _proxies(values: tuple[str, ...]) -> tuple[str, ...] | None:
-    return tuple(p for v in values for p in parse_proxies(v)) if values else None
 
 
 _server_option = click.option(
@@ -112,15 +109,7 @@ def _reading_settings(
     cache: Path | None,
 ) -> ClientSettings:
     """The settings with the options of ``_reading_options`` (and ``--server``, ``--cache``) applied."""
-    return _settings(
-        servers=_servers(servers),
-        repositories=repositories or None,
-        stratum_urls=stratum_urls or None,
-        proxies=_proxies(proxies),
-        keys=keys or None,
-        prefix=prefix.strip("/") if prefix else None,
-        cache=cache,
-    )
+    return reading_settings(servers, repositories, stratum_urls, proxies, keys, prefix, cache)
 
 
 # --- publish -------------------------------------------------------------------------------------
@@ -276,23 +265,7 @@ def wait(
         get_dest=get_dest,
         progress=not as_json,
     )
-    env = result.environment()
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "cid": result.found.cid,
-                    "repository": result.found.repository,
-                    "path": result.found.path,
-                    "directory": str(result.directory or ""),
-                    "seconds": round(result.seconds, 3),
-                    "looks": result.looks,
-                    "env": env,
-                }
-            )
-        )
-    else:
-        click.echo(str(result.directory or result.found.path))
+    click.echo(wait_output(result, as_json))
 
 
 # --- get -----------------------------------------------------------------------------------------
@@ -341,10 +314,7 @@ def get(
     _logging(verbose)
     settings = _reading_settings(servers, repositories, stratum_urls, proxies, keys, prefix, cache)
     result = do_get(target, dest, settings, jobs=jobs, link=not copy, progress=not (quiet or as_json))
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        click.echo(str(dest))
+    click.echo(get_output(result, dest, as_json))
 
 
 # --- cache ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..client import bundle as job_client
 from ..logs import fields
 from ..publish.auth import Authenticator, AuthError, Authorizer, Identity, peer_dn_from_ssl_object
 from ..publish.cid import CidError, validate_cid
@@ -93,9 +94,20 @@ class PubApi:
         self.throttle = throttle or LogThrottle()
 
     def add_routes(self, app: web.Application) -> None:
+        job_client.cached()  # built at start-up (the modules on disk may change under a running server)
+        app.router.add_get("/pubapi/client", self.job_client)  # before /pubapi/{endpoint}
         app.router.add_route("*", "/pubapi/{endpoint}", self.handle)
         app.router.add_route("*", r"/{lead:/+}pubapi/{endpoint}", self.handle)
         app.router.add_get("/metrics", self.metrics)
+
+    async def job_client(self, request: web.Request) -> web.Response:
+        """The job client file (``rcds.client.bundle``): code, not data, so no credentials are needed."""
+        data, etag = job_client.cached()
+        headers = {"ETag": etag, "Cache-control": "max-age=0"}
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
+        headers["Content-Disposition"] = 'attachment; filename="rcds-job"'
+        return web.Response(body=data, content_type="text/x-python", charset="utf-8", headers=headers)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await asyncio.to_thread(self.service.metrics.render)
