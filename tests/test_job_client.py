@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -32,10 +33,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from client import client_env, dead_server, rcds
+from pki import make_ca, make_host_cert, make_proxy, make_user_cert, write_ca_dir
 from rcds import minitoml
 from rcds.client import bundle
 from rcds.cvmfs import pkcs1
-from server import REPOS, RcdsServer, make_tarball
+from server import REPOS, RcdsServer, free_port, make_tarball
 from squid import SquidProxy, require_squid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +88,11 @@ def node_config(server: RcdsServer, home: Path, extra: str = "") -> Path:
 
 
 def job(
-    python: str, client: Path, *args: object, home: Path, cfg: Path, timeout: float = 120
+    python: str, client: Path, *args: object, home: Path, cfg: Path, timeout: float = 120, **extra: str
 ) -> subprocess.CompletedProcess[str]:
-    """The job client in a clean process: no site-packages, only PATH, HOME and the configuration."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "RCDS_CLIENT_CONFIG": str(cfg)}
+    """The job client in a clean process: no site-packages, only PATH, HOME, the configuration and
+    ``extra``."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "RCDS_CLIENT_CONFIG": str(cfg), **extra}
     return subprocess.run(
         [python, "-S", "-I", str(client), *map(str, args)],
         capture_output=True, text=True, env=env, timeout=timeout, check=False, cwd=home,
@@ -210,6 +213,18 @@ def test_usage_errors_and_help(job_client: Path, tmp_path: Path, server: RcdsSer
     p = job(OLDEST, job_client, "wait", "bad cid", home=tmp_path, cfg=cfg)
     assert p.returncode == 1
     assert p.stderr == rcds("wait", "bad cid", env=installed_env(cfg, tmp_path / "i")).stderr
+
+
+def test_servers_down_are_reported_as_rcds_reports_them(job_client: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = home / "client.toml"
+    cfg.write_text(f'servers = ["{dead_server()}", "{dead_server()}"]\nretries = 1\n')
+    mine = job(OLDEST, job_client, "wait", "x/y", "--timeout", "5", home=home, cfg=cfg)
+    theirs = rcds("wait", "x/y", "--timeout", "5", env=client_env(tmp_path / "i", cfg.read_text()))
+    assert mine.returncode == theirs.returncode == 1
+    assert "ConnectError: [Errno 111] Connection refused" in mine.stderr
+    assert sorted(mine.stderr.splitlines()) == sorted(theirs.stderr.splitlines())  # servers in random order
 
 
 # --- wait and get over HTTP ----------------------------------------------------------------------
@@ -359,6 +374,66 @@ def test_touch_refreshes_the_last_use_time_through_the_publish_api(
         time.sleep(0.1)
 
 
+def test_over_https_with_an_x509_proxy_and_the_grid_ca_directory(job_client: Path, tmp_path: Path) -> None:
+    """The publish API over HTTPS (``config``, ``update`` for --touch) with a client certificate."""
+    ca = make_ca()
+    ca_dir = write_ca_dir(tmp_path / "certificates", [ca])
+    host_cert, host_key = make_host_cert(ca).write(tmp_path, "host")
+    alice = make_user_cert(ca, "Alice Smith", uid="alice")
+    proxy_file = make_proxy(alice).write_proxy_file(tmp_path / "x509up_u_alice")
+    gridmap = tmp_path / "grid-mapfile"
+    gridmap.write_text(f'"{alice.dn}" alice\n')
+    port = free_port()
+    (tmp_path / "srv").mkdir()
+    srv = RcdsServer(
+        tmp_path / "srv",
+        server_config=f'https = ["127.0.0.1:{port}"]\ntls_cert = "{host_cert}"\ntls_key = "{host_key}"\n'
+        f'ca_path = "{ca_dir}"\n',
+        extra_config=f'[auth]\nallow_localhost = false\ngridmapfile = "{gridmap}"\n',
+    ).start()
+    try:
+        https = f"https://127.0.0.1:{port}"
+        grid = {"X509_USER_PROXY": str(proxy_file), "X509_CERT_DIR": str(ca_dir)}
+        code = tmp_path / "code"
+        code.mkdir()
+        (code / "job.py").write_text("print('x509')\n")
+        env = client_env(tmp_path / "pub", f'servers = ["{https}"]\ngroup = "alice"\n', **grid)
+        p = rcds("publish", code, "--wait", "--json", env=env)
+        assert p.returncode == 0, p.stderr
+        cid = json.loads(p.stdout)["cid"]
+        tls = ssl.create_default_context(capath=str(ca_dir))
+        tls.load_cert_chain(proxy_file)
+
+        def last_used() -> object:
+            return (
+                httpx.get(f"{https}/pubapi/status", params={"cid": cid}, verify=tls).json().get("last_used")
+            )
+
+        before = last_used()
+        time.sleep(1.1)  # last_used has whole seconds
+        home = tmp_path / "home"
+        cfg = node_config(srv, home, f'stratum_urls = ["{srv.url}/cvmfs/@fqrn@"]\n')
+        cfg.write_text(cfg.read_text().replace(f'servers = ["{srv.url}"]', f'servers = ["{https}"]'))
+        args = ("wait", cid, "--mode", "http", "--touch", "--get", tmp_path / "got", "--timeout", "30")
+        p = job(OLDEST, job_client, *args, home=home, cfg=cfg, **grid)
+        assert p.returncode == 0 and "--touch failed" not in p.stderr, p.stderr
+        assert (tmp_path / "got" / "job.py").read_text() == "print('x509')\n"
+        deadline = time.monotonic() + 10
+        while last_used() == before:
+            assert time.monotonic() < deadline, "last_used never changed"
+            time.sleep(0.1)
+        # a server certificate from a CA this node does not trust: refused, as rcds refuses it
+        other = {**grid, "X509_CERT_DIR": str(write_ca_dir(tmp_path / "other", [make_ca("Someone Else")]))}
+        untrusted = ("wait", cid, "--mode", "http", "--timeout", "5")
+        mine = job(OLDEST, job_client, *untrusted, home=home, cfg=cfg, **other)
+        theirs = rcds(*untrusted, env=client_env(tmp_path / "i", cfg.read_text(), **other))
+        assert mine.returncode == theirs.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in mine.stderr
+        assert _no_ssl_line(mine.stderr) == _no_ssl_line(theirs.stderr)  # (_ssl.c:1129) in 3.9
+    finally:
+        srv.close()
+
+
 # --- failures while waiting ----------------------------------------------------------------------
 
 
@@ -384,6 +459,10 @@ def test_a_rejected_upload_is_reported_with_its_reason(
     if mine.returncode == 3:
         pytest.xfail("rcds wait does not ask the server's status yet: it times out without the reason")
     assert mine.returncode == 5 and reason in mine.stderr
+
+
+def _no_ssl_line(text: str) -> str:
+    return re.sub(r"_ssl\.c:\d+", "_ssl.c:N", text)
 
 
 def _no_timing(text: str) -> str:

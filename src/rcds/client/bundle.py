@@ -75,6 +75,8 @@ def modules() -> dict[str, str]:
         if name in sources:
             continue
         path = module_file(name)
+        if not path.is_file():  # a namespace package (rcds.cvmfs): an empty package in the file
+            continue
         sources[name] = path.read_text(encoding="utf-8")
         todo.extend(_imports(name, sources[name], path.name == "__init__.py"))
     return dict(sorted(sources.items()))

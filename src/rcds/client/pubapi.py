@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from .. import __version__
-from ..cvmfs.stdhttp import StdlibHttp, describe, timeout_error
+from ..cvmfs.stdhttp import StdlibHttp, describe, describe_as_httpx
 from .credentials import Credentials
 from .errors import ClientError, RequestRefused, ServersUnavailable
 from .progress import Progress
@@ -197,7 +197,7 @@ class PubApiClient:
                 ) as response:
                     status, text = response.status, response.read().decode("utf-8", "replace").strip()
             except (OSError, http.client.HTTPException) as exc:
-                return f"timed out ({type(exc).__name__})" if timeout_error(exc) else describe(exc)
+                return describe_as_httpx(exc)
             return _outcome(server, status, text)
         assert self._http is not None
         try:

@@ -240,6 +240,10 @@ class _ProtocolViolation(Exception):
     pass
 
 
+class _DestinationFailed(Exception):
+    """Writing a body to its destination failed (its ``__cause__``), which is not a network error."""
+
+
 class _PlainHttp:
     """GETs over keep-alive, pipelined connections (``_Connection``), one per thread and host.
 
@@ -395,7 +399,13 @@ class HttpSource(Source):
                     block = r.read(_READ_BLOCK)
                     if not block:
                         return 200
-                    dest.write(block)
+                    try:
+                        dest.write(block)
+                    except BaseException as exc:
+                        raise _DestinationFailed from exc
+        except _DestinationFailed as exc:  # a full disk here is not the server's fault: no failover
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
         except (OSError, http.client.HTTPException) as exc:
             return describe(exc)
 

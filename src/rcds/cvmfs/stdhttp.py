@@ -60,8 +60,8 @@ class StdlibHttp:
         proxy: str = DIRECT,
         body: Body | None = None,
     ) -> Iterator[http.client.HTTPResponse]:
-        """The response to one request, its body to be read inside the ``with``. Raises ``OSError`` or
-        ``http.client.HTTPException`` when the request fails (``timeout_error`` tells a timeout)."""
+        """The response to one request, its body to be read inside the ``with``. Raises ``OSError``
+        (``ConnectFailed`` when no connection could be made) or ``http.client.HTTPException``."""
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise http.client.InvalidURL(f"cannot request {url}")
@@ -74,7 +74,10 @@ class StdlibHttp:
             sent.update(_proxy_authorization(proxy))
         key = (u.scheme, u.hostname, u.port, proxy)
         for stale_retry in (True, False):
-            conn, reused = self._connection(key)
+            try:
+                conn, reused = self._connection(key)
+            except OSError as exc:
+                raise ConnectFailed(str(exc)) from exc
             try:
                 conn.request(method, target, body=body() if body is not None else None, headers=sent)
                 response = conn.getresponse()
@@ -157,15 +160,32 @@ def _proxy_authorization(proxy: str) -> dict[str, str]:
     return {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
 
 
-def timeout_error(exc: BaseException) -> bool:
-    """Whether a failed request timed out (``socket.timeout`` before 3.10, ``TimeoutError`` since)."""
-    return isinstance(exc, (socket.timeout, TimeoutError))
+class ConnectFailed(OSError):
+    """The connection (TCP, TLS, a proxy's CONNECT) could not be made; ``__cause__`` is why."""
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, (socket.timeout, TimeoutError))  # socket.timeout before 3.10
 
 
 def describe(exc: BaseException) -> str:
-    """A failed request in one line."""
+    """A failed request in one line, named as the socket layer names it (as ``sources._PlainHttp``)."""
+    if isinstance(exc, ConnectFailed) and exc.__cause__ is not None:
+        exc = exc.__cause__
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-__all__ = ["DIRECT", "StdlibHttp", "describe", "timeout_error"]
+def describe_as_httpx(exc: BaseException) -> str:
+    """A failed request in one line as ``client.pubapi`` words httpx's errors (``timed out (ReadTimeout)``,
+    ``ConnectError: [Errno 111] Connection refused``), so that both clients report the same."""
+    connecting = isinstance(exc, ConnectFailed)
+    cause = exc.__cause__ if connecting and exc.__cause__ is not None else exc
+    if _timed_out(cause):
+        return f"timed out ({'ConnectTimeout' if connecting else 'ReadTimeout'})"
+    if connecting:
+        return f"ConnectError: {cause}"
+    return describe(cause)
+
+
+__all__ = ["DIRECT", "ConnectFailed", "StdlibHttp", "describe", "describe_as_httpx"]
