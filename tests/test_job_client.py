@@ -8,6 +8,7 @@ under a real 3.9 where there is one. Its results are compared with the installed
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -88,14 +89,14 @@ def node_config(server: RcdsServer, home: Path, extra: str = "") -> Path:
 
 
 def job(
-    python: str, client: Path, *args: object, home: Path, cfg: Path, timeout: float = 120, **extra: str
+    python: str, client: Path, *args: object, home: Path, cfg: Path, extra: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The job client in a clean process: no site-packages, only PATH, HOME, the configuration and
     ``extra``."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "RCDS_CLIENT_CONFIG": str(cfg), **extra}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "RCDS_CLIENT_CONFIG": str(cfg), **(extra or {})}
     return subprocess.run(
         [python, "-S", "-I", str(client), *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=timeout, check=False, cwd=home,
+        capture_output=True, text=True, env=env, timeout=120, check=False, cwd=home,
     )  # fmt: skip
 
 
@@ -192,6 +193,39 @@ def test_its_modules_keep_the_python_39_floor() -> None:
         names = [m.group(1) + n + m.group(3) for n in m.group(2).split(",")] if m else [pattern]
         declared.update(ROOT / n for n in names)
     assert declared == set(paths)
+    p = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *map(str, paths)],
+                       cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr  # invalid-syntax for 3.10+ syntax, no UP017/B905
+    # What neither sees: ``X | Y`` of types evaluated at run time (3.10+).
+    for path in paths:
+        lines = _runtime_unions(ast.parse(path.read_text(), str(path)))
+        assert not lines, f"{path}: lines {lines}: X | Y of types needs Python 3.10"
+
+
+def _runtime_unions(tree: ast.Module) -> list[int]:
+    """Lines with ``A | B`` in isinstance()/issubclass(), or in a module-level alias of a generic or None
+    (``Key = tuple[str, int] | None``); flags ORed together (``A | B`` of names) are left alone."""
+    found: list[int] = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass")
+        ):
+            continue
+        if any(isinstance(a, ast.BinOp) and isinstance(a.op, ast.BitOr) for a in node.args[1:]):
+            found.append(node.lineno)
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and _type_union(statement.value):
+            found.append(statement.lineno)
+    return found
+
+
+def _type_union(expr: ast.expr) -> bool:
+    if not (isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.BitOr)):
+        return False
+    sides = (expr.left, expr.right)
+    return any(
+        isinstance(x, ast.Subscript) or (isinstance(x, ast.Constant) and x.value is None) for x in sides
+    ) or any(_type_union(x) for x in sides)
 
 
 @pytest.mark.parametrize("python", PYTHONS)
@@ -277,6 +311,35 @@ def test_wait_and_get_over_http_like_rcds(
     p = job(python, job_client, "wait", cid, "--mode", "http", "--timeout", "30", home=home, cfg=cfg)
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"/cvmfs/{doc['repository']}/sw/{cid}\n"
+
+
+def test_wait_through_a_mount_writes_the_same_link_and_variables_as_rcds(
+    job_client: Path, server: RcdsServer, tmp_path: Path
+) -> None:
+    mount = tmp_path / "cvmfs"
+    for repo in REPOS:
+        (mount / repo / "sw").mkdir(parents=True)
+    cid = "mount/abc"
+    target = mount / REPOS[1] / "sw" / cid
+    home = tmp_path / "home"
+    cfg = node_config(server, home, f'mount_root = "{mount}"\n')
+    waiting = subprocess.Popen(
+        [OLDEST, "-S", "-I", str(job_client), "wait", cid, "--timeout", "30", "--max-interval", "0.5",
+         "--link", tmp_path / "mine" / "code", "--env-file", tmp_path / "mine.env"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=home,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(home), "RCDS_CLIENT_CONFIG": str(cfg)},
+    )  # fmt: skip
+    time.sleep(1.5)  # as the CVMFS client shows a new revision after its TTL
+    target.mkdir(parents=True)
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    args = ("wait", cid, "--link", tmp_path / "theirs" / "code", "--env-file", tmp_path / "theirs.env")
+    p = rcds(*args, env=installed_env(cfg, tmp_path / "i"))
+    assert p.returncode == 0, p.stderr
+    assert out == p.stdout == f"{target}\n"
+    assert (tmp_path / "mine" / "code").resolve() == (tmp_path / "theirs" / "code").resolve() == target
+    assert (tmp_path / "mine.env").read_text() == (tmp_path / "theirs.env").read_text()
+    assert f"export INPUT_TAR_DIR_LOCAL={target}\n" in (tmp_path / "mine.env").read_text()
 
 
 def test_a_tampered_object_is_refused_as_rcds_get_refuses_it(
@@ -415,7 +478,7 @@ def test_over_https_with_an_x509_proxy_and_the_grid_ca_directory(job_client: Pat
         cfg = node_config(srv, home, f'stratum_urls = ["{srv.url}/cvmfs/@fqrn@"]\n')
         cfg.write_text(cfg.read_text().replace(f'servers = ["{srv.url}"]', f'servers = ["{https}"]'))
         args = ("wait", cid, "--mode", "http", "--touch", "--get", tmp_path / "got", "--timeout", "30")
-        p = job(OLDEST, job_client, *args, home=home, cfg=cfg, **grid)
+        p = job(OLDEST, job_client, *args, home=home, cfg=cfg, extra=grid)
         assert p.returncode == 0 and "--touch failed" not in p.stderr, p.stderr
         assert (tmp_path / "got" / "job.py").read_text() == "print('x509')\n"
         deadline = time.monotonic() + 10
@@ -425,7 +488,7 @@ def test_over_https_with_an_x509_proxy_and_the_grid_ca_directory(job_client: Pat
         # a server certificate from a CA this node does not trust: refused, as rcds refuses it
         other = {**grid, "X509_CERT_DIR": str(write_ca_dir(tmp_path / "other", [make_ca("Someone Else")]))}
         untrusted = ("wait", cid, "--mode", "http", "--timeout", "5")
-        mine = job(OLDEST, job_client, *untrusted, home=home, cfg=cfg, **other)
+        mine = job(OLDEST, job_client, *untrusted, home=home, cfg=cfg, extra=other)
         theirs = rcds(*untrusted, env=client_env(tmp_path / "i", cfg.read_text(), **other))
         assert mine.returncode == theirs.returncode == 1
         assert "CERTIFICATE_VERIFY_FAILED" in mine.stderr
