@@ -38,6 +38,7 @@ from pki import make_ca, make_host_cert, make_proxy, make_user_cert, write_ca_di
 from rcds import minitoml
 from rcds.client import bundle
 from rcds.cvmfs import pkcs1
+from rcds.cvmfs.stdhttp import StdlibHttp
 from server import REPOS, RcdsServer, free_port, make_tarball
 from squid import SquidProxy, require_squid
 
@@ -437,64 +438,100 @@ def test_touch_refreshes_the_last_use_time_through_the_publish_api(
         time.sleep(0.1)
 
 
-def test_over_https_with_an_x509_proxy_and_the_grid_ca_directory(job_client: Path, tmp_path: Path) -> None:
+class GridServer:
+    """A server on HTTPS (and HTTP) with a grid CA directory, and a user's X.509 proxy it maps."""
+
+    def __init__(self, d: Path) -> None:
+        ca = make_ca()
+        self.ca_dir = write_ca_dir(d / "certificates", [ca])
+        host_cert, host_key = make_host_cert(ca).write(d, "host")
+        alice = make_user_cert(ca, "Alice Smith", uid="alice")
+        self.proxy_file = make_proxy(alice).write_proxy_file(d / "x509up_u_alice")
+        gridmap = d / "grid-mapfile"
+        gridmap.write_text(f'"{alice.dn}" alice\n')
+        port = free_port()
+        (d / "srv").mkdir()
+        self.srv = RcdsServer(
+            d / "srv",
+            server_config=f'https = ["127.0.0.1:{port}"]\ntls_cert = "{host_cert}"\ntls_key = "{host_key}"\n'
+            f'ca_path = "{self.ca_dir}"\n',
+            extra_config=f'[auth]\nallow_localhost = false\ngridmapfile = "{gridmap}"\n',
+        ).start()
+        self.https = f"https://127.0.0.1:{port}"
+        self.env = {"X509_USER_PROXY": str(self.proxy_file), "X509_CERT_DIR": str(self.ca_dir)}
+
+    def tls(self) -> ssl.SSLContext:
+        tls = ssl.create_default_context(capath=str(self.ca_dir))
+        tls.load_cert_chain(self.proxy_file)
+        return tls
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GridServer]:
+    g = GridServer(tmp_path_factory.mktemp("grid"))
+    yield g
+    g.srv.close()
+
+
+def test_over_https_with_an_x509_proxy_and_the_grid_ca_directory(
+    job_client: Path, grid: GridServer, tmp_path: Path
+) -> None:
     """The publish API over HTTPS (``config``, ``update`` for --touch) with a client certificate."""
-    ca = make_ca()
-    ca_dir = write_ca_dir(tmp_path / "certificates", [ca])
-    host_cert, host_key = make_host_cert(ca).write(tmp_path, "host")
-    alice = make_user_cert(ca, "Alice Smith", uid="alice")
-    proxy_file = make_proxy(alice).write_proxy_file(tmp_path / "x509up_u_alice")
-    gridmap = tmp_path / "grid-mapfile"
-    gridmap.write_text(f'"{alice.dn}" alice\n')
-    port = free_port()
-    (tmp_path / "srv").mkdir()
-    srv = RcdsServer(
-        tmp_path / "srv",
-        server_config=f'https = ["127.0.0.1:{port}"]\ntls_cert = "{host_cert}"\ntls_key = "{host_key}"\n'
-        f'ca_path = "{ca_dir}"\n',
-        extra_config=f'[auth]\nallow_localhost = false\ngridmapfile = "{gridmap}"\n',
-    ).start()
-    try:
-        https = f"https://127.0.0.1:{port}"
-        grid = {"X509_USER_PROXY": str(proxy_file), "X509_CERT_DIR": str(ca_dir)}
-        code = tmp_path / "code"
-        code.mkdir()
-        (code / "job.py").write_text("print('x509')\n")
-        env = client_env(tmp_path / "pub", f'servers = ["{https}"]\ngroup = "alice"\n', **grid)
-        p = rcds("publish", code, "--wait", "--json", env=env)
-        assert p.returncode == 0, p.stderr
-        cid = json.loads(p.stdout)["cid"]
-        tls = ssl.create_default_context(capath=str(ca_dir))
-        tls.load_cert_chain(proxy_file)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "job.py").write_text("print('x509')\n")
+    env = client_env(tmp_path / "pub", f'servers = ["{grid.https}"]\ngroup = "alice"\n', **grid.env)
+    p = rcds("publish", code, "--wait", "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    cid = json.loads(p.stdout)["cid"]
+    tls = grid.tls()
 
-        def last_used() -> object:
-            return (
-                httpx.get(f"{https}/pubapi/status", params={"cid": cid}, verify=tls).json().get("last_used")
-            )
+    def last_used() -> object:
+        return (
+            httpx.get(f"{grid.https}/pubapi/status", params={"cid": cid}, verify=tls).json().get("last_used")
+        )
 
-        before = last_used()
-        time.sleep(1.1)  # last_used has whole seconds
-        home = tmp_path / "home"
-        cfg = node_config(srv, home, f'stratum_urls = ["{srv.url}/cvmfs/@fqrn@"]\n')
-        cfg.write_text(cfg.read_text().replace(f'servers = ["{srv.url}"]', f'servers = ["{https}"]'))
-        args = ("wait", cid, "--mode", "http", "--touch", "--get", tmp_path / "got", "--timeout", "30")
-        p = job(OLDEST, job_client, *args, home=home, cfg=cfg, extra=grid)
-        assert p.returncode == 0 and "--touch failed" not in p.stderr, p.stderr
-        assert (tmp_path / "got" / "job.py").read_text() == "print('x509')\n"
-        deadline = time.monotonic() + 10
-        while last_used() == before:
-            assert time.monotonic() < deadline, "last_used never changed"
+    before = last_used()
+    time.sleep(1.1)  # last_used has whole seconds
+    home = tmp_path / "home"
+    cfg = node_config(grid.srv, home, f'stratum_urls = ["{grid.srv.url}/cvmfs/@fqrn@"]\n')
+    cfg.write_text(cfg.read_text().replace(f'servers = ["{grid.srv.url}"]', f'servers = ["{grid.https}"]'))
+    args = ("wait", cid, "--mode", "http", "--touch", "--get", tmp_path / "got", "--timeout", "30")
+    p = job(OLDEST, job_client, *args, home=home, cfg=cfg, extra=grid.env)
+    assert p.returncode == 0 and "--touch failed" not in p.stderr, p.stderr
+    assert (tmp_path / "got" / "job.py").read_text() == "print('x509')\n"
+    deadline = time.monotonic() + 10
+    while last_used() == before:
+        assert time.monotonic() < deadline, "last_used never changed"
+        time.sleep(0.1)
+    # a server certificate from a CA this node does not trust: refused, as rcds refuses it
+    other = {**grid.env, "X509_CERT_DIR": str(write_ca_dir(tmp_path / "other", [make_ca("Someone Else")]))}
+    untrusted = ("wait", cid, "--mode", "http", "--timeout", "5")
+    mine = job(OLDEST, job_client, *untrusted, home=home, cfg=cfg, extra=other)
+    theirs = rcds(*untrusted, env=client_env(tmp_path / "i", cfg.read_text(), **other))
+    assert mine.returncode == theirs.returncode == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in mine.stderr
+    assert _no_ssl_line(mine.stderr) == _no_ssl_line(theirs.stderr)  # (_ssl.c:1129) in 3.9
+
+
+def test_stdhttp_tunnels_https_through_a_proxy(grid: GridServer) -> None:
+    """HTTPS through a site's squid: one CONNECT tunnel (a proxy URL with credentials), kept alive."""
+    require_squid()
+    with SquidProxy() as squid:
+        http = StdlibHttp(5, 5, "rcds-test", grid.tls())
+        proxy = squid.url.replace("http://", "http://user:pw@")
+        try:
+            with http.request("GET", f"{grid.https}/pubapi/config", proxy=proxy) as r:
+                assert r.status == 200 and r.read().startswith(b"repos:")
+            with http.request("GET", f"{grid.https}/pubapi/ping", proxy=proxy) as r:  # the same tunnel
+                assert r.status == 200
+        finally:
+            http.close()
+        deadline = time.monotonic() + 10  # squid logs a tunnel when it closes
+        while not (connects := [e for e in squid.entries() if e.method == "CONNECT"]):
+            assert time.monotonic() < deadline, "no CONNECT in squid's log"
             time.sleep(0.1)
-        # a server certificate from a CA this node does not trust: refused, as rcds refuses it
-        other = {**grid, "X509_CERT_DIR": str(write_ca_dir(tmp_path / "other", [make_ca("Someone Else")]))}
-        untrusted = ("wait", cid, "--mode", "http", "--timeout", "5")
-        mine = job(OLDEST, job_client, *untrusted, home=home, cfg=cfg, extra=other)
-        theirs = rcds(*untrusted, env=client_env(tmp_path / "i", cfg.read_text(), **other))
-        assert mine.returncode == theirs.returncode == 1
-        assert "CERTIFICATE_VERIFY_FAILED" in mine.stderr
-        assert _no_ssl_line(mine.stderr) == _no_ssl_line(theirs.stderr)  # (_ssl.c:1129) in 3.9
-    finally:
-        srv.close()
+    assert len(connects) == 1 and connects[0].url.endswith(grid.https.rsplit(":", 1)[1])
 
 
 # --- failures while waiting ----------------------------------------------------------------------

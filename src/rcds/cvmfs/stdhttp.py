@@ -118,29 +118,19 @@ class StdlibHttp:
 
     def _open(self, scheme: str, host: str, port: int | None, proxy: str) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
-        if proxy == DIRECT:
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    host, port, timeout=self.connect_timeout, context=self.ssl_context
-                )
-            else:
-                conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
-        else:
+        timeouts = (self.connect_timeout, self.read_timeout)
+        if proxy != DIRECT:  # CONNECT through it for HTTPS; for HTTP, absolute-form requests to it
             p = urlsplit(proxy)
             if scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    p.hostname or "", p.port or 80, timeout=self.connect_timeout, context=self.ssl_context
-                )
+                conn = _Https(p.hostname or "", p.port or 80, *timeouts, self.ssl_context)
                 conn.set_tunnel(host, port, headers=_proxy_authorization(proxy))
             else:
-                conn = http.client.HTTPConnection(
-                    p.hostname or "", p.port or 80, timeout=self.connect_timeout
-                )
+                conn = _Http(p.hostname or "", p.port or 80, *timeouts)
+        elif scheme == "https":
+            conn = _Https(host, port, *timeouts, self.ssl_context)
+        else:
+            conn = _Http(host, port, *timeouts)
         conn.connect()
-        if conn.sock is not None:
-            conn.sock.settimeout(self.read_timeout)  # from now on, the longest wait for a byte
-            with contextlib.suppress(OSError):
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
     def _drop(self, key: tuple[str, str, int | None, str], conn: http.client.HTTPConnection) -> None:
@@ -150,6 +140,44 @@ class StdlibHttp:
             del conns[key]
         with self._lock:
             self._all.discard(conn)
+
+
+class _Http(http.client.HTTPConnection):
+    """The connect timeout for the handshake, then the read timeout for each wait for a byte."""
+
+    def __init__(self, host: str, port: int | None, connect_timeout: float, read_timeout: float) -> None:
+        super().__init__(host, port, timeout=connect_timeout)
+        self.read_timeout = read_timeout
+
+    def connect(self) -> None:
+        super().connect()
+        _connected(self.sock, self.read_timeout)
+
+
+class _Https(http.client.HTTPSConnection):
+    """As ``_Http``; the TLS handshake (and a proxy's CONNECT) within the connect timeout."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int | None,
+        connect_timeout: float,
+        read_timeout: float,
+        context: ssl.SSLContext,
+    ) -> None:
+        super().__init__(host, port, timeout=connect_timeout, context=context)
+        self.read_timeout = read_timeout
+
+    def connect(self) -> None:
+        super().connect()
+        _connected(self.sock, self.read_timeout)
+
+
+def _connected(sock: socket.socket | None, read_timeout: float) -> None:
+    if sock is not None:
+        sock.settimeout(read_timeout)
+        with contextlib.suppress(OSError):  # not a TCP socket: nothing to tune
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _proxy_authorization(proxy: str) -> dict[str, str]:
