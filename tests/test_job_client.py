@@ -534,6 +534,24 @@ def test_stdhttp_tunnels_https_through_a_proxy(grid: GridServer) -> None:
     assert len(connects) == 1 and connects[0].url.endswith(grid.https.rsplit(":", 1)[1])
 
 
+def test_an_unreadable_master_key_is_an_error_not_a_crash(
+    job_client: Path, server: RcdsServer, published: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    cfg = node_config(server, home)
+    bad = tmp_path / "bad.pub"
+    bad.write_bytes(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    args = ("get", published, tmp_path / "d", "--keys", bad)
+    mine = job(OLDEST, job_client, *args, home=home, cfg=cfg)
+    theirs = rcds(*args, env=installed_env(cfg, tmp_path / "i"))
+    assert mine.returncode == theirs.returncode == 1
+    for p in (mine, theirs):  # the reason in the key's text differs: cryptography's words, or pkcs1's
+        assert (
+            p.stderr.startswith("rcds: error: cannot use the master public key of ") and str(bad) in p.stderr
+        )
+        assert "Traceback" not in p.stderr
+
+
 # --- failures while waiting ----------------------------------------------------------------------
 
 

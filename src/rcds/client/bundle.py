@@ -8,7 +8,8 @@ tqdm and tomllib; see ``rcds.compat``), and this module puts them into one file:
   so the file holds exactly what the commands use, and the same code as the installed package;
 * each module's source is embedded as it is and loaded by a small importer at the front of
   ``sys.meta_path``: every module keeps its own namespace, its relative imports and its line numbers
-  (tracebacks show the source), and an ``rcds`` installed on the node cannot mix in;
+  (an uncaught exception's traceback shows the embedded lines), and an ``rcds`` installed on the node
+  cannot mix in;
 * packages whose ``__init__`` is not itself imported (``rcds.client`` re-exports ``publish``, which needs
   zstandard) are empty in the file.
 
@@ -141,6 +142,10 @@ class _Importer(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
 sys.meta_path.insert(0, _Importer())
 
 if __name__ == "__main__":
+    import traceback
+
+    # The interpreter's own printer reads source files from disk; this one asks the importer.
+    sys.excepthook = traceback.print_exception
     from rcds.client.jobcli import main
 
     sys.exit(main())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..cvmfs.reader import ReaderError, RepositoryReader
+from ..cvmfs.signing import SignatureError
 from ..cvmfs.sources import HttpSettings
 from ..publish.cid import CidError, is_cid_directory, validate_cid
 from .credentials import find_credentials
@@ -201,16 +202,20 @@ class Locator:
         urls = self.settings.repository_urls(repository)
         if not urls:
             raise ClientError(f"no URL for {repository}: set `stratum_urls` or a publish server")
-        reader = RepositoryReader.open(
-            ";".join(urls),
-            public_key=keys,
-            fqrn=repository,
-            cache_dir=self._metadata_cache(),
-            proxies=list(self.settings.proxies) or None,
-            settings=HttpSettings(
-                connect_timeout=self.settings.connect_timeout, read_timeout=self.settings.read_timeout
-            ),
-        )
+        try:
+            reader = RepositoryReader.open(
+                ";".join(urls),
+                public_key=keys,
+                fqrn=repository,
+                cache_dir=self._metadata_cache(),
+                proxies=list(self.settings.proxies) or None,
+                settings=HttpSettings(
+                    connect_timeout=self.settings.connect_timeout, read_timeout=self.settings.read_timeout
+                ),
+            )
+        except (ValueError, SignatureError) as exc:  # what fetching raises is a ReaderError
+            files = ", ".join(str(k) for k in keys)
+            raise ClientError(f"cannot use the master public key of {repository} ({files}): {exc}") from exc
         self._readers[repository] = reader
         return reader
 
