@@ -203,6 +203,47 @@ def test_its_modules_keep_the_python_39_floor() -> None:
         assert not lines, f"{path}: lines {lines}: X | Y of types needs Python 3.10"
 
 
+def test_its_modules_import_nothing_outside_the_standard_library_unguarded() -> None:
+    """Third-party imports only under ``try: ... except ImportError`` (a fallback follows) or
+    ``if TYPE_CHECKING``, so no code path of the job client can need a package pip installed."""
+    for path in bundle.module_paths():
+        unguarded = []
+        for node, guarded in _imports_with_guard(ast.parse(path.read_text(), str(path)).body, False):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and node.level:
+                continue  # rcds's own
+            roots = {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"rcds"}
+            if roots and not guarded:
+                unguarded.append((node.lineno, sorted(roots)))
+        assert not unguarded, f"{path}: {unguarded}"
+
+
+def _imports_with_guard(
+    body: list[ast.stmt], guarded: bool
+) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement in ``body`` (at any depth), and whether an ImportError guard or
+    ``if TYPE_CHECKING`` encloses it."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, guarded
+        elif isinstance(node, ast.Try):
+            catches = any(h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers)
+            yield from _imports_with_guard(node.body, guarded or catches)
+            for handler in node.handlers:
+                yield from _imports_with_guard(handler.body, guarded)
+            yield from _imports_with_guard(node.orelse, guarded)
+            yield from _imports_with_guard(node.finalbody, guarded)
+        elif isinstance(node, ast.If):
+            checking = ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+            yield from _imports_with_guard(node.body, guarded or checking)
+            yield from _imports_with_guard(node.orelse, guarded)
+        else:
+            for field in ("body", "orelse", "finalbody"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
+                    yield from _imports_with_guard(inner, guarded)
+
+
 def _runtime_unions(tree: ast.Module) -> list[int]:
     """Lines with ``A | B`` in isinstance()/issubclass(), or in a module-level alias of a generic or None
     (``Key = tuple[str, int] | None``); flags ORed together (``A | B`` of names) are left alone."""
