@@ -166,6 +166,27 @@ def test_the_server_offers_the_file_it_builds_from_its_own_modules(
     assert not names & {"rcds.client.publish", "rcds.client.tarball", "rcds.cvmfs.writer", "rcds.web.pubapi"}
 
 
+def test_a_wrapper_fetches_it_with_curl_and_runs_it(
+    server: RcdsServer, published: str, tmp_path: Path
+) -> None:
+    """The lines docs/client.md gives a job wrapper, run by bash in a clean environment."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl here")
+    cfg = node_config(server, tmp_path)
+    script = (
+        f"curl -fsS {server.url}/pubapi/client -o rcds-job \\\n"
+        f'  && "$PY" -S -I rcds-job wait "$CID" --timeout 60 --get "$TMPDIR/code" --env-file rcds.env \\\n'
+        '  && . ./rcds.env && cd "$INPUT_TAR_DIR_LOCAL" && sh ./run.sh\n'
+    )
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "RCDS_CLIENT_CONFIG": str(cfg),
+           "TMPDIR": str(tmp_path), "CID": published, "PY": OLDEST}  # fmt: skip
+    p = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [str((tmp_path / "code").resolve()), "job"]
+
+
 def test_rcds_build_job_client_writes_the_same_file(tmp_path: Path, job_client: Path) -> None:
     out = tmp_path / "rcds-job"
     p = subprocess.run(
