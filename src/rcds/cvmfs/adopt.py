@@ -282,7 +282,7 @@ def _check_server_conf(conf: dict[str, str], storage: Path, report: AdoptReport)
         raise AdoptError(f"server.conf: bad chunk size: {exc}") from exc
 
 
-def _same_key(a: rsa.RSAPublicKey, b: rsa.RSAPublicKey) -> bool:
+def _same_key(a: signing.PublicKey, b: signing.PublicKey) -> bool:
     return a.public_numbers() == b.public_numbers()
 
 
