@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -39,20 +40,30 @@ from ..publish.config import ServiceSettings
     help="Embedded default only: where repositories and the queue live.",
 )
 @click.option("--port", type=int, default=8080, show_default=True, help="Embedded default only: HTTP port.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as one JSON object each (for log collectors).",
+)
 def serve(config_path: Path | None, data_dir: Path, port: int, log_format: str) -> None:
     """Run the publish server: /pubapi, /metrics and /cvmfs/<repo>/ on one port."""
     from .. import logs
     from ..publish.config import embedded_default, load_settings
     from ..tomlconfig import ConfigError
-    from ..web.server import run
+    from ..web.server import ListenError, run
 
     logs.configure(log_format)
     try:
         settings = load_settings(config_path) if config_path else embedded_default(data_dir, port)
     except ConfigError as exc:
         raise click.ClickException(f"configuration: {exc}") from exc
-    run(settings)
+    try:
+        run(settings)
+    except ListenError as exc:
+        click.echo(f"rcds serve: {exc}", err=True)
+        sys.exit(1)
 
 
 def _service_settings(config_path: Path | None, data_dir: Path) -> ServiceSettings:
@@ -87,7 +98,11 @@ _config_option = click.option(
     help="The server's TOML configuration (default: the embedded default under --data-dir).",
 )
 _data_dir_option = click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=Path("rcds-data"), show_default=True
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("rcds-data"),
+    show_default=True,
+    help="Without --config: the embedded default's data directory (as given to rcds serve).",
 )
 
 
@@ -104,7 +119,7 @@ _data_dir_option = click.option(
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
 @click.option("--at", "at", default=None, help="Pretend it is this time (to preview future expiry).")
 @click.option("--no-gc", is_flag=True, help="Skip garbage collection after the removal.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as one JSON list.")
 def cleanup(
     config_path: Path | None, data_dir: Path, repos: tuple[str, ...], dry_run: bool, at: str | None,
     no_gc: bool, as_json: bool,
@@ -156,8 +171,8 @@ def cleanup(
 @_config_option
 @_data_dir_option
 @click.option("--repo", "repos", multiple=True, help="Only this repository or replica (repeatable).")
-@click.option("--dry-run", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as one JSON object.")
 def gc(
     config_path: Path | None, data_dir: Path, repos: tuple[str, ...], dry_run: bool, as_json: bool
 ) -> None:
@@ -210,6 +225,14 @@ def audit(config_path: Path | None, data_dir: Path, as_json: bool) -> None:
             f"{status}: {report.cids} CIDs in {len(report.repositories)} repositories under /{settings.prefix}"
         )
     sys.exit(1 if report.collisions else 0)
+
+
+_storage_option = click.option(
+    "--storage",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="The repository's public storage directory (the one rcds repo create was given).",
+)
 
 
 @click.group()
@@ -334,7 +357,7 @@ def repo_adopt(
 
 
 @repo.command("info")
-@click.option("--storage", type=click.Path(path_type=Path, exists=True), required=True)
+@_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def repo_info(storage: Path, as_json: bool) -> None:
     """Show revision, timestamps and whitelist expiry; warn when the whitelist is close to expiry."""
@@ -361,7 +384,7 @@ def repo_info(storage: Path, as_json: bool) -> None:
 
 
 @repo.command("resign")
-@click.option("--storage", type=click.Path(path_type=Path, exists=True), required=True)
+@_storage_option
 @click.option("--days", type=int, default=30, show_default=True, help="Validity of the new whitelist.")
 def repo_resign(storage: Path, days: int) -> None:
     """Sign a fresh whitelist with the master key (do this before the old one expires)."""
@@ -371,7 +394,7 @@ def repo_resign(storage: Path, days: int) -> None:
 
 
 @repo.command("add")
-@click.option("--storage", type=click.Path(path_type=Path, exists=True), required=True)
+@_storage_option
 @click.argument("path")
 @click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--nested/--no-nested", default=True, show_default=True, help="Give the tree its own catalog.")
@@ -392,7 +415,7 @@ def repo_add(storage: Path, path: str, source: Path, nested: bool) -> None:
 
 
 @repo.command("remove")
-@click.option("--storage", type=click.Path(path_type=Path, exists=True), required=True)
+@_storage_option
 @click.argument("paths", nargs=-1, required=True)
 def repo_remove(storage: Path, paths: tuple[str, ...]) -> None:
     """Remove PATHS (and everything below them) in one new revision."""
@@ -409,7 +432,7 @@ def repo_remove(storage: Path, paths: tuple[str, ...]) -> None:
 
 
 @repo.command("gc")
-@click.option("--storage", type=click.Path(path_type=Path, exists=True), required=True)
+@_storage_option
 @click.option(
     "--horizon-days",
     type=float,
@@ -609,8 +632,8 @@ def repo_cat(location: str, path: str, key: Path | None, proxies: tuple[str, ...
     metavar="FQRN",
     help="Create the (single) storage as repository FQRN first if it does not exist yet.",
 )
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=int, help="HTTP port to listen on.")
 def repo_serve(storages: tuple[Path, ...], create_fqrn: str | None, host: str, port: int) -> None:
     """Serve storage directories over HTTP at /cvmfs/<fqrn>/ like a stock stratum 0 (or 1, for replicas)."""
     from ..web.repo_http import run
@@ -636,7 +659,15 @@ def repo_serve(storages: tuple[Path, ...], create_fqrn: str | None, host: str, p
         warning = r.whitelist_warning()
         if warning:
             click.secho(f"WARNING {r.fqrn}: {warning}", fg="yellow", err=True)
-    run(repos, host=host, port=port)
+    try:
+        run(repos, host=host, port=port)
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:  # not the listening socket: a real error
+            raise
+        click.echo(
+            f"rcds repo serve: cannot listen on {host}:{port}: {os.strerror(exc.errno).lower()}", err=True
+        )
+        sys.exit(1)
 
 
 def _span(revisions: list[int]) -> str:
@@ -662,7 +693,13 @@ def _span(revisions: list[int]) -> str:
 @_proxy
 @click.option("--jobs", type=click.IntRange(min=1), default=8, show_default=True, help="Parallel downloads.")
 @click.option("--watch", is_flag=True, help="Keep snapshotting every --interval seconds until interrupted.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=15.0, show_default=True)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds between snapshots with --watch.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot.")
 def replicate(
     urls: tuple[str, ...], storage: Path, keys: tuple[Path, ...], fqrn: str | None, proxies: tuple[str, ...],

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shlex
 import signal
+import socket
 import ssl
+from pathlib import Path
 
 from aiohttp import web
 
@@ -65,10 +69,25 @@ def make_ssl_context(settings: ServiceSettings) -> ssl.SSLContext | None:
     )
 
 
-def banner(settings: ServiceSettings) -> str:
+class ListenError(Exception):
+    """A listener cannot be opened (port in use, no permission): one line for the operator."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
+
+
+def banner(settings: ServiceSettings, key_places: list[Path] | None = None) -> str:
+    """What ``rcds serve`` prints: complete commands that work against this server as printed.
+
+    ``key_places`` are where the client finds the repositories' public keys (``--keys``): the data
+    directory when every repository keeps its keys there (the embedded default), else each key
+    directory. The client trusts them because they are this machine's files, written by this server.
+    """
     li = settings.listeners[0]
     base = f"{'https' if li.tls else 'http'}://{li.host}:{li.port}"
     repos = ", ".join(r.name for r in settings.repositories)
+    keys = " ".join(f"--keys {shlex.quote(str(p))}" for p in key_places or [settings.data_dir.resolve()])
     lines = [
         f"rcds publish server on {base} (repositories: {repos}; data in {settings.data_dir})",
         "",
@@ -76,12 +95,42 @@ def banner(settings: ServiceSettings) -> str:
         f'  curl --data-binary @code.tar.gz "{base}/pubapi/publish?cid=myexp/$(sha256sum code.tar.gz | cut -c1-64)"',
         f"  curl '{base}/pubapi/exists?cid=myexp/<hash>'     # PRESENT:/cvmfs/<repo>/{settings.prefix}/myexp/<hash>",
         "",
-        f"Repositories are served at {base}/cvmfs/<repo>/ (keys in <storage>/.rcds/keys/); metrics at {base}/metrics",
+        "Or a directory with the rcds client; wait and get check the repositories' signatures with the keys",
+        "that --keys points to (this server's own files):",
+        f"  CID=$(rcds publish ./mycode --server {base} --group myexp --wait | sed -n 1p)",
+        f'  rcds wait "$CID" --server {base} {keys}',
+        f'  rcds get "$CID" ./mycode-copy --server {base} {keys}',
+        "",
+        f"Repositories are served at {base}/cvmfs/<repo>/; metrics at {base}/metrics",
     ]
     return "\n".join(lines)
 
 
+def _key_places(service: PublishService) -> list[Path]:
+    """The --keys that cover every local repository: the data directory if it does, else each key dir."""
+    data_dir = service.settings.data_dir.resolve()
+    places = {name: r.public_key_path.parent.resolve() for name, r in service.repositories.items()}
+    if all(p == data_dir / name / ".rcds" / "keys" for name, p in places.items()):
+        return [data_dir]
+    return sorted(set(places.values()))
+
+
+def check_listeners(settings: ServiceSettings) -> None:
+    """Fail before creating or recovering anything when a listening address cannot be bound.
+
+    The real listeners open after the service has started (which may create repositories); a port in
+    use should stop ``rcds serve`` at once, with one line, not after that work.
+    """
+    for li in settings.listeners:
+        family = socket.AF_INET6 if ":" in li.host else socket.AF_INET
+        try:
+            socket.create_server((li.host, li.port), family=family).close()
+        except OSError as exc:
+            raise ListenError(li.host, li.port, exc) from exc
+
+
 async def serve(settings: ServiceSettings, announce: bool = True) -> None:
+    check_listeners(settings)
     open_files = raise_open_file_limit()
     max_connections = settings.max_connections or connection_budget(open_files, settings.uploads.max_uploads)
     throttle = LogThrottle()
@@ -106,9 +155,12 @@ async def serve(settings: ServiceSettings, announce: bool = True) -> None:
     listening: list[asyncio.Server] = []
     try:
         for li in settings.listeners:
-            listening.append(
-                await loop.create_server(cap, li.host, li.port, ssl=ctx if li.tls else None, backlog=1024)
-            )
+            try:
+                listening.append(
+                    await loop.create_server(cap, li.host, li.port, ssl=ctx if li.tls else None, backlog=1024)
+                )
+            except OSError as exc:
+                raise ListenError(li.host, li.port, exc) from exc
         log.info(
             "listening",
             extra=fields(
@@ -118,7 +170,7 @@ async def serve(settings: ServiceSettings, announce: bool = True) -> None:
             ),
         )
         if announce:
-            print(banner(settings), flush=True)
+            print(banner(settings, _key_places(service)), flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -137,4 +189,4 @@ def run(settings: ServiceSettings) -> None:
     asyncio.run(serve(settings))
 
 
-__all__ = ["banner", "make_app", "run", "serve"]
+__all__ = ["ListenError", "banner", "make_app", "run", "serve"]
