@@ -59,6 +59,17 @@ class Credentials:
                 raise CredentialError(f"cannot use X.509 proxy {self.proxy}: {exc}") from exc
         return ctx
 
+    @property
+    def trust_description(self) -> str:
+        """Where server certificates are checked against, for an error that says how to change it."""
+        if self.ca_file:
+            return f"the CA file {self.ca_file}"
+        if self.ca_dir:
+            return f"the CA directory {self.ca_dir}"
+        paths = ssl.get_default_verify_paths()
+        where = " and ".join(p for p in (paths.cafile, paths.capath) if p) or "its default location"
+        return f"the system trust store ({where})"
+
     def headers_for(self, url: str) -> dict[str, str]:
         """The Authorization header, sent only over HTTPS or to this machine (a token is a secret)."""
         if not self.token or not _may_send_secret(url):

@@ -68,6 +68,10 @@ def parse_target(text: str, settings: ClientSettings) -> Target:
     return Target(cid, repositories)
 
 
+class RepositoriesUnknown(ClientError):
+    """No repository is configured and no publish server answered ``config`` (maybe only for now)."""
+
+
 def resolve_repositories(target: Target, settings: ClientSettings) -> tuple[str, ...]:
     """The repositories to search: named by the target, configured, or else asked from the servers."""
     if target.repositories:
@@ -88,7 +92,7 @@ def resolve_repositories(target: Target, settings: ClientSettings) -> tuple[str,
         try:
             return tuple(api.repositories())
         except ServersUnavailable as exc:
-            raise ClientError(
+            raise RepositoriesUnknown(
                 "no repositories configured and no publish server answered `config`:\n"
                 + "\n".join(f"  {a}" for a in exc.attempts)
             ) from exc
@@ -198,7 +202,11 @@ class Locator:
         keys = self.settings.public_key_files(repository)
         if not keys:
             places = ", ".join(str(p) for p in self.settings.keys)
-            raise ClientError(f"no master public key for {repository} in {places} (set `keys` or RCDS_KEYS)")
+            raise ClientError(
+                f"no master public key for {repository} in {places}: pass --keys PATH (a .pub file, a"
+                " directory laid out as /etc/cvmfs/keys, or the data directory of an rcds serve on this"
+                " machine, e.g. --keys rcds-data), or set `keys` in the client configuration or RCDS_KEYS"
+            )
         urls = self.settings.repository_urls(repository)
         if not urls:
             raise ClientError(f"no URL for {repository}: set `stratum_urls` or a publish server")
@@ -232,4 +240,12 @@ class Locator:
         return float(min(ttls)) if ttls else None
 
 
-__all__ = ["Found", "Locator", "Mode", "Target", "parse_target", "resolve_repositories"]
+__all__ = [
+    "Found",
+    "Locator",
+    "Mode",
+    "RepositoriesUnknown",
+    "Target",
+    "parse_target",
+    "resolve_repositories",
+]

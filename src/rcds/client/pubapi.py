@@ -197,8 +197,8 @@ class PubApiClient:
                 ) as response:
                     status, text = response.status, response.read().decode("utf-8", "replace").strip()
             except (OSError, http.client.HTTPException) as exc:
-                return describe_as_httpx(exc)
-            return _outcome(server, status, text)
+                return self._transport_reason(server, exc, describe_as_httpx(exc))
+            return _outcome(server, endpoint, status, text)
         assert self._http is not None
         try:
             r = self._http.request(
@@ -211,11 +211,27 @@ class PubApiClient:
         except httpx.TimeoutException as exc:
             return f"timed out ({type(exc).__name__})"
         except httpx.TransportError as exc:
-            return describe(exc)
-        return _outcome(server, r.status_code, r.text.strip())
+            return self._transport_reason(server, exc, describe(exc))
+        return _outcome(server, endpoint, r.status_code, r.text.strip())
+
+    def _transport_reason(self, server: str, exc: BaseException, plain: str) -> str:
+        """A failed connection in one line (``plain``), with the fix for the TLS mistakes users make most."""
+        text = str(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl")[0].strip()
+            return (
+                f"TLS: cannot verify the server's certificate (CERTIFICATE_VERIFY_FAILED: {detail});"
+                f" CAs were looked for in"
+                f" {self.credentials.trust_description}: set X509_CERT_DIR to a CA directory"
+                " (or RCDS_CA_FILE to a PEM bundle)"
+            )
+        if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+            http_url = "http://" + server.split("://", 1)[-1]
+            return f"TLS handshake failed: the server does not speak HTTPS here (plain HTTP? use {http_url})"
+        return plain
 
 
-def _outcome(server: str, status: int, text: str) -> Answer | str:
+def _outcome(server: str, endpoint: str, status: int, text: str) -> Answer | str:
     """A server's answer, or a one-line reason to try another server; raises if no server can help."""
     if status == 200:
         return Answer(server, text)
@@ -223,6 +239,8 @@ def _outcome(server: str, status: int, text: str) -> Answer | str:
         return f"HTTP {status}: {text[:200]}"
     if status == 400 and any(t in text for t in _TRANSIENT_400):
         return f"HTTP 400: {text[:200]}"
+    if status == 404 and endpoint != "status":  # every publish API answers the others
+        text = f"{text[:200]} (is {server} the server's base URL, scheme://host:port with no path?)"
     raise RequestRefused(server, status, text[:500])
 
 

@@ -73,14 +73,25 @@ class ClientSettings:
         return [t.replace("@fqrn@", fqrn) for t in templates]
 
     def public_key_files(self, fqrn: str) -> list[Path]:
-        """Master public keys for ``fqrn``, found the way CVMFS lays out /etc/cvmfs/keys."""
+        """Master public keys for ``fqrn``, found the way CVMFS lays out /etc/cvmfs/keys.
+
+        A place may also be an rcds server's data directory (``rcds serve --data-dir``, where each
+        repository keeps its keys in ``<fqrn>/.rcds/keys/``) or one repository's storage directory: a
+        user of a server on this machine points ``--keys`` at what that server wrote, nothing to copy.
+        """
         domain = fqrn.split(".", 1)[1] if "." in fqrn else fqrn
         found: list[Path] = []
         for place in self.keys:
             if place.is_file():
                 found.append(place)
                 continue
-            for candidate in (place / f"{fqrn}.pub", place / domain / f"{fqrn}.pub", place / f"{domain}.pub"):
+            for candidate in (
+                place / f"{fqrn}.pub",
+                place / domain / f"{fqrn}.pub",
+                place / f"{domain}.pub",
+                place / fqrn / ".rcds" / "keys" / f"{fqrn}.pub",
+                place / ".rcds" / "keys" / f"{fqrn}.pub",
+            ):
                 if candidate.is_file():
                     found.append(candidate)
             if (place / domain).is_dir():
@@ -107,9 +118,28 @@ def _proxy_url(proxy: str) -> str:
 
 
 def server_url(server: str) -> str:
-    """A publish server as a base URL: a bare host name means HTTPS on the default port."""
+    """A publish server as a base URL: a bare host name means HTTPS on the default port.
+
+    Mistakes that would otherwise surface later as puzzling failures (a 404 for a URL ending in
+    ``/pubapi``, a TLS error for another scheme) are refused here with what to write instead.
+    """
     server = server.strip().rstrip("/")
-    return server if "://" in server else f"https://{server}"
+    if "://" not in server:
+        server = f"https://{server}"
+    scheme, rest = server.split("://", 1)
+    if scheme.lower() not in ("http", "https"):
+        raise ConfigError(
+            f"server {server!r}: the scheme must be http:// or https:// (for example http://127.0.0.1:8080)"
+        )
+    host, _, path = rest.partition("/")
+    if not host:
+        raise ConfigError(f"server {server!r} names no host")
+    if path.rstrip("/").split("/")[-1] == "pubapi":
+        base = f"{scheme}://{host}"
+        raise ConfigError(
+            f"server {server!r}: give the base URL without /pubapi ({base}); rcds adds /pubapi/..."
+        )
+    return server
 
 
 def _split(text: str) -> tuple[str, ...]:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .credentials import find_credentials
-from .errors import ClientError, WaitTimeout
-from .locate import Found, Locator, Mode, Target, parse_target, resolve_repositories
+from .errors import ClientError, PublishFailed, WaitTimeout
+from .locate import Found, Locator, Mode, RepositoriesUnknown, Target, parse_target, resolve_repositories
 from .pubapi import PubApiClient
 from .settings import ClientSettings, load_client_settings
 
@@ -25,6 +25,7 @@ log = logging.getLogger("rcds.client")
 
 FIRST_DELAY = 1.0
 DEFAULT_MAX_DELAY = 60.0  # through a mount, where the TTL cannot be read
+CONFIG_RETRY_CAP = 30.0  # longest pause between asking unreachable servers for their repositories
 
 
 @dataclass
@@ -34,23 +35,82 @@ class WaitResult:
     seconds: float
     looks: int
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, index: int = 0, name: str | None = None) -> dict[str, str]:
+        """The variables for the job, named as jobsub_lite's wrapper names them for its tarballs.
+
+        ``index`` 0 gives the plain names (the first tarball); ``index`` N >= 1 the ``_N`` names jobsub
+        gives its N-th additional tarball. ``INPUT_TAR_FILE`` is ``<dir>/<name>.tar``, a file that does
+        not exist (as with jobsub: scripts take its dirname); ``name`` defaults to the CID's last part.
+        """
+        suffix = f"_{index}" if index else ""
         env = {
-            "RCDS_CID": self.found.cid,
-            "RCDS_REPOSITORY": self.found.repository,
-            "RCDS_PATH": self.found.path,
+            f"RCDS_CID{suffix}": self.found.cid,
+            f"RCDS_REPOSITORY{suffix}": self.found.repository,
+            f"RCDS_PATH{suffix}": self.found.path,
         }
         if self.directory is not None:
-            env["RCDS_DIR"] = str(self.directory)
-            env["INPUT_TAR_DIR_LOCAL"] = str(self.directory)  # what jobsub's job scripts read
+            directory = str(self.directory)
+            env[f"RCDS_DIR{suffix}"] = directory
+            env[f"INPUT_TAR_DIR_LOCAL{suffix}"] = directory  # what jobsub's job scripts read
+            base = name or self.found.cid.rsplit("/", 1)[-1]
+            env[f"INPUT_TAR_FILE{suffix}"] = f"{directory}/{base}.tar"
         return env
 
 
+class StatusWatch:
+    """Asks the publish servers' ``status`` for the CID while it is awaited, to stop at once on failure.
+
+    A server that rejected the upload knows why; without this a job would wait its whole timeout and
+    learn only that the CID "did not appear". Servers that cannot be asked (down, refusing, too old to
+    have ``status``) are no reason to stop: the wait goes on through the repositories.
+    """
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self._api = PubApiClient(
+            settings.servers,
+            find_credentials(),
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            retries=1,
+        )
+        self.last_state: str | None = None
+
+    def check(self, cid: str) -> None:
+        """Raise PublishFailed with the server's reason if a server says the publish of ``cid`` failed."""
+        try:
+            doc = self._api.status(cid)
+        except (ClientError, ValueError) as exc:
+            log.info("cannot ask the publish servers about %s: %s", cid, exc)
+            return
+        if doc is None:
+            return
+        self.last_state = str(doc.get("state"))
+        if self.last_state == "failed":
+            reason = doc.get("reason") or "no reason given"
+            raise PublishFailed(
+                f"{cid} will not appear: {self._api.last_server} could not publish it: {reason}"
+            )
+
+    def close(self) -> None:
+        self._api.close()
+
+
 def wait_for(
-    target: Target, locator: Locator, *, timeout: float = 1200.0, max_delay: float | None = None
+    target: Target,
+    locator: Locator,
+    *,
+    timeout: float = 1200.0,
+    max_delay: float | None = None,
+    status: StatusWatch | None = None,
+    started: float | None = None,
 ) -> WaitResult:
-    """Look for the CID until it appears or ``timeout`` seconds pass (WaitTimeout, naming what was tried)."""
-    started = time.monotonic()
+    """Look for the CID until it appears or ``timeout`` seconds pass (WaitTimeout, naming what was tried).
+
+    With ``status``, the publish servers are asked after each look that missed, and a publish they
+    report failed ends the wait at once (PublishFailed, with their reason). ``started`` is when the
+    wait began (time.monotonic()), if earlier than this call.
+    """
+    started = time.monotonic() if started is None else started
     deadline = started + timeout
     delay, looks = FIRST_DELAY, 0
     while True:
@@ -59,10 +119,13 @@ def wait_for(
         if found is not None:
             log.info("found %s in %s after %d looks", target.cid, found.repository, looks)
             return WaitResult(found, found.local_path, time.monotonic() - started, looks)
+        if status is not None:
+            status.check(target.cid)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            last = f" (the publish server says: {status.last_state})" if status and status.last_state else ""
             raise WaitTimeout(
-                "\n".join([f"{target.cid} did not appear within {timeout:g} s.", *locator.looked_in()])
+                "\n".join([f"{target.cid} did not appear within {timeout:g} s{last}.", *locator.looked_in()])
             )
         cap = max_delay if max_delay is not None else (locator.ttl() or DEFAULT_MAX_DELAY)
         log.info("%s not found (look %d); next look in %.0f s", target.cid, looks, min(delay, remaining))
@@ -82,21 +145,32 @@ def wait(
     touch: bool = False,
     get_dest: Path | None = None,
     progress: bool = True,
+    index: int = 0,
 ) -> WaitResult:
     """Everything ``rcds wait`` does: wait for ``target`` (a CID or /cvmfs path), then link and export.
 
     Without a mount of the repository that has the CID, ``get_dest`` receives a copy (as ``rcds get``);
-    ``link`` then points there.
+    ``link`` then points there. ``index`` N >= 1 writes the ``_N`` variables (see
+    ``WaitResult.environment``) into ``env_file``, keeping the other variables already in it.
     """
     from .get import materialize_found
 
+    started = time.monotonic()
     settings = settings or load_client_settings()
     wanted = parse_target(target, settings)
-    with Locator(settings, resolve_repositories(wanted, settings), mode, cache_dir=settings.cache) as locator:
-        result = wait_for(wanted, locator, timeout=timeout, max_delay=max_delay)
-        if result.directory is None and get_dest is not None:
-            materialize_found(locator, result.found, get_dest, settings.cache, progress=progress)
-            result.directory = get_dest.resolve()
+    repositories = _repositories_within(wanted, settings, started, timeout)
+    status = StatusWatch(settings) if settings.servers else None
+    try:
+        with Locator(settings, repositories, mode, cache_dir=settings.cache) as locator:
+            result = wait_for(
+                wanted, locator, timeout=timeout, max_delay=max_delay, status=status, started=started
+            )
+            if result.directory is None and get_dest is not None:
+                materialize_found(locator, result.found, get_dest, settings.cache, progress=progress)
+                result.directory = get_dest.resolve()
+    finally:
+        if status is not None:
+            status.close()
     if touch:
         refresh(result.found.cid, settings)
     if link is not None:
@@ -107,8 +181,28 @@ def wait(
             )
         make_link(link, result.directory)
     if env_file is not None:
-        write_env_file(env_file, result.environment())
+        write_env_file(env_file, result.environment(index, link.name if link is not None else None))
     return result
+
+
+def _repositories_within(
+    target: Target, settings: ClientSettings, started: float, timeout: float
+) -> tuple[str, ...]:
+    """The repositories to search, asking the publish servers again until ``timeout`` if none answers.
+
+    A job that starts while its servers restart must not fail in seconds: it has ``timeout`` to wait.
+    """
+    delay = FIRST_DELAY
+    while True:
+        try:
+            return resolve_repositories(target, settings)
+        except RepositoriesUnknown as exc:
+            remaining = started + timeout - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(f"{target.cid}: gave up after {timeout:g} s: {exc}") from exc
+            log.warning("%s; asking again in %.0f s", str(exc).splitlines()[0], min(delay, remaining))
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, CONFIG_RETRY_CAP)
 
 
 def make_link(link: Path, directory: Path) -> None:
@@ -125,8 +219,20 @@ def make_link(link: Path, directory: Path) -> None:
 
 
 def write_env_file(path: Path, env: dict[str, str]) -> None:
-    """Shell ``export`` lines, quoted, for a wrapper to ``source``."""
-    text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+    """Shell ``export`` lines, quoted, for a wrapper to ``source``.
+
+    Lines already in the file for other variables are kept, so that one file can collect several
+    tarballs' variables (``--index``); a variable set again is replaced.
+    """
+    kept: list[str] = []
+    try:
+        for line in path.read_text().splitlines():
+            name = line[len("export ") :].split("=", 1)[0] if line.startswith("export ") else None
+            if name not in env:
+                kept.append(line + "\n")
+    except FileNotFoundError:
+        pass
+    text = "".join(kept) + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
     tmp = path.with_name(f".{path.name}.rcds-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -151,4 +257,4 @@ def refresh(cid: str, settings: ClientSettings) -> str | None:
         return None
 
 
-__all__ = ["WaitResult", "make_link", "refresh", "wait", "wait_for", "write_env_file"]
+__all__ = ["StatusWatch", "WaitResult", "make_link", "refresh", "wait", "wait_for", "write_env_file"]
