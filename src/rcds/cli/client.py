@@ -19,6 +19,7 @@ import click
 from ..client.errors import ClientError
 from ..client.jobcli import get_output, reading_settings, wait_output  # shared with the job client
 from ..client.settings import ClientSettings, load_client_settings, server_url
+from ..client.tarball import DEFAULT_EXCLUDES
 from ..tomlconfig import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,7 +53,10 @@ def _settings(**overrides: Any) -> ClientSettings:
 
 
 def _servers(values: tuple[str, ...]) -> tuple[str, ...] | None:
-    return tuple(server_url(v) for v in values) if values else None
+    try:
+        return tuple(server_url(v) for v in values) if values else None
+    except ConfigError as exc:  # a mistyped --server is bad input, not a configuration file problem
+        raise ClientError(f"--server: {exc}") from exc
 
 
 _server_option = click.option(
@@ -90,7 +94,9 @@ def _reading_options(func: F) -> F:
                 "--keys",
                 type=click.Path(path_type=Path, exists=True),
                 multiple=True,
-                help="Master public key file or key directory (default /etc/cvmfs/keys).",
+                help="Where the repositories' master public keys are: a .pub file, a directory laid out as"
+                " /etc/cvmfs/keys (the default), or the data directory of an rcds serve on this machine"
+                " (repeatable).",
             ),
             click.option("--prefix", default=None, help="The servers' CID directory (default sw)."),
         ]
@@ -125,11 +131,20 @@ def _reading_settings(
 @click.option(
     "--exclude", "excludes", multiple=True, metavar="PATTERN", help="Leave out matching names or paths."
 )
-@click.option("--no-default-excludes", is_flag=True, help="Do not leave out .git directories.")
+@click.option(
+    "--no-default-excludes",
+    is_flag=True,
+    help=f"Keep what is left out by default: {' '.join(DEFAULT_EXCLUDES)}.",
+)
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the CID is published.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--dry-run", is_flag=True, help="Only compute and print the CID.")
-@click.option("--tmpdir", type=click.Path(path_type=Path, file_okay=False), default=None)
+@click.option(
+    "--tmpdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where to write the compressed tarball before the upload (default: $TMPDIR).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_json_option
 @_verbose_option
@@ -156,7 +171,6 @@ def publish(
     """
     from ..client.publish import PRESENT, QUEUED
     from ..client.publish import publish as do_publish
-    from ..client.tarball import DEFAULT_EXCLUDES
 
     _logging(verbose)
     settings = _settings(servers=_servers(servers), group=group)
@@ -181,9 +195,15 @@ def publish(
     if result.state == PRESENT:
         click.echo(f"already published (last-use time refreshed on {result.server})", err=True)
     elif result.state == QUEUED:
+        # Say plainly that nothing checked the outcome: a rejected tarball shows only to whoever waits.
+        what = (
+            f"uploaded {result.uploaded_bytes:,} bytes to {result.server}"
+            if result.uploaded_bytes
+            else f"{result.server} is already publishing it"
+        )
         click.echo(
-            f"uploaded {result.uploaded_bytes:,} bytes to {result.server}; publishing now"
-            f" (rcds wait {result.cid} waits for it)",
+            f"{what}; did not wait for the publish to finish: --wait waits, and so does a job's"
+            f" `rcds wait {result.cid}`; both report a rejected upload with the server's reason",
             err=True,
         )
 
@@ -202,7 +222,20 @@ def publish(
     help="Look through the CVMFS mount, over HTTP, or the mount where there is one.",
 )
 @click.option("--link", type=click.Path(path_type=Path), default=None, help="Make this symlink to the code.")
-@click.option("--env-file", type=click.Path(path_type=Path), default=None, help="Write `export` lines here.")
+@click.option(
+    "--env-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write `export` lines here: RCDS_* and jobsub's INPUT_TAR_DIR_LOCAL and INPUT_TAR_FILE"
+    " (other variables already in the file are kept).",
+)
+@click.option(
+    "--index",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="N >= 1: name the variables as jobsub does for its N-th additional tarball (INPUT_TAR_DIR_LOCAL_N...).",
+)
 @click.option("--touch", is_flag=True, help="Refresh the CID's last-use time on the publish servers.")
 @click.option(
     "--get",
@@ -229,6 +262,7 @@ def wait(
     mode: str,
     link: Path | None,
     env_file: Path | None,
+    index: int,
     touch: bool,
     get_dest: Path | None,
     cache: Path | None,
@@ -264,8 +298,9 @@ def wait(
         touch=touch,
         get_dest=get_dest,
         progress=not as_json,
+        index=index,
     )
-    click.echo(wait_output(result, as_json))
+    click.echo(wait_output(result, as_json, index, link.name if link is not None else None))
 
 
 # --- get -----------------------------------------------------------------------------------------

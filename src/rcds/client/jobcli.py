@@ -47,8 +47,9 @@ def reading_settings(
     )
 
 
-def wait_output(result: WaitResult, as_json: bool) -> str:
-    """What ``wait`` prints: the directory holding the code (or its /cvmfs path), or one JSON object."""
+def wait_output(result: WaitResult, as_json: bool, index: int = 0, name: str | None = None) -> str:
+    """What ``wait`` prints: the directory holding the code (or its /cvmfs path), or one JSON object
+    (``env``: the job's variables, for the ``index``-th tarball, see ``WaitResult.environment``)."""
     if not as_json:
         return str(result.directory or result.found.path)
     return json.dumps(
@@ -59,7 +60,7 @@ def wait_output(result: WaitResult, as_json: bool) -> str:
             "directory": str(result.directory or ""),
             "seconds": round(result.seconds, 3),
             "looks": result.looks,
-            "env": result.environment(),
+            "env": result.environment(index, name),
         }
     )
 

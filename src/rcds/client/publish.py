@@ -19,6 +19,7 @@ from typing import Any
 from ..publish.cid import CidError, validate_cid
 from .credentials import Credentials, find_credentials
 from .errors import ClientError, PublishFailed, WaitTimeout
+from .progress import Progress
 from .pubapi import Answer, PubApiClient
 from .settings import ClientSettings, load_client_settings
 from .tarball import DEFAULT_EXCLUDES, TarballError, hash_file, write_compressed_tar, write_tar
@@ -46,13 +47,20 @@ class PublishResult:
         return asdict(self)
 
 
-def tarball_digest(source: Path, excludes: Sequence[str] = DEFAULT_EXCLUDES) -> tuple[str, int]:
-    """The sha256 of a directory's reproducible tar, or of a tarball file's bytes, and that size."""
+def tarball_digest(
+    source: Path, excludes: Sequence[str] = DEFAULT_EXCLUDES, progress: bool = False
+) -> tuple[str, int]:
+    """The sha256 of a directory's reproducible tar, or of a tarball file's bytes, and that size.
+
+    ``progress`` shows a line with the bytes hashed so far on a terminal (a large tree takes seconds).
+    """
     if source.is_dir():
-        summary = write_tar(source, None, excludes)
+        with Progress(None, "hashing", enabled=progress) as bar:
+            summary = write_tar(source, None, excludes, on_bytes=bar.update)
         return summary.sha256, summary.tar_bytes
     if source.is_file():
-        return hash_file(source)
+        with Progress(source.stat().st_size, "hashing", enabled=progress) as bar:
+            return hash_file(source, on_bytes=bar.update)
     raise ClientError(f"{source}: no such directory or file")
 
 
@@ -80,7 +88,7 @@ def publish(
     started = time.monotonic()
     settings = settings or load_client_settings()
     source = Path(source)
-    digest, tar_bytes = tarball_digest(source, excludes)
+    digest, tar_bytes = tarball_digest(source, excludes, progress)
     if cid is not None:
         try:
             cid = validate_cid(cid)
@@ -109,7 +117,9 @@ def publish(
         elif _in_progress(api, cid):  # uploaded moments ago (by us or a colleague): no second upload
             result.state, result.server = QUEUED, api.last_server
         else:
-            answer, result.uploaded_bytes = _upload(api, source, cid, digest, excludes, progress, tmpdir)
+            answer, result.uploaded_bytes = _upload(
+                api, source, cid, digest, excludes, progress, tmpdir, tar_bytes
+            )
             result.server = answer.server
             if answer.body.startswith("PRESENT:"):
                 result.state, result.path = PRESENT, answer.body[len("PRESENT:") :]
@@ -118,7 +128,7 @@ def publish(
         if result.state == QUEUED and wait:
 
             def upload_again() -> None:
-                answer, n = _upload(api, source, cid, digest, excludes, False, tmpdir)
+                answer, n = _upload(api, source, cid, digest, excludes, False, tmpdir, tar_bytes)
                 result.uploaded_bytes += n
                 result.server = answer.server
 
@@ -143,12 +153,15 @@ def _upload(
     excludes: Sequence[str],
     progress: bool,
     tmpdir: Path | None,
+    tar_bytes: int | None = None,
 ) -> tuple[Answer, int]:
     if source.is_file():
         return api.publish(cid, source, progress), source.stat().st_size
     with tempfile.NamedTemporaryFile(prefix="rcds-upload-", suffix=".tar.zst", dir=tmpdir) as tmp:
         try:
-            summary = write_compressed_tar(source, tmp.file, excludes)  # type: ignore[arg-type]
+            # The total is the tar stream's size, known from hashing it a moment ago.
+            with Progress(tar_bytes, "compressing", enabled=progress) as bar:
+                summary = write_compressed_tar(source, tmp.file, excludes, on_bytes=bar.update)  # type: ignore[arg-type]
             tmp.flush()
         except OSError as exc:
             raise ClientError(

@@ -23,7 +23,7 @@ import hashlib
 import os
 import stat
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -34,7 +34,29 @@ from .errors import ClientError
 
 # 1970-01-01T00:00:01Z, as jobsub_lite uses for single files; 0 upsets some tools.
 REPRODUCIBLE_MTIME = 1
-DEFAULT_EXCLUDES: tuple[str, ...] = (".git",)
+# Left out of a directory unless --no-default-excludes: version control, Python bytecode, editor and
+# crash debris, the build and editor part of what jobsub_lite's excludes file drops. Bytecode matters
+# most: the tarball's fixed mtimes make every shipped .pyc stale against its .py on the worker node, so
+# it would be recompiled by every job anyway (or fail to be written on read-only CVMFS). jobsub's
+# list also drops images, PDFs, logs and archives; those may be a job's inputs, so they stay.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".git",
+    ".svn",
+    ".hg",
+    "CVS",
+    "__pycache__",
+    "*.pyc",
+    "*.pyo",
+    ".pytest_cache",
+    ".mypy_cache",
+    "*~",
+    ".*.swp",
+    ".*.swo",
+    ".#*",
+    "#*#",
+    ".DS_Store",
+    "*.core",
+)
 # The upload compression: fast, and well inside what the server's zstd reader accepts.
 UPLOAD_ZSTD_LEVEL = 3
 _COPY_BLOCK = 1 << 20
@@ -67,16 +89,19 @@ class _Member:
 class _HashingSink:
     """Hashes what tarfile writes, then passes it on (or drops it when only the hash is wanted)."""
 
-    def __init__(self, out: IO[bytes] | None) -> None:
+    def __init__(self, out: IO[bytes] | None, on_bytes: Callable[[int], object] | None = None) -> None:
         self.hasher = hashlib.sha256()
         self.out = out
         self.count = 0
+        self.on_bytes = on_bytes
 
     def write(self, data: bytes) -> int:
         self.hasher.update(data)
         self.count += len(data)
         if self.out is not None:
             self.out.write(data)
+        if self.on_bytes is not None:
+            self.on_bytes(len(data))
         return len(data)
 
 
@@ -129,13 +154,19 @@ def _info(name: str, type_: bytes, mode: int) -> tarfile.TarInfo:
 
 
 def write_tar(
-    directory: Path, out: IO[bytes] | None, excludes: Sequence[str] = DEFAULT_EXCLUDES
+    directory: Path,
+    out: IO[bytes] | None,
+    excludes: Sequence[str] = DEFAULT_EXCLUDES,
+    on_bytes: Callable[[int], object] | None = None,
 ) -> TarSummary:
-    """Write the reproducible tar stream of ``directory`` to ``out`` (None: only hash it)."""
+    """Write the reproducible tar stream of ``directory`` to ``out`` (None: only hash it).
+
+    ``on_bytes`` is told the size of each piece of the stream as it is written (for a progress line).
+    """
     top = Path(directory)
     if not top.is_dir():
         raise TarballError(f"{top} is not a directory")
-    sink = _HashingSink(out)
+    sink = _HashingSink(out, on_bytes)
     summary = TarSummary(sha256="", tar_bytes=0)
     seen_inodes: dict[tuple[int, int], str] = {}
     with tarfile.open(  # type: ignore[call-overload]  # a write-only sink is enough for "w|"
@@ -192,7 +223,7 @@ def _add_regular(tar: tarfile.TarFile, m: _Member) -> None:
         raise TarballError(f"cannot read {m.path}: {exc.strerror or exc}") from exc
 
 
-def hash_file(path: Path) -> tuple[str, int]:
+def hash_file(path: Path, on_bytes: Callable[[int], object] | None = None) -> tuple[str, int]:
     """The sha256 (hex) and size of a file, the CID of a tarball given as is."""
     h = hashlib.sha256()
     n = 0
@@ -200,16 +231,21 @@ def hash_file(path: Path) -> tuple[str, int]:
         while block := f.read(_COPY_BLOCK):
             h.update(block)
             n += len(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return h.hexdigest(), n
 
 
 def write_compressed_tar(
-    directory: Path, out: BinaryIO, excludes: Sequence[str] = DEFAULT_EXCLUDES
+    directory: Path,
+    out: BinaryIO,
+    excludes: Sequence[str] = DEFAULT_EXCLUDES,
+    on_bytes: Callable[[int], object] | None = None,
 ) -> TarSummary:
     """Write the tar stream zstd-compressed to ``out``; the summary's hash is of the uncompressed stream."""
     cctx = zstandard.ZstdCompressor(level=UPLOAD_ZSTD_LEVEL, threads=-1)
     with cctx.stream_writer(out, closefd=False) as zout:
-        summary = write_tar(directory, zout, excludes)
+        summary = write_tar(directory, zout, excludes, on_bytes)
     return summary
 
 
