@@ -406,6 +406,15 @@ def test_wait_finds_keys_in_the_servers_data_dir_and_a_missing_key_names_the_opt
     assert "no master public key for" in line and "pass --keys PATH" in line and "rcds serve" in line
 
 
+def test_asking_status_needs_no_usable_credentials(server: RcdsServer, tmp_path: Path) -> None:
+    """A job whose X.509 proxy variable is stale still waits (status is asked without credentials)."""
+    assert server.publish("creds/stale", make_tarball({"c.py": "pass\n"})).text == "OK\n"
+    path = server.wait_state("creds/stale")["path"]
+    env = reading_env(server, tmp_path / "home", X509_USER_PROXY=str(tmp_path / "gone"))
+    p = rcds("wait", "creds/stale", "--timeout", "30", env=env)
+    assert (p.returncode, p.stdout.strip()) == (0, path), p.stderr
+
+
 def test_wait_keeps_trying_while_the_publish_server_is_down(tmp_path: Path) -> None:
     srv = RcdsServer(tmp_path)  # not started: its port refuses connections
     try:

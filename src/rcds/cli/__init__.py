@@ -59,7 +59,7 @@ def _placeholder(name: str, module: str) -> click.Command:
     @click.command(
         name,
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-        help=f"(not installed: needs {SERVER_EXTRA_HINT})",
+        help="(needs the server extra: pip install 'rcds[server]')",
         add_help_option=False,
     )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)

@@ -10,6 +10,7 @@ it exists, else the system's trust store.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import ssl
 import stat
@@ -21,6 +22,8 @@ from urllib.parse import urlsplit
 from .errors import ClientError
 
 GRID_CA_DIR = Path("/etc/grid-security/certificates")
+
+log = logging.getLogger("rcds.client")
 
 
 class CredentialError(ClientError):
@@ -134,6 +137,20 @@ def find_credentials(env: Mapping[str, str] | None = None, uid: int | None = Non
     return Credentials(ca_dir=ca_dir, ca_file=ca_file)
 
 
+def credentials_for_reading(env: Mapping[str, str] | None = None) -> Credentials:
+    """Credentials for calls that need none to succeed (``config``, ``status`` while waiting).
+
+    A stale ``X509_USER_PROXY`` must not stop a job that only reads: without usable credentials such
+    calls go out with none, still verifying servers against the same CAs.
+    """
+    try:
+        return find_credentials(env)
+    except CredentialError as exc:
+        log.info("going on without credentials: %s", exc)
+        ca_dir, ca_file = _trust(os.environ if env is None else env)
+        return Credentials(ca_dir=ca_dir, ca_file=ca_file)
+
+
 def _trust(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
     if env.get("X509_CERT_DIR"):
         return Path(env["X509_CERT_DIR"]), None
@@ -144,4 +161,4 @@ def _trust(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
     return None, None
 
 
-__all__ = ["CredentialError", "Credentials", "find_credentials"]
+__all__ = ["CredentialError", "Credentials", "credentials_for_reading", "find_credentials"]

@@ -22,7 +22,7 @@ from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.signing import SignatureError
 from ..cvmfs.sources import HttpSettings
 from ..publish.cid import CidError, is_cid_directory, validate_cid
-from .credentials import find_credentials
+from .credentials import credentials_for_reading
 from .errors import ClientError, ServersUnavailable
 from .pubapi import PubApiClient
 from .settings import ClientSettings
@@ -84,7 +84,7 @@ def resolve_repositories(target: Target, settings: ClientSettings) -> tuple[str,
         )
     with PubApiClient(
         settings.servers,
-        find_credentials(),
+        credentials_for_reading(),  # `config` needs none
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         retries=settings.retries,

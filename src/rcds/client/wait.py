@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .credentials import find_credentials
-from .errors import ClientError, PublishFailed, WaitTimeout
+from .credentials import credentials_for_reading, find_credentials
+from .errors import ClientError, PublishFailed, RequestRefused, WaitTimeout
 from .locate import Found, Locator, Mode, RepositoriesUnknown, Target, parse_target, resolve_repositories
 from .pubapi import PubApiClient
 from .settings import ClientSettings, load_client_settings
@@ -68,17 +68,24 @@ class StatusWatch:
     def __init__(self, settings: ClientSettings) -> None:
         self._api = PubApiClient(
             settings.servers,
-            find_credentials(),
+            credentials_for_reading(),
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             retries=1,
         )
+        self._refused = False
         self.last_state: str | None = None
 
     def check(self, cid: str) -> None:
         """Raise PublishFailed with the server's reason if a server says the publish of ``cid`` failed."""
+        if self._refused:
+            return
         try:
             doc = self._api.status(cid)
+        except RequestRefused as exc:  # not allowed to ask (no credentials here): it will not change
+            log.info("the publish servers do not tell %s: %s", cid, exc)
+            self._refused = True
+            return
         except (ClientError, ValueError) as exc:
             log.info("cannot ask the publish servers about %s: %s", cid, exc)
             return
