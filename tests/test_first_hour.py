@@ -133,6 +133,7 @@ def rcds_without_server_extra(*args: object, env: dict[str, str]) -> subprocess.
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_without_the_server_extra_the_client_works_and_server_commands_say_what_to_install(
     server: RcdsServer, tmp_path: Path
 ) -> None:
@@ -415,6 +416,7 @@ def test_asking_status_needs_no_usable_credentials(server: RcdsServer, tmp_path:
     assert (p.returncode, p.stdout.strip()) == (0, path), p.stderr
 
 
+@pytest.mark.slow
 def test_wait_keeps_trying_while_the_publish_server_is_down(tmp_path: Path) -> None:
     srv = RcdsServer(tmp_path)  # not started: its port refuses connections
     try:
@@ -437,6 +439,7 @@ def test_wait_keeps_trying_while_the_publish_server_is_down(tmp_path: Path) -> N
         srv.close()
 
 
+@pytest.mark.slow
 def test_a_server_that_stays_down_is_a_timeout_naming_it(tmp_path: Path) -> None:
     srv = RcdsServer(tmp_path)
     env = client_env(tmp_path / "home", f'servers = ["{srv.url}"]\nconnect_timeout = 1\n')
@@ -499,8 +502,8 @@ def _blocks(markdown: str) -> list[str]:
 def test_the_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second() -> None:
     readme = (ROOT / "README.md").read_text()
     first_block = _blocks(readme)[0]
-    assert readme.index("```") < readme.index("\n\n", readme.index("\n") + 1)  # right under the title
-    commands = [line for line in first_block.strip().splitlines()]
+    assert readme.splitlines()[1:3] == ["", "```"]  # the README opens with it, right under the title
+    commands = first_block.strip().splitlines()
     assert len(commands) == 2
     assert "venv" in commands[0] and "'.[server]'" in commands[0] and commands[0].endswith("rcds serve")
     assert "'.[server,test]'" in commands[1] and commands[1].endswith("-m pytest -q")
@@ -508,6 +511,7 @@ def test_the_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second() -
     assert ci_lines[-1] == commands[1]
 
 
+@pytest.mark.slow
 def test_the_readme_examples_work_as_printed_against_the_embedded_default(tmp_path: Path) -> None:
     """The "one minute" block and the client block, run by bash against `rcds serve` (embedded default).
 
