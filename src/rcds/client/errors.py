@@ -22,8 +22,12 @@ class ServersUnavailable(ClientError):
 
     def __init__(self, what: str, attempts: list[str]) -> None:
         self.attempts = attempts
-        lines = "\n".join(f"  {a}" for a in attempts) or "  (no server configured)"
-        super().__init__(f"{what} failed on every server:\n{lines}")
+        # The same answer in every round is said once, with how often: the message stays short.
+        counts: dict[str, int] = {}
+        for a in attempts:
+            counts[a] = counts.get(a, 0) + 1
+        lines = "\n".join(f"  {a}" + (f" ({n} times)" if n > 1 else "") for a, n in counts.items())
+        super().__init__(f"{what} failed on every server:\n{lines or '  (no server configured)'}")
 
 
 class RequestRefused(ClientError):
