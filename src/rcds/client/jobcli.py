@@ -73,6 +73,16 @@ def get_output(result: dict[str, Any], dest: Path, as_json: bool) -> str:
 # --- argparse ------------------------------------------------------------------------------------
 
 
+def _index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
 def _existing_path(text: str) -> Path:
     path = Path(text)
     if not path.exists():
@@ -123,7 +133,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--mode", choices=["auto", "mount", "http"], default="auto",
                    help="Look through the CVMFS mount, over HTTP, or the mount where there is one (default auto).")  # fmt: skip
     w.add_argument("--link", type=Path, default=None, help="Make this symlink to the code.")
-    w.add_argument("--env-file", type=Path, default=None, help="Write `export` lines here.")
+    w.add_argument("--env-file", type=Path, default=None,
+                   help="Write `export` lines here: RCDS_* and jobsub's INPUT_TAR_DIR_LOCAL and INPUT_TAR_FILE "
+                   "(other variables already in the file are kept).")  # fmt: skip
+    w.add_argument("--index", type=_index, default=0,
+                   help="N >= 1: name the variables as jobsub does for its N-th additional tarball "
+                   "(INPUT_TAR_DIR_LOCAL_N...; default 0).")  # fmt: skip
     w.add_argument(
         "--touch", action="store_true", help="Refresh the CID's last-use time on the publish servers."
     )
@@ -174,8 +189,11 @@ def _run(args: argparse.Namespace) -> str:
             touch=args.touch,
             get_dest=args.get_dest,
             progress=not args.as_json,
+            index=args.index,
         )
-        return wait_output(result, args.as_json)
+        return wait_output(
+            result, args.as_json, args.index, args.link.name if args.link is not None else None
+        )
     from .get import get
 
     stats = get(
