@@ -205,7 +205,9 @@ def test_commands_on_a_directory_that_is_no_repository_fail_cleanly(tmp_path: Pa
 
 
 def test_the_installed_console_script_runs() -> None:
-    script = shutil.which("rcds")
+    # The script of the environment running the tests (a venv need not be on PATH), else the one on PATH.
+    beside = Path(sys.executable).with_name("rcds")
+    script = str(beside) if beside.exists() else shutil.which("rcds")
     if script is None:
         pytest.skip("the rcds console script is not on PATH")
     proc = subprocess.run([script, "--version"], capture_output=True, timeout=60, check=False)
