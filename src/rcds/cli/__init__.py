@@ -28,6 +28,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "gc": ("server", "gc"),
     "audit": ("server", "audit"),
     "replicate": ("server", "replicate"),
+    "status": ("status", "status"),
     "build-job-client": ("jobclient", "build_job_client"),
 }
 # Import names of the `server` extra in pyproject.toml (tests/test_cli_usability.py keeps them in step).

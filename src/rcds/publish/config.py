@@ -112,6 +112,19 @@ class UploadLimits:
 
 
 @dataclass(frozen=True)
+class StatusSettings:
+    """``[status]``: the status page and ``/status.json`` (see docs/status.md)."""
+
+    # Viewers without credentials see the non-sensitive parts (no identities); False: they get a 403.
+    anonymous: bool = True
+    # Identities that see identities (DNs, token subjects, publishers): DNs, "<issuer>#<sub>" or
+    # "localhost". Empty: every authenticated identity does.
+    operators: tuple[str, ...] = ()
+    refresh: int = 10  # seconds between the page's own reloads
+    sample_seconds: float = 60.0  # queue depth and replica lag are sampled this often for the charts
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     data_dir: Path
     repositories: tuple[RepositorySettings, ...]
@@ -145,6 +158,7 @@ class ServiceSettings:
     max_connections: int = 0
     create_missing: bool = True  # create local repositories on first start
     embedded: bool = False
+    status: StatusSettings = field(default_factory=StatusSettings)
 
     @property
     def local_repositories(self) -> tuple[RepositorySettings, ...]:
@@ -301,6 +315,17 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         raise ConfigError("server.idle_timeout must be positive and server.max_connections not negative")
     h.done()
 
+    st = TomlTable(r.subtable("status"), "status.")
+    status = StatusSettings(
+        anonymous=st.flag("anonymous", True),
+        operators=tuple(st.texts("operators", [])),
+        refresh=st.integer("refresh", 10),
+        sample_seconds=st.number("sample_seconds", 60.0),
+    )
+    if status.refresh < 1 or status.sample_seconds <= 0:
+        raise ConfigError("status.refresh must be at least 1 and status.sample_seconds positive")
+    st.done()
+
     settings = ServiceSettings(
         data_dir=data_dir,
         repositories=tuple(repos),
@@ -328,6 +353,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         idle_timeout=idle_timeout,
         max_connections=max_connections,
         create_missing=r.flag("create_missing", True),
+        status=status,
     )
     r.done()
     if settings.maxdays <= 0 or settings.gc_horizon_days < 0 or not 0 <= settings.gcstarthour <= 23:

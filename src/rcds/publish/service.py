@@ -56,6 +56,7 @@ from .metrics import ServiceMetrics
 from .namespace import RULE, Namespace, NamespaceConflict, find_collisions, log_collisions, top_name
 from .presence import PUBLISHER_FILE, Presence, PresenceIndex, scan_published_cids
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
+from .status import ReplicaState, StatusHistory
 from .transient import environment_wait
 
 if TYPE_CHECKING:
@@ -169,6 +170,9 @@ class PublishService:
         # Per replica we snapshot: held by its replication thread around each snapshot and by cleanup
         # around its garbage collection, so that neither finds the other holding the replica's lock.
         self.replica_locks = {rs.name: threading.Lock() for rs in settings.repositories if rs.upstream}
+        # For the status page (``status``): what each replication thread last saw, and the sampled history.
+        self.replica_states = {rs.name: ReplicaState() for rs in settings.repositories if rs.upstream}
+        self.status_history: StatusHistory | None = None
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -190,6 +194,8 @@ class PublishService:
         self.open()
         self._recover_jobs()
         self.metrics.watch_queue(self.queued_count, self.waiting_count)
+        self.status_history = StatusHistory(s.queue_dir / "status.db")
+        self.sample_status()  # a first point at once; then every [status] sample_seconds
         self.running = True
         for name, repo in self.repositories.items():
             worker = RepositoryWorker(self, name, repo)
@@ -268,6 +274,8 @@ class PublishService:
         self.flush_touches()
         if self.state is not None:
             self.state.close()
+        if self.status_history is not None:
+            self.status_history.close()
 
     def _open_repository(self, rs: RepositorySettings) -> Repository:
         if not (rs.storage / PRIVATE_DIR / "repo.json").exists():
@@ -636,6 +644,7 @@ class PublishService:
                 if failures:
                     log.info("replica source back", extra=fields(repository=rs.name, after_failures=failures))
                 failures = 0
+                self.replica_states[rs.name].succeeded(report.revision, report.changed, time.time())
                 if report.changed:
                     self.refresh_presence(rs.name)
                     log.info(
@@ -647,6 +656,7 @@ class PublishService:
                     )  # fmt: skip
             except Exception as exc:
                 failures += 1
+                self.replica_states[rs.name].failed(f"{type(exc).__name__}: {exc}", time.time())
                 if failures == 1 or failures % 20 == 0:  # a dead peer must not flood the log
                     log.warning(
                         "replication failed",
@@ -657,10 +667,26 @@ class PublishService:
             interval = self.settings.replica_interval
             self.stopping.wait(interval * random.uniform(0.8, 1.2))
 
+    def sample_status(self) -> None:
+        """One sample of the status page's time series: queue depth, waiting jobs, replica lag."""
+        if self.status_history is None or self.state is None:
+            return
+        now = time.time()
+        values = {"queue_depth": float(self.state.queued_count()), "waiting": float(self.state.waiting_count())}
+        for name, rstate in self.replica_states.items():
+            lag = rstate.lag(now)
+            if lag is not None:
+                values[f"replica_lag:{name}"] = lag
+        self.status_history.add(now, values)
+
     def _housekeeping_loop(self) -> None:
         next_schedule_check = 0.0
+        next_sample = 0.0
         while not self.stopping.wait(2.0):
             try:
+                if time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + self.settings.status.sample_seconds
+                    self.sample_status()
                 for rs in self.settings.repositories:
                     if rs.name not in self.repositories or not self.cleanup_lock.locked():
                         self.refresh_presence(rs.name)
@@ -752,6 +778,11 @@ class RepositoryWorker(threading.Thread):
             while self._pending_writes:
                 self._pending_writes[0]()
                 self._pending_writes.pop(0)
+
+    @property
+    def storage_waiting(self) -> bool:
+        """Whether publishing here waits for the storage to recover (a full disk...)."""
+        return self._storage_since is not None
 
     def _locked_elsewhere(self) -> bool:
         """Another process (``rcds cleanup``, ``rcds repo``) holds the repository: leave the jobs to others."""

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_cid ON jobs(cid) WHERE state IN ('queued', 'publishing');
 CREATE INDEX IF NOT EXISTS jobs_cid ON jobs(cid, id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished);  -- the status page's history (publish.status)
 CREATE TABLE IF NOT EXISTS access (
     cid TEXT PRIMARY KEY,
     last_used REAL NOT NULL,

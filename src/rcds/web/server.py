@@ -33,6 +33,7 @@ from .limits import (
 )
 from .pubapi import PubApi
 from .repo_http import add_repository_routes
+from .status_page import StatusPages
 
 log = logging.getLogger("rcds.server")
 
@@ -56,6 +57,7 @@ def make_app(service: PublishService, throttle: LogThrottle | None = None) -> we
     authenticator, authorizer = make_auth(service.settings)
     app = web.Application(client_max_size=1 << 20)  # bodies are streamed, never read whole
     PubApi(service, authenticator, authorizer, throttle).add_routes(app)
+    StatusPages(service, authenticator).add_routes(app)  # /status, /status.json, /status/cid
     add_repository_routes(app, {r.name: r.storage for r in service.settings.repositories})
     return app
 
