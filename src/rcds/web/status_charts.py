@@ -10,8 +10,8 @@ import math
 from collections.abc import Callable, Sequence
 from html import escape
 
-WIDTH, HEIGHT = 600, 150
-LEFT, RIGHT, TOP, BOTTOM = 46, 8, 10, 22  # room for the axis labels
+WIDTH, HEIGHT = 480, 150
+LEFT, RIGHT, TOP, BOTTOM = 50, 10, 10, 24  # room for the axis labels
 PALETTE = ("#2a6fdb", "#d9822b", "#2e9e5b", "#9b59b6", "#c0392b")
 
 
@@ -41,9 +41,15 @@ def _frame(
         out.append(
             f'<text class="axis" x="{LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{escape(fmt(top * frac))}</text>'
         )
-    for x, text in labels:
+    for i, (x, text) in enumerate(labels):
+        # The outer labels of a time axis sit at the very edges: anchored inwards so that none is cut off.
+        anchor = "middle"
+        if x <= LEFT + 1:
+            anchor = "start"
+        elif x >= WIDTH - RIGHT - 1 and i == len(labels) - 1:
+            anchor = "end"
         out.append(
-            f'<text class="axis" x="{x:.1f}" y="{HEIGHT - 6}" text-anchor="middle">{escape(text)}</text>'
+            f'<text class="axis" x="{x:.1f}" y="{HEIGHT - 6}" text-anchor="{anchor}">{escape(text)}</text>'
         )
     return out
 

@@ -208,6 +208,13 @@ def human_seconds(s: float | None) -> str:
     return f"{s / 86400:.1f} days"
 
 
+def human_age(s: float | None) -> str:
+    """An age: whole seconds at least (a revision 134 ms old is "0 s" old)."""
+    if s is None:
+        return "–"
+    return f"{s:.0f} s" if s < 60 else human_seconds(s)
+
+
 def utc(t: float | None, seconds: bool = True) -> str:
     if not t:
         return "–"
@@ -323,9 +330,9 @@ def render_status(doc: dict[str, Any], viewer: Viewer, refresh: int = 10) -> str
         rows.append(
             [
                 (escape(r["name"]), ""),
-                (state, ""),
+                (state, "wide"),
                 (escape(str(r.get("revision", "–"))), "n"),
-                (escape(human_seconds(r.get("revision_age"))), "n"),
+                (escape(human_age(r.get("revision_age"))), "n"),
                 (escape(str(r.get("cids", "–"))), "n"),
                 (escape(str(r.get("publishes_last_hour", "–"))), "n"),
                 (clean, ""),
@@ -337,7 +344,7 @@ def render_status(doc: dict[str, Any], viewer: Viewer, refresh: int = 10) -> str
         _table(
             [
                 ("repository", ""),
-                ("kind", ""),
+                ("kind", "wide"),
                 ("revision", "n"),
                 ("age", "n"),
                 ("CIDs", "n"),
