@@ -348,3 +348,52 @@ def test_rcds_status_from_a_local_configuration(world: World, tmp_path: Path) ->
     assert doc["publishes"]["last_day"] == 3 and doc["publishes"]["failed_last_day"] == 1
     assert sum(r["cids"] for r in doc["repositories"]) == 3
     assert "identity" in doc["recent"][0]  # whoever may read the state database sees everything
+
+
+def test_replicas_of_a_peer_show_revision_lag_and_last_error(tmp_path: Path) -> None:
+    """B keeps a replica of A's repository: B's status shows the revision it has seen and its lag, and,
+    once A is down, the replication error (without any user:password@ of the upstream URL)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = RcdsServer(tmp_path / "a", repos=("a1.rcds.test",), top_config="replica_interval = 0.3\n")
+    b = RcdsServer(tmp_path / "b", repos=("b1.rcds.test",),
+                   top_config="replica_interval = 0.3\n", extra_config="[status]\nsample_seconds = 0.3\n")  # fmt: skip
+    key = a.storage("a1.rcds.test") / ".rcds" / "keys" / "a1.rcds.test.pub"
+    upstream = a.url.replace("http://", "http://peer:secret-password@") + "/cvmfs/a1.rcds.test"
+    replica = f'[[repository]]\nname = "a1.rcds.test"\nlocal = false\nupstream = "{upstream}"\npublic_key = "{key}"\n'
+    b.config_path.write_text(b.config_path.read_text() + replica)
+    a.start()
+    try:
+        assert a.publish("peer/one", make_tarball({"x": "y"})).text == "OK\n"
+        revision = a.wait_state("peer/one")["revision"]
+        b.start()
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                doc = b.client.get("/status.json").json()
+                rep = next(r for r in doc["repositories"] if r["name"] == "a1.rcds.test")
+                if rep.get("replica", {}).get("revision") == revision:
+                    break
+                assert time.monotonic() < deadline, rep
+                time.sleep(0.3)
+            assert rep["kind"] == "replica" and "next_cleanup" not in rep
+            assert rep["replica"]["lag"] < 10 and rep["replica"]["last_error"] is None
+            assert rep["upstream"] == [f"{a.url}/cvmfs/a1.rcds.test"]  # the password is gone
+            assert rep["cids"] == 1
+            a.stop()
+            while True:
+                doc = b.client.get("/status.json").json()
+                rep = next(r for r in doc["repositories"] if r["name"] == "a1.rcds.test")
+                if rep["replica"]["last_error"]:
+                    break
+                assert time.monotonic() < deadline + 30, rep
+                time.sleep(0.3)
+            assert rep["replica"]["failures"] >= 1 and rep["replica"]["revision"] == revision
+            assert doc["charts"]["replica_lag"]["a1.rcds.test"], "lag is sampled for the chart"
+            page = b.client.get("/status").text
+            assert 'id="replicas"' in page and "Replica lag" in page
+            assert "secret-password" not in page and "secret-password" not in json.dumps(doc)
+        finally:
+            b.close()
+    finally:
+        a.close()

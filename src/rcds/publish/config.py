@@ -122,6 +122,7 @@ class StatusSettings:
     operators: tuple[str, ...] = ()
     refresh: int = 10  # seconds between the page's own reloads
     sample_seconds: float = 60.0  # queue depth and replica lag are sampled this often for the charts
+    cache_seconds: float = 2.0  # a status document is reused this long (0: built for every request)
 
 
 @dataclass(frozen=True)
@@ -321,9 +322,12 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         operators=tuple(st.texts("operators", [])),
         refresh=st.integer("refresh", 10),
         sample_seconds=st.number("sample_seconds", 60.0),
+        cache_seconds=st.number("cache_seconds", 2.0),
     )
-    if status.refresh < 1 or status.sample_seconds <= 0:
-        raise ConfigError("status.refresh must be at least 1 and status.sample_seconds positive")
+    if status.refresh < 1 or status.sample_seconds <= 0 or status.cache_seconds < 0:
+        raise ConfigError(
+            "status.refresh must be at least 1, status.sample_seconds positive, status.cache_seconds not negative"
+        )
     st.done()
 
     settings = ServiceSettings(

@@ -55,7 +55,6 @@ CURRENT_LIMIT = 25  # queued and publishing jobs listed
 RECENT_LIMIT = 30  # finished jobs listed
 FAILED_LIMIT = 10  # failed jobs listed besides the recent ones
 TREE_LIMIT = 500  # entries listed on a CID's page
-CACHE_SECONDS = 2.0  # a document is reused this long (the page refreshes itself, many may watch it)
 CLEANUP_ESTIMATE_SECONDS = 600.0
 MAX_SERIES_POINTS = 288  # a chart needs no more (one per 5 minutes over a day)
 
@@ -377,11 +376,12 @@ class StatusCollector:
     # --- the summary -----------------------------------------------------------------------------
 
     def summary(self, sensitive: bool) -> dict[str, Any]:
-        """The status document, reused for ``CACHE_SECONDS``; identities only with ``sensitive``."""
+        """The status document, reused for ``[status] cache_seconds`` (the page refreshes itself, and many may
+        watch it); identities only with ``sensitive``."""
         now = time.monotonic()
         with self._cache_lock:
             hit = self._cache.get(sensitive)
-            if hit is not None and now - hit[0] < CACHE_SECONDS:
+            if hit is not None and now - hit[0] < self.settings.status.cache_seconds:
                 return hit[1]
         doc = self.build(sensitive)
         with self._cache_lock:
