@@ -18,6 +18,7 @@ Then measures, median of ``--runs``:
 * ``GET /status.json`` and ``GET /status/cid?cid=...`` (the tree of one CID from the live catalogs).
 
     python bench/status.py [--workdir /tmp/rcds-bench] [--cids 10000] [--jobs 20000] [--runs 200]
+    python bench/status.py --screenshots docs/      # docs/status.png and docs/status-phone.png
 """
 
 from __future__ import annotations
@@ -218,14 +219,60 @@ def over_http(data: Path, runs: int, cache_seconds: float) -> dict[str, float]:
         log.close()
 
 
+def screenshots(data: Path, target: Path) -> None:
+    """The page on this state in headless Chromium, at a laptop's and a phone's width (for docs/)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    port = free_port()
+    config = write_config(data, port, 2.0)
+    log = open(data / f"server-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "rcds.cli", "serve", "--config", str(config)],
+                            stdout=log, stderr=log)  # fmt: skip
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--hide-scrollbars", f"--user-data-dir={data / 'chromium-profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while True:
+                try:
+                    doc = c.get("/status.json").json()
+                    if None not in [r["next_cleanup"]["expiring"] for r in doc["repositories"]]:
+                        break
+                except (httpx.TransportError, json.JSONDecodeError):
+                    pass
+                time.sleep(0.5)
+        target.mkdir(parents=True, exist_ok=True)
+        for name, (w, h) in (("status.png", (1366, 1300)), ("status-phone.png", (390, 1400))):
+            driver.set_window_size(w, h)
+            driver.get(f"{url}/status")
+            driver.save_screenshot(str(target / name))
+            print(f"wrote {target / name}", file=sys.stderr)
+    finally:
+        driver.quit()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/rcds-bench"))
     ap.add_argument("--cids", type=int, default=10_000)
     ap.add_argument("--jobs", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--screenshots", type=Path, default=None, metavar="DIR",
+                    help="only take screenshots of the page on this state into DIR (needs chromium, selenium)")  # fmt: skip
     args = ap.parse_args()
     data = build(args.workdir, args.cids, args.jobs)
+    if args.screenshots is not None:
+        screenshots(data, args.screenshots)
+        return
     config = write_config(data, free_port(), 0)
     result = {"cids": args.cids, "jobs": args.jobs, "runs": args.runs}
     result["server_side"] = in_process(config, args.runs)

@@ -56,6 +56,7 @@ RECENT_LIMIT = 30  # finished jobs listed
 FAILED_LIMIT = 10  # failed jobs listed besides the recent ones
 TREE_LIMIT = 500  # entries listed on a CID's page
 CLEANUP_ESTIMATE_SECONDS = 600.0
+SETTLE_SECONDS = 60.0  # an hour or day over for this long is final (commits on their way have landed)
 MAX_SERIES_POINTS = 288  # a chart needs no more (one per 5 minutes over a day)
 
 _USERINFO = re.compile(r"(//)[^/@\s]*@")
@@ -149,6 +150,8 @@ class JobHistory:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+        self._hours: dict[float, dict[str, Any]] = {}  # finished hours, by start: they never change
+        self._days: dict[float, dict[str, Any]] = {}  # finished local days, by start
 
     def close(self) -> None:
         with self._lock:
@@ -220,63 +223,102 @@ class JobHistory:
             out.append(job)
         return out
 
-    def hourly(self, now: float, hours: int = CHART_HOURS) -> list[dict[str, Any]]:
-        """Per hour (oldest first, the last one ending now): publishes, failures, tarball bytes, and the
-        upload-to-live seconds (mean, max) of the publishes."""
-        since = now - hours * HOUR
+    def _per_hour(self, start: float, end: float) -> dict[float, dict[str, Any]]:
+        """Buckets of whole hours (UTC-aligned starts) for the jobs finished in ``[start, end)``: one
+        covering-index range scan (``jobs_finished``), grouped in SQLite."""
         rows = self._rows(
             "SELECT CAST((finished - ?) / 3600 AS INTEGER) AS h, state, count(*), sum(size), "
             "avg(finished - submitted), max(finished - submitted) "
-            "FROM jobs INDEXED BY jobs_finished WHERE finished >= ? AND finished <= ? GROUP BY h, state",
-            (since, since, now),
+            "FROM jobs INDEXED BY jobs_finished WHERE finished >= ? AND finished < ? GROUP BY h, state",
+            (start, start, end),
         )
-        buckets = [
-            {
-                "start": since + i * HOUR,
-                "published": 0,
-                "failed": 0,
-                "bytes": 0,
-                "latency_mean": None,
-                "latency_max": None,
-            }
-            for i in range(hours)
-        ]
+        out: dict[float, dict[str, Any]] = {}
         for h, state, n, size, mean, peak in rows:
-            b = buckets[min(int(h), hours - 1)]
+            b = out.setdefault(start + int(h) * HOUR, _empty_hour(start + int(h) * HOUR))
             if state == PUBLISHED:
                 b.update(published=int(n), bytes=int(size or 0), latency_mean=mean, latency_max=peak)
             elif state == FAILED:
                 b["failed"] = int(n)
-        return buckets
-
-    def daily(self, now: float, days: int = CHART_DAYS) -> list[dict[str, Any]]:
-        """Per local calendar day (oldest first, today last): publishes and their tarball bytes."""
-        today = _local_midnight(now)
-        starts = [_local_midnight(today - (days - 1 - i) * DAY + HOUR * 12) for i in range(days)]
-        # Grouped in SQL by 24-hour steps from the first local midnight (a DST change moves one boundary
-        # by an hour: good enough for a chart, and no row is fetched).
-        rows = self._rows(
-            "SELECT CAST((finished - ?) / 86400 AS INTEGER) AS d, count(*), sum(size) "
-            "FROM jobs INDEXED BY jobs_finished WHERE finished >= ? AND state = ? GROUP BY d",
-            (starts[0], starts[0], PUBLISHED),
-        )
-        out: list[dict[str, Any]] = [
-            {"day": time.strftime("%Y-%m-%d", time.localtime(s)), "start": s, "published": 0, "bytes": 0}
-            for s in starts
-        ]
-        for d, n, size in rows:
-            i = min(int(d), days - 1)
-            out[i]["published"] += int(n)
-            out[i]["bytes"] += int(size or 0)
         return out
 
-    def per_repository_last_hour(self, now: float) -> dict[str, int]:
+    def hourly(self, now: float, hours: int = CHART_HOURS) -> list[dict[str, Any]]:
+        """Per clock hour (oldest first, the last one the hour now under way): publishes, failures, tarball
+        bytes, and the upload-to-live seconds (mean, max) of the publishes.
+
+        A job's ``finished`` is stamped when it finishes, so an hour that is over never changes: its bucket
+        is computed once and kept (after ``SETTLE_SECONDS``, for a commit that was on its way). A page build
+        reads only the current hour's jobs, however busy the day was.
+        """
+        current = now - now % HOUR
+        starts = [current - (hours - 1 - i) * HOUR for i in range(hours)]
+        settled = now - SETTLE_SECONDS
+        with self._lock:
+            missing = [h for h in starts if h + HOUR <= settled and h not in self._hours]
+        if missing:
+            found = self._per_hour(missing[0], missing[-1] + HOUR)
+            with self._lock:
+                for h in missing:
+                    self._hours[h] = found.get(h, _empty_hour(h))
+                for h in [h for h in self._hours if h < starts[0] - CHART_DAYS * DAY]:
+                    del self._hours[h]
+        with self._lock:
+            open_hours = [h for h in starts if h not in self._hours]
+            known = {h: self._hours[h] for h in starts if h in self._hours}
+        if open_hours:
+            known.update(self._per_hour(open_hours[0], now + 1))
+        return [dict(known.get(h) or _empty_hour(h)) for h in starts]
+
+    def daily(self, now: float, hourly: list[dict[str, Any]], days: int = CHART_DAYS) -> list[dict[str, Any]]:
+        """Per local calendar day (oldest first, today last): publishes and their tarball bytes. Past days
+        are computed once and kept; today is the sum of ``hourly``'s buckets since midnight."""
+        today = _local_midnight(now)
+        starts = [_local_midnight(today - (days - 1 - i) * DAY + HOUR * 12) for i in range(days)]
+        out: list[dict[str, Any]] = []
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < days else now + 1
+            with self._lock:
+                cached = self._days.get(start)
+            if cached is None:
+                if start == today and start % HOUR == 0 and hourly and hourly[0]["start"] <= start:
+                    part = [b for b in hourly if b["start"] >= start]
+                    cached = {
+                        "published": sum(b["published"] for b in part),
+                        "bytes": sum(b["bytes"] for b in part),
+                    }
+                else:
+                    n, size = self._rows(
+                        "SELECT count(*), sum(size) FROM jobs INDEXED BY jobs_finished "
+                        "WHERE finished >= ? AND finished < ? AND state = ?",
+                        (start, end, PUBLISHED),
+                    )[0]
+                    cached = {"published": int(n), "bytes": int(size or 0)}
+                    if end <= now - SETTLE_SECONDS:
+                        with self._lock:
+                            self._days[start] = cached
+            day = time.strftime("%Y-%m-%d", time.localtime(start))
+            out.append({"day": day, "start": start, **cached})
+        with self._lock:
+            for d in [d for d in self._days if d < starts[0]]:
+                del self._days[d]
+        return out
+
+    def last_hour(self, now: float) -> tuple[dict[str, int], int, int]:
+        """The last 60 minutes: publishes per repository, publishes, failures."""
         rows = self._rows(
-            "SELECT repository, count(*) FROM jobs INDEXED BY jobs_finished WHERE finished >= ? AND state = ? "
-            "GROUP BY repository",
-            (now - HOUR, PUBLISHED),
+            "SELECT repository, state, count(*) FROM jobs INDEXED BY jobs_finished WHERE finished >= ? "
+            "AND state IN (?, ?) GROUP BY repository, state",
+            (now - HOUR, PUBLISHED, FAILED),
         )
-        return {str(r): int(n) for r, n in rows if r is not None}
+        per_repo: dict[str, int] = {}
+        published = failed = 0
+        for repo, state, n in rows:
+            if state == PUBLISHED:
+                published += int(n)
+                if repo is not None:
+                    per_repo[str(repo)] = per_repo.get(str(repo), 0) + int(n)
+            else:
+                failed += int(n)
+        return per_repo, published, failed
 
     def access_times(self) -> dict[str, float]:
         return {str(c): float(t) for c, t in self._rows("SELECT cid, last_used FROM access")}
@@ -308,6 +350,17 @@ class JobHistory:
     def last_used(self, cid: str) -> float | None:
         rows = self._rows("SELECT last_used FROM access WHERE cid = ?", (cid,))
         return float(rows[0][0]) if rows else None
+
+
+def _empty_hour(start: float) -> dict[str, Any]:
+    return {
+        "start": start,
+        "published": 0,
+        "failed": 0,
+        "bytes": 0,
+        "latency_mean": None,
+        "latency_max": None,
+    }
 
 
 def _local_midnight(t: float) -> float:
@@ -395,7 +448,7 @@ class StatusCollector:
         jobs = self.jobs
         counts = jobs.counts() if jobs else {"queued": 0, "publishing": 0, "waiting": 0}
         hourly = jobs.hourly(now) if jobs else []
-        per_repo_hour = jobs.per_repository_last_hour(now) if jobs else {}
+        per_repo_hour, last_published, last_failed = jobs.last_hour(now) if jobs else ({}, 0, 0)
         current = jobs.current() if jobs else []
         recent = jobs.recent() if jobs else []
         failed = jobs.recent(FAILED_LIMIT, FAILED) if jobs else []
@@ -409,7 +462,6 @@ class StatusCollector:
             for rs in s.repositories:
                 if rs.upstream:
                     lag_series[rs.name] = self.history.series(f"replica_lag:{rs.name}", since)
-        last_hour = hourly[-1] if hourly else {"published": 0, "failed": 0}
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "version": __version__,
@@ -421,9 +473,9 @@ class StatusCollector:
             "maxdays": s.maxdays,
             "queue": counts,
             "publishes": {
-                "last_hour": last_hour["published"],
-                "failed_last_hour": last_hour["failed"],
-                "last_day": sum(b["published"] for b in hourly),
+                "last_hour": last_published,
+                "failed_last_hour": last_failed,
+                "last_day": sum(b["published"] for b in hourly),  # the 24 chart hours
                 "failed_last_day": sum(b["failed"] for b in hourly),
                 "bytes_last_day": sum(b["bytes"] for b in hourly),
             },
@@ -434,7 +486,7 @@ class StatusCollector:
             "leases": [],  # a hook: no leases exist yet (a later issue); the page shows them when there are
             "charts": {
                 "hours": hourly,
-                "days": jobs.daily(now) if jobs else [],
+                "days": jobs.daily(now, hourly) if jobs else [],
                 "queue_depth": queue_series,
                 "replica_lag": lag_series,
             },
