@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from html import escape
 
 WIDTH, HEIGHT = 480, 150
-LEFT, RIGHT, TOP, BOTTOM = 50, 10, 10, 24  # room for the axis labels
+LEFT, RIGHT, TOP, BOTTOM = 60, 10, 10, 24  # room for the axis labels
 PALETTE = ("#2a6fdb", "#d9822b", "#2e9e5b", "#9b59b6", "#c0392b")
 
 
