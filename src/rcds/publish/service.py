@@ -194,8 +194,11 @@ class PublishService:
         self.open()
         self._recover_jobs()
         self.metrics.watch_queue(self.queued_count, self.waiting_count)
-        self.status_history = StatusHistory(s.queue_dir / "status.db")
-        self.sample_status()  # a first point at once; then every [status] sample_seconds
+        try:  # the status page's charts: nice to have, never a reason not to start (a full disk...)
+            self.status_history = StatusHistory(s.queue_dir / "status.db")
+            self.sample_status()  # a first point at once; then every [status] sample_seconds
+        except Exception as exc:
+            log.warning("status history unavailable", extra=fields(error=str(exc)))
         self.running = True
         for name, repo in self.repositories.items():
             worker = RepositoryWorker(self, name, repo)
@@ -683,10 +686,13 @@ class PublishService:
         next_schedule_check = 0.0
         next_sample = 0.0
         while not self.stopping.wait(2.0):
-            try:
-                if time.monotonic() >= next_sample:
-                    next_sample = time.monotonic() + self.settings.status.sample_seconds
+            if time.monotonic() >= next_sample:
+                next_sample = time.monotonic() + self.settings.status.sample_seconds
+                try:
                     self.sample_status()
+                except Exception as exc:  # a full disk, say: a missing sample must not stop what follows
+                    log.debug("status sample failed", extra=fields(error=str(exc)))
+            try:
                 for rs in self.settings.repositories:
                     if rs.name not in self.repositories or not self.cleanup_lock.locked():
                         self.refresh_presence(rs.name)
