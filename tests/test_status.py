@@ -399,3 +399,39 @@ def test_replicas_of_a_peer_show_revision_lag_and_last_error(tmp_path: Path) -> 
             b.close()
     finally:
         a.close()
+
+
+# The tests below publish more: they come last, after the ones that count what the fixture published.
+
+
+def test_a_long_tree_is_listed_in_part_with_its_count(world: World) -> None:
+    files = {f"d{i // 100}/f{i:04d}.txt": f"{i}\n" for i in range(650)}
+    with world.alice_client() as alice:
+        assert (
+            alice.post("/pubapi/publish", params={"cid": "dune/big"}, content=make_tarball(files)).text
+            == "OK\n"
+        )
+        assert _wait(alice, "dune/big")["state"] == "published"
+    with world.anonymous() as anon:
+        doc = anon.get("/status/cid.json", params={"cid": "dune/big"}).json()
+        html = anon.get("/status/cid", params={"cid": "dune/big"}).text
+    assert doc["files"] == 651 and doc["entries"] == 651 + 7  # the files, .publisher, d0..d6
+    assert len(doc["tree"]) == 500 and doc["tree_truncated"] is True
+    assert "Tree (first 500 of 658)" in html
+
+
+def test_what_a_tarball_names_is_shown_as_text(world: World) -> None:
+    """A member name lands in a failure's reason: the page shows it, escaped, and no script can run."""
+    evil = '../<img src=x onerror="alert(1)">'
+    with world.alice_client() as alice:
+        r = alice.post("/pubapi/publish", params={"cid": "dune/evil"}, content=make_tarball({evil: "x"}))
+        assert r.text == "OK\n"
+        assert _wait(alice, "dune/evil")["state"] == "failed"
+    with world.anonymous() as anon:
+        deadline = time.monotonic() + 10
+        while "dune/evil" not in (page := anon.get("/status").text):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        cid_page = anon.get("/status/cid", params={"cid": "dune/evil"}).text
+    for html in (page, cid_page):
+        assert "<img" not in html and "&lt;img src=x onerror=" in html
