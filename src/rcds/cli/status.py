@@ -193,7 +193,15 @@ def render_text(doc: dict[str, Any]) -> str:
         if notes:
             lines.append(f"{'':<28} " + ", ".join(notes))
     sensitive = bool(doc.get("sensitive"))
-    for title, jobs in (("current", doc["current"]), ("recent", doc["recent"][:15])):
+    shown = {j["cid"] for j in doc["recent"][:15]}
+    failures = [j for j in doc.get("failed", []) if j["cid"] not in shown][:5]
+    for title, jobs in (
+        ("current", doc["current"]),
+        ("recent", doc["recent"][:15]),
+        ("earlier failed", failures),
+    ):
+        if not jobs and title == "earlier failed":
+            continue
         lines += ["", f"{title} publishes:" if jobs else f"{title} publishes: none"]
         for j in jobs:
             when = j.get("finished") and dt.datetime.fromtimestamp(j["finished"], dt.UTC).strftime("%H:%M:%S")

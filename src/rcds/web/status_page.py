@@ -92,6 +92,10 @@ class StatusPages:
         app.router.add_get("/status.json", self.json)
         app.router.add_get("/status/cid", self.cid_page)
         app.router.add_get("/status/cid.json", self.cid_json)
+        app.on_cleanup.append(self._close)
+
+    async def _close(self, app: web.Application) -> None:
+        self.collector.close()
 
     # --- access ----------------------------------------------------------------------------------
 
