@@ -48,14 +48,22 @@ def status(
         raise click.BadParameter("must be positive", param_hint="--watch")
     fetch = _local(config_path) if config_path is not None else _remote(server_url or "http://127.0.0.1:8080",
                                                                         token_file, cacert)  # fmt: skip
+    try:
+        _loop(fetch, watch, as_json)
+    except KeyboardInterrupt:  # ^C ends --watch, quietly
+        return
+
+
+def _loop(fetch: Any, watch: float | None, as_json: bool) -> None:
     while True:
         try:
             doc = fetch()
-        except click.ClickException:
+        except click.ClickException as exc:
             if watch is None:
                 raise
+            click.echo(f"rcds status: {exc.format_message()} (retrying in {watch:g} s)", err=True)
             doc = None
-        if as_json:
+        if as_json and doc is not None:
             click.echo(json.dumps(doc, indent=None if watch else 2, sort_keys=True))
         elif doc is not None:
             text = render_text(doc)
@@ -64,10 +72,7 @@ def status(
             click.echo(text)
         if watch is None:
             return
-        try:
-            time.sleep(watch)
-        except KeyboardInterrupt:
-            return
+        time.sleep(watch)
 
 
 def _local(config_path: Path) -> Any:
