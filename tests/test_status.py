@@ -435,3 +435,34 @@ def test_what_a_tarball_names_is_shown_as_text(world: World) -> None:
         cid_page = anon.get("/status/cid", params={"cid": "dune/evil"}).text
     for html in (page, cid_page):
         assert "<img" not in html and "&lt;img src=x onerror=" in html
+
+
+def test_the_next_cleanup_counts_what_it_would_expire(tmp_path: Path) -> None:
+    """A CID published 40 days ago (``RCDS_CLOCK_OFFSET``) and never used since is what the next cleanup
+    expires: the summary counts it, and its page says it expired 10 days ago if unused."""
+    srv = RcdsServer(tmp_path, top_config="auto_cleanup = false\n")
+    srv.start(env={"RCDS_CLOCK_OFFSET": str(-40 * 86400)})
+    try:
+        assert srv.publish("old/unused", make_tarball({"a.py": "1\n"})).text == "OK\n"
+        srv.wait_state("old/unused")
+        srv.stop()
+        srv.start()
+        assert srv.publish("new/fresh", make_tarball({"b.py": "2\n"})).text == "OK\n"
+        srv.wait_state("new/fresh")
+        deadline = time.monotonic() + 30
+        while True:
+            doc = srv.client.get("/status.json").json()
+            counts = {r["name"]: r["next_cleanup"]["expiring"] for r in doc["repositories"]}
+            if None not in counts.values() and sum(counts.values()) == 1:
+                break
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.3)
+        old = srv.client.get("/status/cid.json", params={"cid": "old/unused"}).json()
+        fresh = srv.client.get("/status/cid.json", params={"cid": "new/fresh"}).json()
+        page = srv.client.get("/status").text
+    finally:
+        srv.close()
+    assert counts[old["repository"]] == 1
+    assert old["expires_at"] == pytest.approx(time.time() - 10 * 86400, abs=120)
+    assert fresh["expires_at"] == pytest.approx(time.time() + 30 * 86400, abs=120)
+    assert "1 CID to expire" in page

@@ -38,6 +38,7 @@ from ..cvmfs.whitelist import Whitelist
 from .cid import PUBLISHER_FILE, CidError, validate_cid
 from .cleanup import DAY, plan_cleanup
 from .config import ServiceSettings
+from .lastuse import LEGACY_MARKER, TS_DIR
 from .presence import StorageView, scan_published_cids
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED
 
@@ -639,11 +640,31 @@ class StatusCollector:
         if repo_name is not None:
             storage = next(r.storage for r in s.repositories if r.name == repo_name)
             self._tree(doc, storage, f"/{s.prefix}/{cid}", sensitive, limit)
-            newest = max(t for t in (doc.get("last_used"), doc.get("published_at"), doc.get("mtime")) if t)
             local = next(r.local for r in s.repositories if r.name == repo_name)
             if local:
-                doc["expires_at"] = newest + s.maxdays * DAY
+                # As cleanup decides: the newest of this server's last-use time, the CID directory's own
+                # time (its publish) and the ts records of every repository readable here.
+                times = [doc.get("last_used"), doc.get("mtime") or doc.get("published_at")]
+                times += [self._ts_record_time(rs.storage, cid) for rs in s.repositories]
+                known = [float(t) for t in times if t]
+                if known:
+                    doc["expires_at"] = max(known) + s.maxdays * DAY
         return doc
+
+    @staticmethod
+    def _ts_record_time(storage: Path, cid: str) -> float | None:
+        """The time of ``cid``'s ts record in one repository (a file, or an older version's directory
+        holding ``by``), or None."""
+        if not (storage / ".cvmfspublished").exists():
+            return None
+        try:
+            with StorageView(storage) as view:
+                d = view.lookup(f"/{TS_DIR}/{cid}")
+                if d is not None and d.is_dir:
+                    d = view.lookup(f"/{TS_DIR}/{cid}/{LEGACY_MARKER}")
+                return float(d.mtime) if d is not None and d.is_regular else None
+        except (OSError, ManifestError):
+            return None
 
     def _find_offline(self, cid: str) -> str | None:
         for rs in self.settings.repositories:
