@@ -42,6 +42,7 @@ class World:
         alice = make_user_cert(ca, "Alice Smith", uid="alice")
         self.alice_dn = alice.dn
         self.alice = alice.write(d, "alice")
+        self.bob = make_user_cert(ca, "Bob Jones", uid="bob").write(d, "bob")  # not in the grid-mapfile
         gridmap = d / "grid-mapfile"
         gridmap.write_text(f'"{alice.dn}" alice\n')
         self.issuer = TokenIssuer(ISSUER, AUDIENCE, subject="carol-7")
@@ -67,6 +68,11 @@ class World:
     def alice_client(self) -> httpx.Client:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         ctx.load_cert_chain(*self.alice)
+        return httpx.Client(base_url=self.https_url, verify=ctx, timeout=30)
+
+    def bob_client(self) -> httpx.Client:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.load_cert_chain(*self.bob)
         return httpx.Client(base_url=self.https_url, verify=ctx, timeout=30)
 
     def carol_client(self) -> httpx.Client:
@@ -235,6 +241,12 @@ def test_bad_credentials_are_refused_with_the_apis_reason(world: World) -> None:
     with httpx.Client(base_url=world.srv.url, headers={"Authorization": "Bearer nonsense"}) as c:
         r = c.get("/status")
     assert r.status_code == 403 and r.text.startswith("Error decoding token")
+    # A certificate the grid-mapfile does not know (a browser offers what it holds): the anonymous view.
+    with world.bob_client() as bob:
+        r = bob.get("/status")
+        doc = _summary(bob)
+    assert r.status_code == 200 and "viewer: anonymous" in r.text and doc["sensitive"] is False
+    _no_identities(r.text, world)
 
 
 def test_the_page_is_server_rendered_and_self_contained(world: World) -> None:

@@ -9,8 +9,9 @@ Who sees what (``[status]`` in the configuration, docs/status.md):
 
 * The viewer is authenticated exactly as the publish API does it (token, certificate, localhost), with no
   CID. A request without credentials is *anonymous*: it sees everything but identities (job identities,
-  who published a CID), or gets a 403 when ``anonymous = false``. Credentials that do not verify get the
-  API's 403 with its reason.
+  who published a CID), or gets a 403 when ``anonymous = false``. A token that does not verify gets the
+  API's 403 with its reason; a certificate the grid-mapfile does not know (a browser offers whatever it
+  holds) is treated as no credentials.
 * Identities are shown to authenticated viewers, or only to ``operators`` when that list is set.
 * Localhost (with ``allow_localhost``) counts as authenticated only when the request passes the API's
   browser checks (its Host header names this server, no foreign Origin): a page on another site whose
@@ -115,8 +116,9 @@ class StatusPages:
         try:
             identity = await asyncio.to_thread(call) if authorization else call()
         except AuthError as err:
-            if authorization is not None or peer_dn:
-                raise ApiError(403, err.message) from err  # credentials given, and wrong: say so
+            if authorization is not None:
+                raise ApiError(403, err.message) from err  # a token sent on purpose, and wrong: say so
+            # No credentials, or a browser's grid certificate this server does not map: anonymous.
             identity = None
         if identity is not None and identity.method != "token":
             try:
