@@ -62,25 +62,36 @@ def bar_chart(
     tips: Sequence[str] | None = None,
     color: str = PALETTE[0],
     every: int = 6,
+    stacked: Sequence[float] | None = None,
+    stacked_color: str = "#c0392b",
 ) -> str:
-    """Bars for ``values`` (None: no bar), with every ``every``-th label under the axis."""
+    """Bars for ``values`` (None: no bar), with every ``every``-th label under the axis; ``stacked``: a
+    second series drawn on top of the first (failures on publishes), so an hour with only failures shows."""
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     n = max(1, len(values))
-    top = nice_max(max((v or 0.0) for v in values) if values else 0.0)
+    extra = list(stacked) if stacked is not None else [0.0] * len(values)
+    totals = [(v or 0.0) + e for v, e in zip(values, extra, strict=True)]
+    top = nice_max(max(totals) if totals else 0.0)
     slot = plot_w / n
     gap = min(2.0, slot * 0.2)
     marks = [(LEFT + slot * (i + 0.5), labels[i]) for i in range(0, len(labels), max(1, every))]
     out = _frame(top, fmt, marks, title)
+    width = max(0.5, slot - gap)
     for i, v in enumerate(values):
-        if not v:
+        if not totals[i]:
             continue
-        h = plot_h * min(1.0, v / top)
         x = LEFT + slot * i + gap / 2
-        tip = tips[i] if tips else f"{labels[i]}: {fmt(v)}"
-        out.append(
-            f'<rect x="{x:.1f}" y="{TOP + plot_h - h:.1f}" width="{max(0.5, slot - gap):.1f}" '
-            f'height="{h:.1f}" fill="{color}"><title>{escape(tip)}</title></rect>'
-        )
+        tip = escape(tips[i] if tips else f"{labels[i]}: {fmt(v or 0.0)}")
+        base = float(TOP + plot_h)
+        for part, fill in ((v or 0.0, color), (extra[i], stacked_color)):
+            if not part:
+                continue
+            h = plot_h * min(1.0, part / top)
+            base -= h
+            out.append(
+                f'<rect x="{x:.1f}" y="{base:.1f}" width="{width:.1f}" height="{h:.1f}" fill="{fill}">'
+                f"<title>{tip}</title></rect>"
+            )
     out.append("</svg>")
     return "".join(out)
 

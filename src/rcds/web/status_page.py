@@ -501,7 +501,16 @@ def _charts(doc: dict[str, Any]) -> list[str]:
         published = [float(h["published"]) for h in hours]
         tips = [f"{_hm(h['start'])}: {h['published']} published, {h['failed']} failed" for h in hours]
         out.append(
-            _figure("Publishes per hour", bar_chart(published, labels, "Publishes per hour", tips=tips))
+            _figure(
+                "Publishes per hour (failed in red)",
+                bar_chart(
+                    published,
+                    labels,
+                    "Publishes per hour",
+                    tips=tips,
+                    stacked=[float(h["failed"]) for h in hours],
+                ),
+            )
         )
         latency = [h["latency_mean"] for h in hours]
         tips = [
