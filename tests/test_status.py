@@ -484,3 +484,31 @@ def test_the_next_cleanup_counts_what_it_would_expire(tmp_path: Path) -> None:
     assert old["expires_at"] == pytest.approx(time.time() - 10 * 86400, abs=120)
     assert fresh["expires_at"] == pytest.approx(time.time() + 30 * 86400, abs=120)
     assert "1 CID to expire" in page
+
+
+def test_a_cid_without_a_catalog_of_its_own_is_counted_by_walking(tmp_path: Path) -> None:
+    """A repository written by other tools may hold a CID that is no catalog of its own: its numbers come
+    from walking its tree, not from the statistics of the catalog it shares with its group."""
+    from rcds.cvmfs.repository import Repository
+
+    srv = RcdsServer(tmp_path, top_config="auto_cleanup = false\n").start()
+    try:
+        assert srv.publish("grp/own", make_tarball({"x.txt": "12345\n"})).text == "OK\n"
+        repo_name = srv.wait_state("grp/own")["repository"]
+        srv.stop()
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "a.txt").write_text("hello\n")
+        (tree / "sub" / "b.txt").write_text("world!!\n")
+        (tree / ".publisher").write_text("someone\n")
+        with Repository(srv.storage(repo_name)).transaction() as txn:
+            txn.add_directory("/sw/grp/flat", tree, nested=False)
+            txn.commit()
+        srv.start()
+        doc = srv.client.get("/status/cid.json", params={"cid": "grp/flat"}).json()
+        own = srv.client.get("/status/cid.json", params={"cid": "grp/own"}).json()
+    finally:
+        srv.close()
+    assert doc["state"] == "published" and doc["repository"] == repo_name
+    assert (doc["files"], doc["size"], doc["entries"]) == (3, 6 + 8 + 8, 4)
+    assert (own["files"], own["size"]) == (2, 6 + len("localhost\n"))  # its own catalog's statistics

@@ -56,6 +56,7 @@ CURRENT_LIMIT = 25  # queued and publishing jobs listed
 RECENT_LIMIT = 30  # finished jobs listed
 FAILED_LIMIT = 10  # failed jobs listed besides the recent ones
 TREE_LIMIT = 500  # entries listed on a CID's page
+WALK_LIMIT = 100_000  # entries counted by walking a CID that has no catalog of its own
 CLEANUP_ESTIMATE_SECONDS = 600.0
 SETTLE_SECONDS = 60.0  # an hour or day over for this long is final (commits on their way have landed)
 MAX_SERIES_POINTS = 288  # a chart needs no more (one per 5 minutes over a day)
@@ -639,7 +640,7 @@ class StatusCollector:
             doc["reason"] = _no_userinfo(str(doc["reason"]))
         if repo_name is not None:
             storage = next(r.storage for r in s.repositories if r.name == repo_name)
-            self._tree(doc, storage, f"/{s.prefix}/{cid}", sensitive, limit)
+            self._tree(doc, storage, f"/{s.prefix}/{cid}", limit)
             local = next(r.local for r in s.repositories if r.name == repo_name)
             if local:
                 # As cleanup decides: the newest of this server's last-use time, the CID directory's own
@@ -676,15 +677,20 @@ class StatusCollector:
                     return rs.name
         return None
 
-    def _tree(self, doc: dict[str, Any], storage: Path, top: str, sensitive: bool, limit: int) -> None:
+    def _tree(self, doc: dict[str, Any], storage: Path, top: str, limit: int) -> None:
         with StorageView(storage) as view:
             doc["live_revision"] = view.revision  # "revision": the one that brought the CID
             root = view.lookup(top)
             if root is None:
                 return
             doc["mtime"] = root.mtime
-            counters = view.catalog_for(top).counters()
-            if counters is not None:
+            catalog = view.catalog_for(top)
+            # The statistics are the CID's only when its directory is a catalog of its own (as rcds
+            # publishes it); a repository written otherwise is counted by walking, up to a bound.
+            counters = catalog.counters() if catalog.root_prefix == top else None
+            if counters is None:
+                self._count_by_walking(doc, view, top)
+            else:
                 totals = counters.totals()
                 # Not counted: the .cvmfscatalog marker of each catalog (the CID's own and those below it,
                 # empty regular files) and the CID's directory itself.
@@ -707,10 +713,18 @@ class StatusCollector:
                 listing.append(item)
             doc["tree"] = listing
             doc["tree_truncated"] = len(listing) >= limit and doc.get("entries", 0) > len(listing)
-            if sensitive:
-                publisher = view.lookup(f"{top}/{PUBLISHER_FILE}")
-                if publisher is not None:
-                    doc["publisher_file"] = True
+
+    @staticmethod
+    def _count_by_walking(doc: dict[str, Any], view: StorageView, top: str) -> None:
+        files = size = entries = 0
+        for _, d in _walk(view, top):
+            entries += 1
+            if d.is_regular:
+                files += 1
+                size += d.size
+            if entries >= WALK_LIMIT:
+                return  # too many to count on a page view: left out
+        doc.update(files=files, size=size, entries=entries)
 
 
 def _walk(view: StorageView, top: str) -> Iterator[tuple[str, Any]]:
