@@ -134,5 +134,10 @@ def test_status_page_in_a_browser(browser: Any, server: RcdsServer, tmp_path: Pa
     body = browser.find_element(By.TAG_NAME, "main").text
     assert "src/mod3.py" in body and "run.sh" in body
     _save(browser, "status-cid.png", tmp_path)
+    browser.set_window_size(*PHONE)
+    browser.refresh()
+    assert _fits(browser), "the CID page must not scroll sideways on a phone"
+    _save(browser, "status-cid-phone.png", tmp_path)
+    browser.set_window_size(*LAPTOP)
     browser.find_element(By.PARTIAL_LINK_TEXT, "status").click()
     assert browser.current_url.endswith("/status")
