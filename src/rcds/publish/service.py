@@ -675,7 +675,10 @@ class PublishService:
         if self.status_history is None or self.state is None:
             return
         now = time.time()
-        values = {"queue_depth": float(self.state.queued_count()), "waiting": float(self.state.waiting_count())}
+        values = {
+            "queue_depth": float(self.state.queued_count()),
+            "waiting": float(self.state.waiting_count()),
+        }
         for name, rstate in self.replica_states.items():
             lag = rstate.lag(now)
             if lag is not None:
