@@ -167,7 +167,12 @@ def test_the_json_numbers_match_what_happened(world: World) -> None:
     assert sum(r["cids"] for r in repos.values()) == 3
     assert sum(r["publishes_last_hour"] for r in repos.values()) == 3
     for r in repos.values():
-        assert r["kind"] == "local" and r["revision"] >= 1 and 0 <= r["revision_age"] < 3600
+        # the three CIDs go to whichever worker is free: a repository that got none is still at revision 0
+        assert (
+            r["kind"] == "local"
+            and r["revision"] >= (1 if r["cids"] else 0)
+            and 0 <= r["revision_age"] < 3600
+        )
         assert 29 < r["whitelist_days_left"] <= 30
         assert r["disk"]["total"] >= r["disk"]["free"] > 0
         assert doc["generated_at"] <= r["next_cleanup"]["at"] <= doc["generated_at"] + 86400
