@@ -29,6 +29,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("server", "audit"),
     "replicate": ("server", "replicate"),
     "status": ("status", "status"),
+    "shrinkwrap": ("shrinkwrap", "shrinkwrap"),
+    "trace": ("shrinkwrap", "trace"),
     "build-job-client": ("jobclient", "build_job_client"),
 }
 # Import names of the `server` extra in pyproject.toml (tests/test_cli_usability.py keeps them in step).
