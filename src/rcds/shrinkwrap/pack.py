@@ -175,6 +175,9 @@ class _Hashing:
     def flush(self) -> None:
         self.f.flush()
 
+    def tell(self) -> int:
+        return self.size
+
 
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
