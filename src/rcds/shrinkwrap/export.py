@@ -281,7 +281,7 @@ class _Job:
         self.size, self.mode, self.mtime = size, mode, mtime
         self.pieces = pieces
         self.compressed = compressed
-        self.waiters: list[str] = []
+        self.waiters: list[tuple[str, bool]] = []  # visible name, nothing there yet
         self.lock = threading.Lock()
         self.remaining = len(pieces)
         self.done = False
@@ -312,6 +312,10 @@ class _Run:
         self._batch_bytes = 0
         self._variant_dirs: dict[str, list[str]] = {}
         self._link_from_cache = True
+        self._data_dirs: set[str] = set()  # .data fan-out directories known to exist (at most 65,536)
+        # A first export has no other variants in .data to copy from: skip listing its directories.
+        with os.scandir(self.data) as it:
+            self._data_empty = not any(e.name not in ("tmp", "lock") for e in it)
         self._used_data: set[str] = set()  # .data names placed by this run (dedup counter only)
         self._progress: Any = None
         self.placed = 0
@@ -340,8 +344,17 @@ class _Run:
 
     # --- placing visible files -------------------------------------------------------------------
 
-    def place(self, data: str, visible: str, size: int, mode: int, mtime: int) -> None:
-        """Make ``visible`` a hard link to the complete ``data`` file, atomically (link + rename)."""
+    def place(self, data: str, visible: str, size: int, mode: int, mtime: int, fresh: bool = False) -> None:
+        """Make ``visible`` a hard link to the complete ``data`` file, atomically: ``link(2)`` straight to
+        the name when nothing is there (``fresh``), else link beside it and ``rename(2)`` over it."""
+        if fresh:
+            try:
+                os.link(data, visible)
+            except OSError:
+                pass  # something appeared there, or links are not possible: the general way below
+            else:
+                self._placed()
+                return
         tmp = self.temp()
         try:
             os.link(data, tmp)
@@ -358,6 +371,9 @@ class _Run:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._placed()
+
+    def _placed(self) -> None:
         with self._lock:
             self.stats.placed_files += 1
             self.placed += 1
@@ -379,7 +395,7 @@ class _Run:
         with self._lock:
             job = self._pending.get(data)
             if job is not None:
-                job.waiters.append(visible)
+                job.waiters.append((visible, existing is None))
                 return
         st = _lstat(data)
         ok = _valid(st, d.size, mode, mtime)
@@ -391,23 +407,27 @@ class _Run:
         if existing is not None and existing.is_dir(follow_symlinks=False):
             force_remove(existing.path)
             self.stats.removed_entries += 1
+        fresh = existing is None
         if ok:
-            self.place(data, visible, d.size, mode, mtime)
+            self.place(data, visible, d.size, mode, mtime, fresh)
             return
         if st is not None:
             log.warning("a .data file was modified: making it again", extra=fields(path=data))
             os.unlink(data)
-        os.makedirs(os.path.dirname(data), exist_ok=True)
+        parent = os.path.dirname(data)
+        if parent not in self._data_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._data_dirs.add(parent)
         if key == _EMPTY_KEY:
             self._create_local(data, b"", mode, mtime)
-            self.place(data, visible, 0, mode, mtime)
+            self.place(data, visible, 0, mode, mtime, fresh)
             return
         if self._from_cache(key, data, d.size, mode, mtime):
-            self.place(data, visible, d.size, mode, mtime)
+            self.place(data, visible, d.size, mode, mtime, fresh)
             return
         job = _Job(data, d.size, mode, mtime, pieces, d.compression != COMPRESSION_NONE)
         job.label = child.path
-        job.waiters.append(visible)
+        job.waiters.append((visible, existing is None))
         if not self._slots.acquire(blocking=False):
             self.flush()
             while not self._slots.acquire(timeout=0.5):
@@ -468,9 +488,8 @@ class _Run:
         entry = f"{self.cache}/files/{key[:2]}/{key[2:]}_{mode:o}_{mtime}"
         if not _valid(_lstat(entry), size, mode, mtime):
             return False
-        tmp = self.temp()
         try:
-            os.link(entry, tmp)
+            os.link(entry, data)  # the .data name did not exist: the link makes it appear complete
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -478,13 +497,12 @@ class _Run:
                 self._link_from_cache = exc.errno != errno.EXDEV
                 return False
             raise
-        os.rename(tmp, data)
         self.stats.cached_files += 1
         return True
 
     def _variant(self, key: str, size: int, data: str) -> str | None:
         """A complete file with this content under other metadata: in ``.data`` or in the node cache."""
-        places = [(os.path.dirname(data), key[4:] + ".", 0)]
+        places = [] if self._data_empty else [(os.path.dirname(data), key[4:] + ".", 0)]
         if self.cache is not None:
             places.append((f"{self.cache}/files/{key[:2]}", key[2:] + "_", 1))
         for directory, prefix, _ in places:
@@ -577,8 +595,8 @@ class _Run:
         with self._lock:
             del self._pending[job.data]
             waiters, job.waiters = job.waiters, []
-        for visible in waiters:
-            self.place(job.data, visible, job.size, job.mode, job.mtime)
+        for visible, fresh in waiters:
+            self.place(job.data, visible, job.size, job.mode, job.mtime, fresh)
         self._slots.release()
 
     def drain(self) -> None:

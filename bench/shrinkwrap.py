@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Benchmark of ``rcds shrinkwrap`` (``rcds.shrinkwrap.export``) against ``cp -r``, all figures from one run.
+
+The tree, the repository and the server are those of ``bench/get.py`` (the ``ingest.py`` generator: about
+20,000 small files and 5 big binaries per GiB, published once at ``/sw/bench/<cid>`` and cached in
+``--workdir``; ``rcds.web.repo_http`` in a subprocess on 127.0.0.1). Measured side by side:
+
+* ``cp -r`` of the tree on the same disk (before and after the exports);
+* **cold**: the CID exported (spec ``/sw/bench/<cid>*``) into an empty destination with no node cache:
+  every object downloaded over loopback, verified, inflated, written to ``.data`` and hard-linked;
+* **warm**: the same into a new destination with a node cache that ``rcds get`` filled (untimed): every
+  ``.data`` file is a hard link to the cache entry, nothing is downloaded;
+* **unchanged**: the cold destination exported again (incremental run, nothing to copy).
+
+Each export includes opening the repository (manifest, certificate, whitelist, catalogs into a fresh
+reader cache). ratio = cp seconds / export seconds (> 1: faster than cp), from the fastest run of each
+step. Targets: warm >= 1.0, cold >= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import get as get_bench
+import ingest as ingest_bench
+from rcds.client.materialize import materialize
+from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.repository import Repository
+from rcds.shrinkwrap.export import ExportStats, export
+from rcds.shrinkwrap.spec import Selector, parse_spec
+
+MB = 1_000_000
+TARGET_WARM = 1.0
+TARGET_COLD = 0.5
+say = get_bench.say
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--size-mb", type=float, default=1074.0, help="approximate tree size (default 1 GiB)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/rcds-bench"), help="caches and scratch")
+    parser.add_argument("--jobs", type=int, default=8, help="parallel downloads (default 8)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each step N times, report the fastest")
+    parser.add_argument("--seed", type=int, default=ingest_bench.DEFAULT_SEED, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.size_mb <= 0 or args.repeat < 1 or args.jobs < 1:
+        parser.error("--size-mb, --repeat and --jobs must be positive")
+
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = ingest_bench.TreeSpec(round(args.size_mb * MB / ingest_bench.GIB, 4), args.seed)
+    info, reused = ingest_bench.ensure_tree(spec, workdir)
+    tree = Path(info.root)
+    say(f"tree {tree.name} {'reused' if reused else 'generated'}: {info.total_bytes / MB:.0f} MB")
+    storage = get_bench.ensure_repo(tree, spec.key, workdir)
+    key = Repository(storage).public_key_path
+    scratch = workdir / "shrinkwrap-scratch"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir()
+    get_bench.read_all(tree)
+    get_bench.read_all(storage / "data")
+    selector = Selector(parse_spec(f"{get_bench.CID}*"), "2.14")
+
+    server = get_bench.RepoServer(storage)
+    say(f"serving {server.url}")
+    runs: dict[str, list[dict[str, Any]]] = {"cp": [], "cold": [], "warm": [], "unchanged": []}
+    counter = iter(range(1_000_000))
+
+    def shrinkwrap(dest: Path, cache: Path | None) -> ExportStats:
+        n = next(counter)
+        with RepositoryReader.open(
+            server.url, key, fqrn=get_bench.FQRN, cache_dir=scratch / f"reader{n}"
+        ) as reader:
+            return export(reader, selector, dest, cache_dir=cache, jobs=args.jobs, progress=False)
+
+    def fill_cache(cache: Path) -> None:
+        with RepositoryReader.open(server.url, key, fqrn=get_bench.FQRN, cache_dir=scratch / "rfill") as r:
+            materialize(r, get_bench.CID, scratch / "filled", cache_dir=cache, jobs=args.jobs, progress=False)
+        shutil.rmtree(scratch / "filled")
+
+    def record(step: str, m: dict[str, Any]) -> None:
+        stats = m.pop("result")
+        if isinstance(stats, ExportStats):
+            m["stats"] = stats.__dict__.copy()
+        runs[step].append(m)
+        say(f"{step}: {m['seconds']:.2f} s, other load {m['other_load_cpus']:.2f} CPUs")
+
+    def cp(copy: Path) -> None:
+        subprocess.run(["cp", "-r", str(tree), str(copy)], check=True)
+
+    try:
+        cache = scratch / "cache"
+        fill_cache(cache)
+        for i in range(args.repeat):
+            record("cp", get_bench.timed(partial(cp, scratch / f"cp{i}"), server))
+            shutil.rmtree(scratch / f"cp{i}")
+            record("cold", get_bench.timed(partial(shrinkwrap, scratch / f"cold{i}", None), server))
+            record("unchanged", get_bench.timed(partial(shrinkwrap, scratch / f"cold{i}", None), server))
+            assert runs["unchanged"][-1]["stats"]["placed_files"] == 0
+            record("warm", get_bench.timed(partial(shrinkwrap, scratch / f"warm{i}", cache), server))
+            assert runs["warm"][-1]["stats"]["downloaded_bytes"] == 0
+            record("cp", get_bench.timed(partial(cp, scratch / f"cp{i}-again"), server))
+            shutil.rmtree(scratch / f"cp{i}-again")
+            for p in scratch.iterdir():
+                if p.name.startswith(("cold", "warm", "reader")):
+                    shutil.rmtree(p)
+    finally:
+        server.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    best = {step: min(rows, key=lambda r: r["seconds"]) for step, rows in runs.items()}
+    stats0 = ExportStats(**best["cold"]["stats"])
+    size = stats0.bytes
+    cp_s = best["cp"]["seconds"]
+    ratios = {step: cp_s / best[step]["seconds"] for step in best}
+    print(
+        f"rcds shrinkwrap benchmark: {size / MB:.0f} MB in {stats0.files} files, {stats0.directories} dirs, "
+        f"{stats0.symlinks} symlinks; {stats0.downloaded_bytes / MB:.0f} MB served compressed; "
+        f"jobs {args.jobs}; {os.cpu_count()} CPUs; warm page cache"
+    )
+    print(f"{'step':<26}{'seconds':>9}{'MB/s':>9}{'vs cp':>8}{'CPU s':>8}{'server':>8}{'other':>7}")
+    labels = {
+        "cp": "cp -r",
+        "cold": "shrinkwrap, cold",
+        "warm": "shrinkwrap, warm cache",
+        "unchanged": "shrinkwrap, unchanged",
+    }
+    for step, label in labels.items():
+        b = best[step]
+        print(
+            f"{label:<26}{b['seconds']:>9.2f}{size / MB / b['seconds']:>9.0f}{ratios[step]:>8.2f}"
+            f"{b['cpu_seconds']:>8.1f}{b['server_cpu_seconds']:>8.1f}{b['other_load_cpus']:>7.2f}"
+        )
+    ok_warm, ok_cold = ratios["warm"] >= TARGET_WARM, ratios["cold"] >= TARGET_COLD
+    print(
+        f"targets: warm/cp {ratios['warm']:.2f} >= {TARGET_WARM} {'ok' if ok_warm else 'MISSED'}; "
+        f"cold/cp {ratios['cold']:.2f} >= {TARGET_COLD} {'ok' if ok_cold else 'MISSED'}"
+    )
+    if max(b["other_load_cpus"] for b in best.values()) > 0.2:
+        print("warning: other processes kept more than 0.2 CPUs busy during a measurement (see 'other')")
+    result = {
+        "benchmark": "rcds-shrinkwrap",
+        "tree": {"key": spec.key, "bytes": size, "files": stats0.files, "directories": stats0.directories},
+        "jobs": args.jobs,
+        "runs": runs,
+        "summary": {
+            "cp_seconds": cp_s,
+            **{f"{step}_seconds": best[step]["seconds"] for step in best if step != "cp"},
+            **{f"{step}_to_cp_ratio": ratios[step] for step in best if step != "cp"},
+            "targets_met": ok_warm and ok_cold,
+        },
+    }
+    (workdir / "shrinkwrap-result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
