@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -140,7 +142,7 @@ def test_full_export_equals_the_source(
     assert ino("README") == ino("same_as_readme") != ino("readme_other_mode")
     assert ino("data/orig.txt") == ino("data/alias.txt")
     assert os.lstat(root / "README").st_nlink == 3  # .data + two visible names
-    data_files = [p for p in (dest / DATA).glob("*/*/*") if p.parent.parent.name != "tmp"]
+    data_files = [p for p in (dest / DATA).glob("*/*") if p.parent.name != "tmp"]
     assert ino("README") in {os.lstat(p).st_ino for p in data_files}
     assert (dest / repo.fqrn / MARKER).is_file()
     assert not (dest / repo.fqrn / "other").exists()  # not selected
@@ -171,14 +173,14 @@ def test_narrower_spec_prunes_and_gc_frees_data(
     repo, src = published
     dest = tmp_path / "out"
     run_export(reader, dest, f"{CID}*")
-    n_data = len(list((dest / DATA).glob("*/*/*")))
+    n_data = len(list((dest / DATA).glob("??/*")))
     stats = run_export(reader, dest, f"{CID}*\n!{CID}/data\n!{CID}/sub/deeper\n")
     got = tree_of(dest, repo.fqrn)
     want = expected(src, CID.lstrip("/"), lambda rel: not rel.startswith(("data", "sub/deeper")))
     want[f"{CID.lstrip('/')}/.cvmfscatalog"] = got[f"{CID.lstrip('/')}/.cvmfscatalog"]
     assert got == want
     assert stats.removed_entries == 2 and stats.placed_files == 0
-    assert len(list((dest / DATA).glob("*/*/*"))) == n_data  # without --gc the data stays
+    assert len(list((dest / DATA).glob("??/*"))) == n_data  # without --gc the data stays
     removed, freed = collect_garbage(dest)
     assert removed == 3 and freed == len(BIG) + len(b"two names\n") + 1  # orig/alias share one; x.txt
     assert tree_of(dest, repo.fqrn) == got  # gc never touches what is visible
@@ -349,6 +351,7 @@ def test_killed_export_resumes_to_the_complete_tree(
     want[f"{CID.lstrip('/')}/.cvmfscatalog"] = got[f"{CID.lstrip('/')}/.cvmfscatalog"]
     assert got == want
     assert not list((dest / DATA / "tmp").iterdir())
+    assert not list((dest / DATA).glob("??/.tmp-*"))
     assert not (dest / ".provenance" / repo.fqrn / "incomplete").exists()
 
 
@@ -445,3 +448,24 @@ def test_api_with_cids_and_json_cli(published: tuple[Repository, Path], tmp_path
     )
     assert lint.returncode == 6 and "matches nothing" in lint.stdout
     assert not (tmp_path / "l").exists()  # a dry run writes nothing
+
+
+def test_a_corrupt_object_fails_cleanly_and_never_shows(
+    published: tuple[Repository, Path], tmp_path: Path
+) -> None:
+    repo, _ = published
+    storage = tmp_path / "storage"
+    shutil.copytree(repo.storage, storage)
+    reader = RepositoryReader.open(storage, repo.public_key_path, cache_dir=tmp_path / "rc")
+    try:
+        d = reader.stat(f"{CID}/bin/run.sh")
+        assert d.hash is not None
+        obj = storage / d.hash.object_name()
+        obj.chmod(0o644)
+        obj.write_bytes(zlib.compress(b"#!/bin/sh\nrm -rf /\n"))  # a valid zlib stream, the wrong content
+        with pytest.raises(ShrinkwrapError, match="corrupt"):
+            run_export(reader, tmp_path / "out", f"{CID}*", jobs=1)
+        assert not (tmp_path / "out" / repo.fqrn / CID.lstrip("/") / "bin/run.sh").exists()
+        assert not list((tmp_path / "out" / DATA).glob("??/.tmp-*"))
+    finally:
+        reader.close()
