@@ -10,7 +10,9 @@ The tree, the repository and the server are those of ``bench/get.py`` (the ``ing
   every object downloaded over loopback, verified, inflated, written to ``.data`` and hard-linked;
 * **warm**: the same into a new destination with a node cache that ``rcds get`` filled (untimed): every
   ``.data`` file is a hard link to the cache entry, nothing is downloaded;
-* **unchanged**: the cold destination exported again (incremental run, nothing to copy).
+* **unchanged**: the cold destination exported again (incremental run, nothing to copy);
+* **get, cold** (``--with-get``): ``rcds get`` of the same CID with an empty cache, for comparison on
+  the same machine at the same moment (the materializer does the same downloads into a plain tree).
 
 Each export includes opening the repository (manifest, certificate, whitelist, catalogs into a fresh
 reader cache). ratio = cp seconds / export seconds (> 1: faster than cp), from the fastest run of each
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rcds-bench"), help="caches and scratch")
     parser.add_argument("--jobs", type=int, default=8, help="parallel downloads (default 8)")
     parser.add_argument("--repeat", type=int, default=1, help="run each step N times, report the fastest")
+    parser.add_argument("--with-get", action="store_true", help="also time a cold rcds get (materialize)")
     parser.add_argument("--seed", type=int, default=ingest_bench.DEFAULT_SEED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size_mb <= 0 or args.repeat < 1 or args.jobs < 1:
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     server = get_bench.RepoServer(storage)
     say(f"serving {server.url}")
     runs: dict[str, list[dict[str, Any]]] = {"cp": [], "cold": [], "warm": [], "unchanged": []}
+    if args.with_get:
+        runs["get_cold"] = []
     counter = iter(range(1_000_000))
 
     def shrinkwrap(dest: Path, cache: Path | None) -> ExportStats:
@@ -82,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             server.url, key, fqrn=get_bench.FQRN, cache_dir=scratch / f"reader{n}"
         ) as reader:
             return export(reader, selector, dest, cache_dir=cache, jobs=args.jobs, progress=False)
+
+    def get_cold(dest: Path) -> None:
+        n = next(counter)
+        with RepositoryReader.open(
+            server.url, key, fqrn=get_bench.FQRN, cache_dir=scratch / f"reader{n}"
+        ) as r:
+            materialize(
+                r, get_bench.CID, dest, cache_dir=scratch / f"cold-cache{n}", jobs=args.jobs, progress=False
+            )
 
     def fill_cache(cache: Path) -> None:
         with RepositoryReader.open(server.url, key, fqrn=get_bench.FQRN, cache_dir=scratch / "rfill") as r:
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             assert runs["unchanged"][-1]["stats"]["placed_files"] == 0
             record("warm", get_bench.timed(partial(shrinkwrap, scratch / f"warm{i}", cache), server))
             assert runs["warm"][-1]["stats"]["downloaded_bytes"] == 0
+            if args.with_get:
+                record("get_cold", get_bench.timed(partial(get_cold, scratch / f"cold-get{i}"), server))
             record("cp", get_bench.timed(partial(cp, scratch / f"cp{i}-again"), server))
             shutil.rmtree(scratch / f"cp{i}-again")
             for p in scratch.iterdir():
@@ -134,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         "cold": "shrinkwrap, cold",
         "warm": "shrinkwrap, warm cache",
         "unchanged": "shrinkwrap, unchanged",
+        "get_cold": "rcds get, cold (compare)",
     }
     for step, label in labels.items():
+        if step not in best:
+            continue
         b = best[step]
         print(
             f"{label:<26}{b['seconds']:>9.2f}{size / MB / b['seconds']:>9.0f}{ratios[step]:>8.2f}"

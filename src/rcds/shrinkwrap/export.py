@@ -401,7 +401,7 @@ class _Run:
         data = f"{self.data}/{data_name(key, mode, mtime)}"
         if data in self._used_data:
             self.stats.deduplicated_files += 1
-        elif len(self._used_data) < 1_000_000:  # only a statistic: do not let it grow without bound
+        elif len(self._used_data) < 200_000:  # only a statistic (~30 MB at most): counted up to there
             self._used_data.add(data)
         with self._lock:
             job = self._pending.get(data)
@@ -523,6 +523,8 @@ class _Run:
                     names = os.listdir(directory)
                 except FileNotFoundError:
                     names = []
+                if len(self._variant_dirs) >= 16:  # listings of big directories: keep only a few
+                    self._variant_dirs.clear()
                 self._variant_dirs[directory] = names
             for name in names:
                 if name.startswith(prefix) and not name.startswith(TMP_PREFIX):
