@@ -598,11 +598,12 @@ class _Run:
         assert job.tmp is not None
         if fd is not None:
             os.fchmod(fd, job.mode)
+            os.utime(fd, ns=(job.mtime, job.mtime))  # on the descriptor: no second path lookup
             os.close(fd)
             job.fd = None
         else:
             os.chmod(job.tmp, job.mode)
-        os.utime(job.tmp, ns=(job.mtime, job.mtime))
+            os.utime(job.tmp, ns=(job.mtime, job.mtime))
         os.rename(job.tmp, job.data)
         _failpoint("data")
         with self._lock:
