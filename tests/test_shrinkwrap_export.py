@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -469,3 +470,47 @@ def test_a_corrupt_object_fails_cleanly_and_never_shows(
         assert not list((tmp_path / "out" / DATA).glob("??/.tmp-*"))
     finally:
         reader.close()
+
+
+def test_a_file_changed_through_its_hard_link_is_restored(reader: RepositoryReader, tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    run_export(reader, dest, f"{CID}*")
+    readme = dest / reader.fqrn / CID.lstrip("/") / "README"
+    twin = dest / reader.fqrn / CID.lstrip("/") / "same_as_readme"
+    readme.chmod(0o644)
+    readme.write_bytes(b"edited\n")  # changes the shared .data inode, its size and mtime
+    stats = run_export(reader, dest, f"{CID}*")
+    assert readme.read_bytes() == twin.read_bytes() == b"hello\n"
+    assert os.lstat(readme).st_ino == os.lstat(twin).st_ino
+    assert os.lstat(readme).st_mtime_ns == 1_600_000_001 * 10**9
+    # made again from the same content under another mode (readme_other_mode), not downloaded
+    assert stats.copied_files == 1 and stats.fetched_files == 0 and stats.placed_files == 2
+
+
+def test_formats_through_the_api(published: tuple[Repository, Path], tmp_path: Path) -> None:
+    repo, _ = published
+    rules = build_rules(paths=[f"{CID}/bin"])
+    key = [repo.public_key_path]
+    tar = shrinkwrap(str(repo.storage), key, tmp_path / "d", rules, dialect="2.14", fmt="tar",
+                     output=tmp_path / "x.tar", progress=False)  # fmt: skip
+    assert tar.output == str(tmp_path / "x.tar")
+    with tarfile.open(tmp_path / "x.tar") as t:
+        assert f"{repo.fqrn}{CID}/bin/run.sh" in t.getnames()
+    options = json.loads((tmp_path / "d" / ".provenance" / repo.fqrn / "options.json").read_text())
+    assert options["format"] == "tar" and options["dialect"] == "2.14"
+    with pytest.raises(ShrinkwrapError, match="needs --output"):
+        shrinkwrap(str(repo.storage), key, tmp_path / "d", rules, dialect="2.14", fmt="squashfs")
+
+
+def test_a_modified_variant_is_not_copied_from(reader: RepositoryReader, tmp_path: Path) -> None:
+    """``same_as_readme`` and ``readme_other_mode`` hold the same content under other metadata: a
+    rebuilt README may be copied from the other one's .data file, unless that was written to."""
+    dest = tmp_path / "out"
+    run_export(reader, dest, f"{CID}*")
+    top = dest / reader.fqrn / CID.lstrip("/")
+    (top / "readme_other_mode").write_bytes(b"HELLO\n")  # same size, other bytes, new mtime
+    (top / "README").chmod(0o644)
+    (top / "README").write_bytes(b"edited\n")
+    stats = run_export(reader, dest, f"{CID}*")
+    assert (top / "README").read_bytes() == (top / "readme_other_mode").read_bytes() == b"hello\n"
+    assert stats.copied_files == 0 and stats.fetched_files == 2

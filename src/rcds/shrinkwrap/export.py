@@ -513,10 +513,10 @@ class _Run:
 
     def _variant(self, key: str, size: int, data: str) -> str | None:
         """A complete file with this content under other metadata: in ``.data`` or in the node cache."""
-        places = [] if self._data_empty else [(os.path.dirname(data), key[2:] + ".", 0)]
+        places = [] if self._data_empty else [(os.path.dirname(data), key[2:] + ".", False)]
         if self.cache is not None:
-            places.append((f"{self.cache}/files/{key[:2]}", key[2:] + "_", 1))
-        for directory, prefix, _ in places:
+            places.append((f"{self.cache}/files/{key[:2]}", key[2:] + "_", True))
+        for directory, prefix, in_cache in places:
             names = self._variant_dirs.get(directory)
             if names is None:
                 try:
@@ -527,11 +527,21 @@ class _Run:
                     self._variant_dirs.clear()
                 self._variant_dirs[directory] = names
             for name in names:
-                if name.startswith(prefix) and not name.startswith(TMP_PREFIX):
-                    path = f"{directory}/{name}"
-                    st = _lstat(path)
-                    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size and path != data:
-                        return path
+                if not name.startswith(prefix) or name.startswith(TMP_PREFIX):
+                    continue
+                path = f"{directory}/{name}"
+                st = _lstat(path)
+                if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size or path == data:
+                    continue
+                # Its name records the metadata it was made with; a file written through one of its
+                # links since then has another mtime and is not trusted as a copy source.
+                mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+                if in_cache:
+                    intact = name.endswith(f"_{mode:o}_{mtime}")
+                else:
+                    intact = name == data_name(key, mode, mtime).split("/", 1)[1]
+                if intact:
+                    return path
         return None
 
     def _copy_job(self, job: _Job, source: str) -> None:
