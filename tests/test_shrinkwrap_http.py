@@ -1,6 +1,6 @@
 """``rcds shrinkwrap`` over HTTP from a real ``rcds serve`` (a stratum 0), with failover from a dead
 server first in the list, CIDs chosen on the command line, and an incremental second run that adds a
-CID and leaves the first untouched."""
+CID and leaves the first untouched; and through a real squid with the first proxy down."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from client import dead_server
 from server import RcdsServer, free_port, make_tarball
+from squid import SquidProxy, require_squid
 
 CID1 = "hpc/" + "1" * 64
 CID2 = "hpc/" + "2" * 64
@@ -34,12 +36,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcdsServer]:
         srv.close()
 
 
-def shrinkwrap(server: RcdsServer, dest: Path, *args: str) -> dict[str, object]:
+def shrinkwrap(server: RcdsServer, dest: Path, *args: str, proxy: str = "DIRECT") -> dict[str, object]:
     repo = "user1.rcds.test"
     dead = f"http://127.0.0.1:{free_port()}/cvmfs/{repo}"
     key = server.storage(repo) / ".rcds" / "keys" / f"{repo}.pub"
     cmd = [sys.executable, "-m", "rcds.cli", "shrinkwrap", f"{dead};{server.url}/cvmfs/{repo}", "--key", str(key),
-           "--fqrn", repo, "--dialect", "2.12", "--dest", str(dest), "--proxy", "DIRECT", "--json", *args]  # fmt: skip
+           "--fqrn", repo, "--dialect", "2.12", "--dest", str(dest), "--proxy", proxy, "--json", *args]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -68,3 +70,16 @@ def test_export_over_http_with_failover_then_add_a_cid(server: RcdsServer, tmp_p
     third = shrinkwrap(server, dest, "--cid", CID2, "--gc")
     assert not (root / CID1).exists() and (root / CID2 / "doc.txt").exists()
     assert third["removed_entries"] == 1
+
+
+def test_export_through_a_real_squid_with_the_first_proxy_down(server: RcdsServer, tmp_path: Path) -> None:
+    require_squid()
+    with SquidProxy() as squid:
+        doc = shrinkwrap(server, tmp_path / "a", "--cid", CID1, proxy=f"{dead_server()};{squid.url}")
+        assert doc["fetched_files"]
+        shrinkwrap(server, tmp_path / "b", "--cid", CID1, proxy=f"{dead_server()};{squid.url}")
+        data = [e for e in squid.entries() if "/data/" in e.url]
+    for d in ("a", "b"):
+        assert (tmp_path / d / "user1.rcds.test/sw" / CID1 / "lib/data.txt").read_text() == "data\n" * 1000
+    hits = {e.url for e in data if e.hit}
+    assert hits and hits == {e.url for e in data if not e.hit}  # every object: one miss, then a hit
