@@ -514,3 +514,22 @@ def test_a_modified_variant_is_not_copied_from(reader: RepositoryReader, tmp_pat
     stats = run_export(reader, dest, f"{CID}*")
     assert (top / "README").read_bytes() == (top / "readme_other_mode").read_bytes() == b"hello\n"
     assert stats.copied_files == 0 and stats.fetched_files == 2
+
+
+def test_a_full_disk_fails_cleanly_and_a_rerun_completes(
+    published: tuple[Repository, Path], tmp_path: Path
+) -> None:
+    repo, src = published
+    spec = tmp_path / "s.spec"
+    spec.write_text(f"{CID}*\n")
+    dest = tmp_path / "out"
+    failed = _cli(*_export_args(repo, dest, spec), env={"RCDS_FAILPOINT": "shrinkwrap.placed.4:enospc"})
+    assert failed.returncode == 1
+    assert "No space left on device" in failed.stderr and "Traceback" not in failed.stderr
+    _visible_files_are_right(dest, repo.fqrn, src, CID.lstrip("/"))
+    assert not list((dest / DATA).glob("??/.tmp-*"))  # temporary files of unfinished downloads removed
+    done = _cli(*_export_args(repo, dest, spec))
+    assert done.returncode == 0, done.stderr
+    got = tree_of(dest, repo.fqrn)
+    assert got.pop(f"{CID.lstrip('/')}/.cvmfscatalog")[3] == b""
+    assert got == expected(src, CID.lstrip("/"))
