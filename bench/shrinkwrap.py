@@ -12,7 +12,11 @@ The tree, the repository and the server are those of ``bench/get.py`` (the ``ing
   ``.data`` file is a hard link to the cache entry, nothing is downloaded;
 * **unchanged**: the cold destination exported again (incremental run, nothing to copy);
 * **get, cold** (``--with-get``): ``rcds get`` of the same CID with an empty cache, for comparison on
-  the same machine at the same moment (the materializer does the same downloads into a plain tree).
+  the same machine at the same moment (the materializer does the same downloads into a plain tree);
+* **stock cvmfs_shrinkwrap, cold** (``--stock-shrinkwrap PATH``, or ``$RCDS_CVMFS_SHRINKWRAP``): the real
+  CVMFS tool, when it is installed on the machine, given the same specification against the same server
+  (libcvmfs with ``CVMFS_HTTP_PROXY=DIRECT``, an empty cache, as many threads as ``--jobs``); skipped
+  with a message otherwise. Its ``.data`` layout is its own; the visible tree is compared by hand.
 
 Each export includes opening the repository (manifest, certificate, whitelist, catalogs into a fresh
 reader cache). ratio = cp seconds / export seconds (> 1: faster than cp), from the fastest run of each
@@ -53,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=8, help="parallel downloads (default 8)")
     parser.add_argument("--repeat", type=int, default=1, help="run each step N times, report the fastest")
     parser.add_argument("--with-get", action="store_true", help="also time a cold rcds get (materialize)")
+    parser.add_argument(
+        "--stock-shrinkwrap",
+        type=Path,
+        default=os.environ.get("RCDS_CVMFS_SHRINKWRAP") or None,
+        help="the real cvmfs_shrinkwrap binary, to time it side by side (default $RCDS_CVMFS_SHRINKWRAP)",
+    )
     parser.add_argument("--seed", type=int, default=ingest_bench.DEFAULT_SEED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size_mb <= 0 or args.repeat < 1 or args.jobs < 1:
@@ -79,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {"cp": [], "cold": [], "warm": [], "unchanged": []}
     if args.with_get:
         runs["get_cold"] = []
+    stock: Path | None = args.stock_shrinkwrap
+    if stock is not None and not os.access(stock, os.X_OK):
+        say(f"no executable cvmfs_shrinkwrap at {stock}: the stock comparison is skipped")
+        stock = None
+    elif stock is None:
+        say("stock cvmfs_shrinkwrap not given (--stock-shrinkwrap): the stock comparison is skipped")
+    if stock is not None:
+        runs["stock_cold"] = []
     counter = iter(range(1_000_000))
 
     def shrinkwrap(dest: Path, cache: Path | None) -> ExportStats:
@@ -101,6 +119,28 @@ def main(argv: list[str] | None = None) -> int:
         with RepositoryReader.open(server.url, key, fqrn=get_bench.FQRN, cache_dir=scratch / "rfill") as r:
             materialize(r, get_bench.CID, scratch / "filled", cache_dir=cache, jobs=args.jobs, progress=False)
         shutil.rmtree(scratch / "filled")
+
+    def stock_cold(dest: Path) -> None:
+        """The real cvmfs_shrinkwrap: same server, same selection, an empty libcvmfs cache."""
+        assert stock is not None
+        n = next(counter)
+        keys, cache = scratch / f"stock-keys{n}", scratch / f"stock-cache{n}"
+        keys.mkdir()
+        cache.mkdir()
+        shutil.copy(key, keys / f"{get_bench.FQRN}.pub")
+        config = scratch / f"stock{n}.conf"
+        config.write_text(
+            f"CVMFS_REPOSITORIES={get_bench.FQRN}\nCVMFS_SERVER_URL={server.url}\nCVMFS_HTTP_PROXY=DIRECT\n"
+            f"CVMFS_KEYS_DIR={keys}\nCVMFS_CACHE_BASE={cache}\nCVMFS_SHARED_CACHE=no\n"
+            f"CVMFS_USER={os.environ.get('USER', 'root')}\nCVMFS_CLAIM_OWNERSHIP=yes\n"
+        )
+        spec_file = scratch / f"stock{n}.spec"
+        spec_file.write_text(f"{get_bench.CID}*\n")
+        subprocess.run(
+            [str(stock), "-r", get_bench.FQRN, "-f", str(config), "-t", str(spec_file), "-x", str(dest),
+             "-j", str(args.jobs), "-p", "0"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
     def record(step: str, m: dict[str, Any]) -> None:
         stats = m.pop("result")
@@ -125,10 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             assert runs["warm"][-1]["stats"]["downloaded_bytes"] == 0
             if args.with_get:
                 record("get_cold", get_bench.timed(partial(get_cold, scratch / f"cold-get{i}"), server))
+            if stock is not None:
+                record("stock_cold", get_bench.timed(partial(stock_cold, scratch / f"stock{i}"), server))
             record("cp", get_bench.timed(partial(cp, scratch / f"cp{i}-again"), server))
             shutil.rmtree(scratch / f"cp{i}-again")
             for p in scratch.iterdir():
-                if p.name.startswith(("cold", "warm", "reader")):
+                if p.name.startswith(("cold", "warm", "reader", "stock")):
+                    if not p.is_dir():
+                        p.unlink()
+                        continue
                     shutil.rmtree(p)
     finally:
         server.close()
@@ -151,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "warm": "shrinkwrap, warm cache",
         "unchanged": "shrinkwrap, unchanged",
         "get_cold": "rcds get, cold (compare)",
+        "stock_cold": "stock cvmfs_shrinkwrap, cold",
     }
     for step, label in labels.items():
         if step not in best:
@@ -165,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         f"targets: warm/cp {ratios['warm']:.2f} >= {TARGET_WARM} {'ok' if ok_warm else 'MISSED'}; "
         f"cold/cp {ratios['cold']:.2f} >= {TARGET_COLD} {'ok' if ok_cold else 'MISSED'}"
     )
+    if "stock_cold" in best:
+        speedup = best["stock_cold"]["seconds"] / best["cold"]["seconds"]
+        print(f"cold: stock cvmfs_shrinkwrap / rcds shrinkwrap = {speedup:.2f} (target >= 2)")
     if max(b["other_load_cpus"] for b in best.values()) > 0.2:
         print("warning: other processes kept more than 0.2 CPUs busy during a measurement (see 'other')")
     result = {
