@@ -54,7 +54,13 @@ def _logging(verbose: bool) -> None:
 @click.option("--prefix", default="sw", show_default=True, help="Directory of the CIDs in the repository.")
 @click.option("--dest", type=click.Path(path_type=Path, file_okay=False), required=True, help="Export base.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["dir", "tar", "squashfs", "oci"]), default="dir", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["dir", "tar", "squashfs", "oci"]),
+    default="dir",
+    show_default=True,
+    help="What to produce: the export directory alone, or also a reproducible tarball, a squashfs image or"
+    " an OCI image built from it (--output).",
 )
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Tarball, image or OCI layout.")
 @click.option(
@@ -173,7 +179,14 @@ def trace() -> None:
 @click.argument(
     "traces", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False)
 )
-@click.option("--policy", type=click.Choice(["pdir", "exact"]), default="pdir", show_default=True)
+@click.option(
+    "--policy",
+    type=click.Choice(["pdir", "exact"]),
+    default="pdir",
+    show_default=True,
+    help="As spec_builder.py: pdir copies the parent directory of each opened file flat (^dir/*), exact only"
+    " the paths the trace names.",
+)
 @click.option(
     "--filters",
     multiple=True,
