@@ -40,6 +40,27 @@ class RepositorySettings:
     # A replica's source: the owning server's /cvmfs/<name> URLs (failover in order), and the master key.
     upstream: tuple[str, ...] = ()
     public_key: Path | None = None
+    # Where a replica follows its upstream's notifications (API roots, ``.../api/v1``): None derives them from
+    # ``upstream`` (``<base>/cvmfs/<name>`` -> ``<base>/api/v1``), () turns them off (polling only).
+    notifications: tuple[str, ...] | None = None
+
+    @property
+    def notification_roots(self) -> tuple[str, ...]:
+        if self.notifications is not None:
+            return self.notifications
+        from ..cvmfs.subscriber import api_root_of
+
+        roots = (api_root_of(u, self.name) for u in self.upstream)
+        return tuple(r for r in roots if r is not None)
+
+
+@dataclass(frozen=True)
+class NotificationSettings:
+    """``[notifications]``: the server's announcement streams (``/api/v1/notifications/subscribe``)."""
+
+    keepalive: float = 30.0  # seconds without a message before the latest one is sent again
+    max_subscribers: int = 1000  # streams open at once; beyond, 503
+    queue: int = 64  # messages waiting for one subscriber; beyond, it is dropped
 
 
 @dataclass(frozen=True)
@@ -137,6 +158,7 @@ class ServiceSettings:
     gc_horizon_days: float = 3.0  # revisions newer than this are kept by garbage collection
     share_seconds: float = 3600.0  # how far a last-use time may move before its ts/ record is rewritten
     replica_interval: float = 15.0  # seconds between snapshots of each replica's upstream
+    notifications: NotificationSettings = field(default_factory=NotificationSettings)
     max_upload: int = 4 * GiB
     uploads: UploadLimits = field(default_factory=UploadLimits)
     limits: IngestLimits = field(default_factory=IngestLimits)
@@ -205,6 +227,16 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         upstream_raw = rr.value("upstream", [], (str, list))
         upstream = tuple([upstream_raw] if isinstance(upstream_raw, str) else upstream_raw)
         key = rr.text("public_key", "")
+        notify_raw = rr.value("notifications", None, (str, list, bool))
+        if notify_raw is True:
+            raise ConfigError(f"repository {name}: notifications is a URL, a list of URLs, or false")
+        notify = (
+            None
+            if notify_raw is None
+            else ()
+            if notify_raw is False
+            else ((notify_raw,) if isinstance(notify_raw, str) else tuple(str(u) for u in notify_raw))
+        )
         if upstream and local:
             raise ConfigError(f"repository {name}: upstream is for replicas (local = false)")
         if upstream and not key:
@@ -218,6 +250,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
                 local,
                 tuple(u.rstrip("/") for u in upstream),
                 resolve(key) if key else None,
+                None if notify is None else tuple(u.rstrip("/") for u in notify),
             )
         )
         rr.done()
@@ -291,6 +324,17 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
             raise ConfigError(f"source.allow_networks: {exc}") from exc
     s.done()
 
+    n = TomlTable(r.subtable("notifications"), "notifications.")
+    dn = NotificationSettings()
+    notifications = NotificationSettings(
+        keepalive=n.number("keepalive", dn.keepalive),
+        max_subscribers=n.integer("max_subscribers", dn.max_subscribers),
+        queue=n.integer("queue", dn.queue),
+    )
+    if notifications.keepalive <= 0 or min(notifications.max_subscribers, notifications.queue) < 1:
+        raise ConfigError("notifications.keepalive must be positive, max_subscribers and queue at least 1")
+    n.done()
+
     h = TomlTable(r.subtable("server"), "server.")
     listeners = []
     for spec in h.texts("http", ["127.0.0.1:8080"]):
@@ -341,6 +385,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         gc_horizon_days=r.number("gc_horizon_days", 3.0),
         share_seconds=r.number("share_seconds", 3600.0),
         replica_interval=r.number("replica_interval", 15.0),
+        notifications=notifications,
         max_upload=max_upload,
         uploads=uploads,
         limits=limits,

@@ -73,6 +73,38 @@ class ServiceMetrics:
             "rcds_gc_freed_bytes", "Bytes freed by garbage collection", ["repository"], registry=r
         )
 
+        # Notifications (``rcds.publish.notify``, ``rcds.web.notifications``; the replicas' subscribers).
+        self.notification_subscribers = Gauge(
+            "rcds_notification_subscribers", "Notification streams open to this server", registry=r
+        )
+        self.notifications_announced = Counter(
+            "rcds_notifications_announced",
+            "New revisions announced to subscribers",
+            ["repository"],
+            registry=r,
+        )
+        self.notification_drops = Counter(
+            "rcds_notification_subscribers_dropped", "Subscribers dropped (slow: queue full, stalled: "
+            "socket not drained)", ["reason"], registry=r,
+        )  # fmt: skip
+        self.notification_stream_up = Gauge(
+            "rcds_notification_stream_up", "1 while a replica follows its upstream's notification stream",
+            ["repository"], registry=r,
+        )  # fmt: skip
+        self.notification_streams_lost = Counter(
+            "rcds_notification_streams_lost", "Times a replica's notification stream went down",
+            ["repository"], registry=r,
+        )  # fmt: skip
+        self.notification_lag = Histogram(
+            "rcds_notification_lag_seconds", "Upstream announced a revision to this replica serving it",
+            ["repository"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=r,
+        )  # fmt: skip
+        self.notifications_unconfirmed = Counter(
+            "rcds_notifications_unconfirmed",
+            "Notifications whose revision the snapshot they triggered did not find (forged, or rolled back)",
+            ["repository"], registry=r,
+        )  # fmt: skip
+
     def watch_queue(self, depth: Callable[[], int], waiting: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
         self.waiting.set_function(lambda: float(waiting()))

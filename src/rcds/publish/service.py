@@ -54,6 +54,7 @@ from .config import RepositorySettings, ServiceSettings
 from .lastuse import server_name, write_records
 from .metrics import ServiceMetrics
 from .namespace import RULE, Namespace, NamespaceConflict, find_collisions, log_collisions, top_name
+from .notify import NotificationHub
 from .presence import PUBLISHER_FILE, Presence, PresenceIndex, scan_published_cids
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
 from .status import ReplicaState, StatusHistory
@@ -61,6 +62,7 @@ from .transient import environment_wait
 
 if TYPE_CHECKING:
     from ..cvmfs.gc import GcReport
+    from ..cvmfs.subscriber import Activity
 
 log = logging.getLogger("rcds.publish")
 
@@ -173,6 +175,13 @@ class PublishService:
         # For the status page (``status``): what each replication thread last saw, and the sampled history.
         self.replica_states = {rs.name: ReplicaState() for rs in settings.repositories if rs.upstream}
         self.status_history: StatusHistory | None = None
+        # New revisions of every repository held here, to the notification streams (rcds.web.notifications).
+        self.notifications = NotificationHub(
+            settings.notifications.max_subscribers,
+            settings.notifications.queue,
+            on_drop=lambda reason: self.metrics.notification_drops.labels(reason).inc(),
+        )
+        self._replica_wakes: list[threading.Event] = []  # set on stop: replication threads wait on them
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -230,11 +239,13 @@ class PublishService:
         if not manifest_file.exists():
             return False
         try:
-            revision = Manifest.parse(manifest_file.read_bytes())[0].revision
+            manifest = manifest_file.read_bytes()
+            revision = Manifest.parse(manifest)[0].revision
         except (OSError, ManifestError):
             return False
         if not force and self.known_revision.get(name) == revision:
             return False
+        self.announce(name, manifest)  # a revision made elsewhere (rcds cleanup, a replica): live now
         started = time.monotonic()
         shadowed: list[str] = []
         cids = scan_published_cids(storage, self.prefix, shadowed=shadowed)
@@ -268,6 +279,9 @@ class PublishService:
         self.running = False
         self.stopping.set()
         self._notify()
+        for wake in self._replica_wakes:
+            wake.set()
+        self.notifications.close()
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.join(max(0.0, deadline - time.monotonic()))
@@ -630,45 +644,114 @@ class PublishService:
         return due
 
     def _replicate_loop(self, rs: RepositorySettings) -> None:
-        """Keep the replica of another server's repository current: a snapshot every replica_interval.
+        """Keep the replica of another server's repository current: a snapshot every replica_interval, and
+        at once when the upstream's notification stream announces a revision newer than the replica's.
 
+        A message only wakes the loop; the snapshot verifies what it fetches, so a forged or stale message
+        costs one snapshot that finds nothing new. With the stream down the interval goes on as before.
         A source that is down only delays the replica; ``exists`` goes on answering from what it holds.
         """
         from ..cvmfs.replica import snapshot
+        from ..cvmfs.subscriber import NotificationSubscriber
 
         assert rs.public_key is not None
-        failures = 0
-        while not self.stopping.is_set():
+        m = self.metrics
+        wake = threading.Event()
+        self._replica_wakes.append(wake)
+        lock = threading.Lock()
+        served = self.known_revision.get(rs.name, -1)
+        pending: list[tuple[int, float]] = []  # the newest announced revision not yet served, and when
+
+        def on_message(message: Activity) -> None:
+            revision = message.revision
+            if revision <= served:
+                return  # what the replica has (the message sent on subscribe, keep-alives)
+            with lock:
+                if not pending or revision > pending[0][0]:
+                    pending[:] = [(revision, message.announced or time.time())]
+            wake.set()
+
+        def on_state(up: bool) -> None:
+            m.notification_stream_up.labels(rs.name).set(1 if up else 0)
+            if not up:
+                m.notification_streams_lost.labels(rs.name).inc()
+
+        subscriber = None
+        if rs.notification_roots:
+            m.notification_stream_up.labels(rs.name).set(0)
+            subscriber = NotificationSubscriber(
+                list(rs.notification_roots), rs.name, on_message, on_state=on_state,
+                idle_timeout=max(100.0, 3 * self.settings.notifications.keepalive),
+            ).start()  # fmt: skip
+        failures, trigger = 0, "start"
+        try:
+            while not self.stopping.is_set():
+                wake.clear()  # a message arriving during this snapshot wakes the next one
+                try:
+                    with self.replica_locks[rs.name]:  # never while cleanup collects its garbage
+                        report = snapshot(
+                            list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name
+                        )
+                    if failures:
+                        log.info(
+                            "replica source back", extra=fields(repository=rs.name, after_failures=failures)
+                        )
+                    failures = 0
+                    self.replica_states[rs.name].succeeded(report.revision, report.changed, time.time())
+                    served = report.revision
+                    lag = None
+                    with lock:
+                        announced = pending[0] if pending else None
+                        if announced is not None and (announced[0] <= served or trigger == "notification"):
+                            pending.clear()
+                    if announced is not None and announced[0] <= served:
+                        lag = max(0.0, time.time() - announced[1])
+                        m.notification_lag.labels(rs.name).observe(lag)
+                    elif announced is not None and trigger == "notification":
+                        m.notifications_unconfirmed.labels(rs.name).inc()
+                        log.warning(
+                            "notification not confirmed by the snapshot",
+                            extra=fields(repository=rs.name, announced=announced[0], revision=served),
+                        )
+                    if report.changed:
+                        self.announce(rs.name)  # verified and live here: a chain of servers passes it on
+                        self.refresh_presence(rs.name)
+                        log.info(
+                            "replicated",
+                            extra=fields(
+                                repository=rs.name, revision=report.revision, objects=report.objects_fetched,
+                                bytes=report.bytes_fetched, seconds=round(report.seconds, 3), trigger=trigger,
+                                notification_lag=None if lag is None else round(lag, 3),
+                            ),
+                        )  # fmt: skip
+                except Exception as exc:
+                    failures += 1
+                    self.replica_states[rs.name].failed(f"{type(exc).__name__}: {exc}", time.time())
+                    if failures == 1 or failures % 20 == 0:  # a dead peer must not flood the log
+                        log.warning(
+                            "replication failed",
+                            extra=fields(
+                                repository=rs.name, failures=failures, error=f"{type(exc).__name__}: {exc}"
+                            ),
+                        )
+                interval = self.settings.replica_interval
+                trigger = "notification" if wake.wait(interval * random.uniform(0.8, 1.2)) else "interval"
+        finally:
+            if subscriber is not None:
+                subscriber.stop()
+
+    def announce(self, name: str, manifest: bytes | None = None) -> bool:
+        """Announce repository ``name``'s live signed manifest to its notification subscribers, once per
+        revision. Call it only after the manifest is live (renamed into place, or verified by a snapshot)."""
+        if manifest is None:
             try:
-                with self.replica_locks[rs.name]:  # never while cleanup collects its garbage
-                    report = snapshot(
-                        list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name
-                    )
-                if failures:
-                    log.info("replica source back", extra=fields(repository=rs.name, after_failures=failures))
-                failures = 0
-                self.replica_states[rs.name].succeeded(report.revision, report.changed, time.time())
-                if report.changed:
-                    self.refresh_presence(rs.name)
-                    log.info(
-                        "replicated",
-                        extra=fields(
-                            repository=rs.name, revision=report.revision, objects=report.objects_fetched,
-                            bytes=report.bytes_fetched, seconds=round(report.seconds, 3),
-                        ),
-                    )  # fmt: skip
-            except Exception as exc:
-                failures += 1
-                self.replica_states[rs.name].failed(f"{type(exc).__name__}: {exc}", time.time())
-                if failures == 1 or failures % 20 == 0:  # a dead peer must not flood the log
-                    log.warning(
-                        "replication failed",
-                        extra=fields(
-                            repository=rs.name, failures=failures, error=f"{type(exc).__name__}: {exc}"
-                        ),
-                    )
-            interval = self.settings.replica_interval
-            self.stopping.wait(interval * random.uniform(0.8, 1.2))
+                manifest = (self.storage(name) / ".cvmfspublished").read_bytes()
+            except OSError:
+                return False
+        if not self.notifications.announce(name, manifest):
+            return False
+        self.metrics.notifications_announced.labels(name).inc()
+        return True
 
     def sample_status(self) -> None:
         """One sample of the status page's time series: queue depth, waiting jobs, replica lag."""
@@ -861,6 +944,7 @@ class RepositoryWorker(threading.Thread):
             m.publishing.labels(self.repo_name).set(0)
         self._storage_works()
         svc.known_revision[self.repo_name] = result.revision
+        svc.announce(self.repo_name)  # the manifest is live: tell the replicas first, then the bookkeeping
         seconds = time.monotonic() - started
         cids = [job.cid for job, _, _ in done]
         for job, _, _ in done:  # a crash from here on is fine: recovery finds the CIDs in the live revision

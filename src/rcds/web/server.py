@@ -31,6 +31,7 @@ from .limits import (
     raise_open_file_limit,
     throttle_library_logs,
 )
+from .notifications import add_notification_routes
 from .pubapi import PubApi
 from .repo_http import add_repository_routes
 from .status_page import StatusPages
@@ -59,6 +60,7 @@ def make_app(service: PublishService, throttle: LogThrottle | None = None) -> we
     PubApi(service, authenticator, authorizer, throttle).add_routes(app)
     StatusPages(service, authenticator).add_routes(app)  # /status, /status.json, /status/cid
     add_repository_routes(app, {r.name: r.storage for r in service.settings.repositories})
+    add_notification_routes(app, service)
     return app
 
 
