@@ -8,6 +8,7 @@ with a JSON body, a chunked ``text/event-stream`` answer), so the wire format is
 from __future__ import annotations
 
 import base64
+import functools
 import contextlib
 import json
 import re
@@ -83,6 +84,7 @@ class SseClient:
     def next_event(self, timeout: float = 10) -> str:
         """The data of the next event (one ``data:`` line, as the CVMFS frames them)."""
         deadline = time.monotonic() + timeout
+        self._dechunk()  # what came with the headers
         while b"\n\n" not in self.stream:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             self._recv()
@@ -263,6 +265,10 @@ def readable_on(srv: RcdsServer, owner: RcdsServer, repo: str, cid: str) -> bool
         return False
 
 
+def replicated_and_readable(srv: RcdsServer, owner: RcdsServer, repo: str, cid: str) -> bool:
+    return present(srv, cid) and readable_on(srv, owner, repo, cid)
+
+
 def test_a_replica_shows_a_new_revision_within_a_second_of_its_announcement(tmp_path: Path) -> None:
     a, b = make_pair(tmp_path, interval=60)  # polling alone would take up to a minute
     repo = A_REPOS[0]
@@ -274,7 +280,7 @@ def test_a_replica_shows_a_new_revision_within_a_second_of_its_announcement(tmp_
             cid = f"fast/{i}"
             assert a.publish(cid, make_tarball({"run.py": f"print('{cid}')\n"})).text == "OK\n"
             a.wait_state(cid, timeout=30)
-            seconds = wait_until(lambda cid=cid: present(b, cid) and readable_on(b, a, repo, cid), 5, cid, b)
+            seconds = wait_until(functools.partial(replicated_and_readable, b, a, repo, cid), 5, cid, b)
             assert seconds < 1.0, seconds
         replicated = [d for d in log_lines(b, "replicated") if d.get("repository") == repo]
         assert [d.get("trigger") for d in replicated][-3:] == ["notification"] * 3
