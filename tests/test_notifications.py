@@ -8,8 +8,8 @@ with a JSON body, a chunked ``text/event-stream`` answer), so the wire format is
 from __future__ import annotations
 
 import base64
-import functools
 import contextlib
+import functools
 import json
 import re
 import socket
