@@ -13,6 +13,8 @@ import functools
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -443,3 +445,25 @@ def test_forged_and_old_messages_make_the_replica_accept_nothing(tmp_path: Path)
         stream.close()
         b.close()
         a.close()
+
+
+def test_rcds_replicate_watch_follows_the_stream(solo: RcdsServer, tmp_path: Path) -> None:
+    repo = SOLO[0]
+    replica = tmp_path / "replica"
+    key = solo.storage(repo) / ".rcds" / "keys" / f"{repo}.pub"
+    cmd = [sys.executable, "-m", "rcds.cli", "replicate", f"{solo.url}/cvmfs/{repo}", "--storage", str(replica),
+           "--key", str(key), "--watch", "--interval", "60"]  # fmt: skip
+    log = tmp_path / "replicate.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        manifest = replica / ".cvmfspublished"
+        wait_until(manifest.exists, 20, "the first snapshot")
+        wait_until(lambda: "notification stream up" in log.read_text(), 10, "the stream")
+        doc = publish(solo, "watch/one")
+        live = (solo.storage(repo) / ".cvmfspublished").read_bytes()
+        seconds = wait_until(lambda: manifest.read_bytes() == live, 5, f"revision {doc['revision']}")
+        assert seconds < 1.0, seconds  # not the 60 s interval
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0, log.read_text()

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -676,6 +677,12 @@ def _span(revisions: list[int]) -> str:
     return f"{revisions[0]} ... {revisions[-1]}"
 
 
+if TYPE_CHECKING:
+    import threading
+
+    from ..cvmfs.subscriber import Activity, NotificationSubscriber
+
+
 @click.command("replicate")
 @click.argument("urls", metavar="URL...", nargs=-1, required=True)
 @click.option(
@@ -700,10 +707,17 @@ def _span(revisions: list[int]) -> str:
     show_default=True,
     help="Seconds between snapshots with --watch.",
 )
+@click.option(
+    "--notifications",
+    "notify_roots",
+    multiple=True,
+    help="With --watch: notification server API root to follow (repeatable; default: derived from each "
+    "http(s) URL <base>/cvmfs/<fqrn> as <base>/api/v1); 'none' to only poll.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot.")
 def replicate(
     urls: tuple[str, ...], storage: Path, keys: tuple[Path, ...], fqrn: str | None, proxies: tuple[str, ...],
-    jobs: int, watch: bool, interval: float, as_json: bool,
+    jobs: int, watch: bool, interval: float, notify_roots: tuple[str, ...], as_json: bool,
 ) -> None:  # fmt: skip
     """Make STORAGE a stratum 1 of the repository at URL (several URLs: failover in order; or a directory).
 
@@ -746,10 +760,50 @@ def replicate(
             raise click.ClickException(str(exc)) from exc
         show(report)
         return
-    stop = threading.Event()
+    stop, wake = threading.Event(), threading.Event()
+
+    def stop_now(*_args: object) -> None:
+        stop.set()
+        wake.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_args: stop.set())
-    replica.watch(
-        source, storage, interval=interval, stop=stop, public_keys=key_paths, fqrn=fqrn, proxies=proxy_list,
-        jobs=jobs, on_report=show,
-    )  # fmt: skip
+        signal.signal(sig, stop_now)
+    subscriber = _replica_subscriber(url_list, fqrn, notify_roots, storage, wake) if remote else None
+    try:
+        replica.watch(
+            source, storage, interval=interval, stop=stop, public_keys=key_paths, fqrn=fqrn,
+            proxies=proxy_list, jobs=jobs, on_report=show, wake=wake,
+        )  # fmt: skip
+    finally:
+        if subscriber is not None:
+            subscriber.stop()
+
+
+def _replica_subscriber(
+    urls: list[str], fqrn: str | None, roots: tuple[str, ...], storage: Path, wake: threading.Event
+) -> NotificationSubscriber | None:
+    """``rcds replicate --watch``: follow the source's notifications, waking the loop for a newer revision.
+
+    The message is only a hint (the snapshot verifies what it fetches); without a stream the interval
+    goes on alone.
+    """
+    from ..cvmfs.manifest import Manifest, ManifestError
+    from ..cvmfs.subscriber import NotificationSubscriber, api_root_of
+
+    if roots and all(r.lower() == "none" for r in roots):
+        return None
+    name = fqrn or urls[0].rstrip("/").rsplit("/", 1)[-1]
+    if not roots:
+        roots = tuple(r for r in (api_root_of(u, name) for u in urls) if r is not None)
+    if not roots:
+        return None
+
+    def on_message(message: Activity) -> None:
+        try:
+            have = Manifest.parse((storage / ".cvmfspublished").read_bytes())[0].revision
+        except (OSError, ManifestError):
+            have = -1
+        if message.revision > have:
+            wake.set()
+
+    return NotificationSubscriber(list(roots), name, on_message).start()

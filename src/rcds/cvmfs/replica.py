@@ -194,8 +194,10 @@ def watch(
     settings: HttpSettings | None = None,
     jitter: float = 0.2,
     on_report: Callable[[SnapshotReport], None] | None = None,
+    wake: threading.Event | None = None,
 ) -> None:
-    """Snapshot every ``interval`` seconds (+- ``jitter``, a fraction) until ``stop`` is set.
+    """Snapshot every ``interval`` seconds (+- ``jitter``, a fraction) until ``stop`` is set, and at once
+    whenever ``wake`` is set (a notification; whoever sets ``stop`` must set ``wake`` too).
 
     A failed snapshot (source down, bad signature, ...) is logged and retried at the next interval; the
     replica meanwhile serves what it has. ``on_report`` gets every successful report.
@@ -227,7 +229,12 @@ def watch(
             failures = 0
             if on_report is not None:
                 on_report(report)
-        stop.wait(max(0.0, interval * random.uniform(1 - jitter, 1 + jitter)))
+        delay = max(0.0, interval * random.uniform(1 - jitter, 1 + jitter))
+        if wake is None:
+            stop.wait(delay)
+        else:
+            wake.wait(delay)
+            wake.clear()
 
 
 # --- helpers -----------------------------------------------------------------------------------------
