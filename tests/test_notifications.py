@@ -467,3 +467,43 @@ def test_rcds_replicate_watch_follows_the_stream(solo: RcdsServer, tmp_path: Pat
     finally:
         proc.terminate()
         assert proc.wait(10) == 0, log.read_text()
+
+
+def test_rcds_wait_follow_looks_again_when_a_revision_is_announced(solo: RcdsServer, tmp_path: Path) -> None:
+    from client import client_env
+
+    repo = SOLO[0]
+    env = client_env(
+        tmp_path / "home", f'servers = ["{solo.url}"]\nkeys = ["{solo.storage(repo) / ".rcds" / "keys"}"]\n'
+    )
+    cid = "follow/one"
+    # Looks at 0, 1 and 3 s, then the backoff would sleep 4 s more: the announcement cuts it short.
+    args = [
+        "wait",
+        cid,
+        "--mode",
+        "http",
+        "--timeout",
+        "60",
+        "--max-interval",
+        "60",
+        "--follow",
+        "--json",
+        "-v",
+    ]
+    waiter = subprocess.Popen([sys.executable, "-m", "rcds.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        time.sleep(3.5)
+        assert waiter.poll() is None
+        publish(solo, cid)
+        published = time.monotonic()
+        out, err = waiter.communicate(timeout=30)
+        found_after = time.monotonic() - published
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+    assert waiter.returncode == 0, err
+    assert json.loads(out)["cid"] == cid
+    assert found_after < 1.5, (found_after, err)  # not the 7 s of the backoff
+    assert "a new revision was announced; looking now" in err

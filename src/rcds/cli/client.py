@@ -251,6 +251,11 @@ def publish(
     "--max-interval", type=float, default=None, help="Longest pause between looks (default: the TTL)."
 )
 @click.option("--mount-root", type=click.Path(path_type=Path), default=None, help="Default /cvmfs.")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Over HTTP: look again as soon as a publish server announces a new revision.",
+)
 @_reading_options
 @_server_option
 @_json_option
@@ -268,6 +273,7 @@ def wait(
     cache: Path | None,
     max_interval: float | None,
     mount_root: Path | None,
+    follow: bool,
     repositories: tuple[str, ...],
     stratum_urls: tuple[str, ...],
     proxies: tuple[str, ...],
@@ -299,6 +305,7 @@ def wait(
         get_dest=get_dest,
         progress=not as_json,
         index=index,
+        follow=follow,
     )
     click.echo(wait_output(result, as_json, index, link.name if link is not None else None))
 

@@ -148,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--max-interval", type=float, default=None,
                    help="Longest pause between looks (default: the TTL).")  # fmt: skip
     w.add_argument("--mount-root", type=Path, default=None, help="Default /cvmfs.")
+    w.add_argument("--follow", action="store_true",
+                   help="Over HTTP: look again as soon as a publish server announces a new revision.")  # fmt: skip
     _common(w)
 
     g = commands.add_parser("get", help="Copy a published CID into the new directory DEST over HTTP.",
@@ -190,6 +192,7 @@ def _run(args: argparse.Namespace) -> str:
             get_dest=args.get_dest,
             progress=not args.as_json,
             index=args.index,
+            follow=args.follow,
         )
         return wait_output(
             result, args.as_json, args.index, args.link.name if args.link is not None else None

@@ -11,15 +11,20 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .credentials import credentials_for_reading, find_credentials
 from .errors import ClientError, PublishFailed, RequestRefused, WaitTimeout
 from .locate import Found, Locator, Mode, RepositoriesUnknown, Target, parse_target, resolve_repositories
 from .pubapi import PubApiClient
 from .settings import ClientSettings, load_client_settings
+
+if TYPE_CHECKING:
+    from ..cvmfs.subscriber import Activity
 
 log = logging.getLogger("rcds.client")
 
@@ -102,6 +107,44 @@ class StatusWatch:
         self._api.close()
 
 
+class NotificationWaker:
+    """``--follow``: the next look comes as soon as a publish server announces a new revision of one of the
+    repositories, instead of at the end of the backoff.
+
+    Each repository's stream (``<server>/api/v1/notifications/subscribe``, the servers in order) is followed
+    in a thread (``rcds.cvmfs.subscriber``, standard library only). A message is only a reason to look
+    again: what is found is read and verified as always. Without a stream the backoff goes on alone.
+    """
+
+    def __init__(self, servers: list[str], repositories: tuple[str, ...]) -> None:
+        from ..cvmfs.subscriber import NotificationSubscriber
+
+        self.event = threading.Event()
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        roots = [f"{s.rstrip('/')}/api/v1" for s in servers]
+        self._subscribers = [NotificationSubscriber(roots, r, self._on_message).start() for r in repositories]
+
+    def _on_message(self, message: Activity) -> None:
+        with self._lock:
+            before = self._seen.get(message.repository)
+            if before is None or message.revision > before:
+                self._seen[message.repository] = message.revision
+        # The first message of a stream is the revision of the moment; only a newer one is news.
+        if before is not None and message.revision > before:
+            self.event.set()
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if a new revision cut it short."""
+        woken = self.event.wait(seconds)
+        self.event.clear()
+        return woken
+
+    def close(self) -> None:
+        for sub in self._subscribers:
+            sub.stop(timeout=1.0)
+
+
 def wait_for(
     target: Target,
     locator: Locator,
@@ -110,6 +153,7 @@ def wait_for(
     max_delay: float | None = None,
     status: StatusWatch | None = None,
     started: float | None = None,
+    waker: NotificationWaker | None = None,
 ) -> WaitResult:
     """Look for the CID until it appears or ``timeout`` seconds pass (WaitTimeout, naming what was tried).
 
@@ -136,7 +180,10 @@ def wait_for(
             )
         cap = max_delay if max_delay is not None else (locator.ttl() or DEFAULT_MAX_DELAY)
         log.info("%s not found (look %d); next look in %.0f s", target.cid, looks, min(delay, remaining))
-        time.sleep(min(delay, remaining))
+        if waker is not None and waker.sleep(min(delay, remaining)):
+            log.info("%s: a new revision was announced; looking now", target.cid)
+        elif waker is None:
+            time.sleep(min(delay, remaining))
         delay = min(delay * 2, max(cap, FIRST_DELAY))
 
 
@@ -153,12 +200,14 @@ def wait(
     get_dest: Path | None = None,
     progress: bool = True,
     index: int = 0,
+    follow: bool = False,
 ) -> WaitResult:
     """Everything ``rcds wait`` does: wait for ``target`` (a CID or /cvmfs path), then link and export.
 
     Without a mount of the repository that has the CID, ``get_dest`` receives a copy (as ``rcds get``);
     ``link`` then points there. ``index`` N >= 1 writes the ``_N`` variables (see
     ``WaitResult.environment``) into ``env_file``, keeping the other variables already in it.
+    ``follow``: also follow the publish servers' notification streams (``NotificationWaker``).
     """
     from .get import materialize_found
 
@@ -167,17 +216,26 @@ def wait(
     wanted = parse_target(target, settings)
     repositories = _repositories_within(wanted, settings, started, timeout)
     status = StatusWatch(settings) if settings.servers else None
+    # Through a mount the CVMFS client sees a new revision only after its TTL: nothing to follow there.
+    waker = (
+        NotificationWaker(list(settings.servers), repositories)
+        if follow and settings.servers and mode != "mount"
+        else None
+    )
     try:
         with Locator(settings, repositories, mode, cache_dir=settings.cache) as locator:
             result = wait_for(
-                wanted, locator, timeout=timeout, max_delay=max_delay, status=status, started=started
-            )
+                wanted, locator, timeout=timeout, max_delay=max_delay, status=status, started=started,
+                waker=waker,
+            )  # fmt: skip
             if result.directory is None and get_dest is not None:
                 materialize_found(locator, result.found, get_dest, settings.cache, progress=progress)
                 result.directory = get_dest.resolve()
     finally:
         if status is not None:
             status.close()
+        if waker is not None:
+            waker.close()
     if touch:
         refresh(result.found.cid, settings)
     if link is not None:
@@ -264,4 +322,13 @@ def refresh(cid: str, settings: ClientSettings) -> str | None:
         return None
 
 
-__all__ = ["StatusWatch", "WaitResult", "make_link", "refresh", "wait", "wait_for", "write_env_file"]
+__all__ = [
+    "NotificationWaker",
+    "StatusWatch",
+    "WaitResult",
+    "make_link",
+    "refresh",
+    "wait",
+    "wait_for",
+    "write_env_file",
+]
