@@ -507,3 +507,47 @@ def test_rcds_wait_follow_looks_again_when_a_revision_is_announced(solo: RcdsSer
     assert json.loads(out)["cid"] == cid
     assert found_after < 1.5, (found_after, err)  # not the 7 s of the backoff
     assert "a new revision was announced; looking now" in err
+
+
+def test_the_hub_drops_a_full_queue_without_waiting_and_keeps_the_others() -> None:
+    from rcds.publish.notify import NotificationHub, TooManySubscribers
+
+    drops: list[str] = []
+    hub = NotificationHub(max_subscribers=2, queue_limit=3, on_drop=drops.append)
+    manifest = "C0123\nB1\nD15\nS{}\nNhub.rcds.test\n--\nabc\n"
+    hub.announce("hub.rcds.test", manifest.format(1).encode())
+    woken: list[int] = []
+    stuck = hub.subscribe("hub.rcds.test", lambda: None)  # never reads
+    reader = hub.subscribe("hub.rcds.test", lambda: woken.append(1))
+    assert len(stuck.queue) == 1  # the latest message, at once
+    with pytest.raises(TooManySubscribers):
+        hub.subscribe("hub.rcds.test", lambda: None)
+    seen = [reader.pop()]
+    started = time.monotonic()
+    for revision in range(2, 7):
+        assert hub.announce("hub.rcds.test", manifest.format(revision).encode())
+        seen.append(reader.pop())
+    assert time.monotonic() - started < 0.5
+    assert stuck.closed and stuck.dropped == "slow" and drops == ["slow"]
+    assert not reader.closed and hub.count() == 1 and len(woken) == 5
+    assert [parse_activity(t or "").revision for t in seen] == [1, 2, 3, 4, 5, 6]
+    # An old or repeated revision is not announced again.
+    assert not hub.announce("hub.rcds.test", manifest.format(4).encode())
+    assert reader.pop() is None
+    hub.close()
+    assert reader.closed and hub.count() == 0
+
+
+def test_the_message_reads_back_and_its_timestamp_is_the_cvmfs_format() -> None:
+    from rcds.cvmfs.subscriber import api_root_of, cvmfs_time, parse_cvmfs_time
+
+    assert cvmfs_time(1796235547.9) == "2 Dec 2026 18:19:07"  # %d without padding, as StringifyTime writes it
+    assert parse_cvmfs_time("2 Dec 2026 18:19:07") == 1796235547.0
+    message = make_activity("r.rcds.test", b"S12\nNr\n--\n\x00\xffsig", now=1796235547.25)
+    back = parse_activity(message.to_json())
+    assert back == message and back.revision == 12 and back.announced == 1796235547.25
+    # What the stock publisher sends (its spacing, no rcds_time) reads too.
+    stock = '{ "version" : 1, "timestamp" : "2 Dec 2026 18:19:07", "type" : "activity", "repository" : "r", "manifest" : "UzM="}'
+    assert parse_activity(stock).revision == 3 and parse_activity(stock).announced == 1796235547.0
+    assert api_root_of("http://h:8080/cvmfs/r.rcds.test/", "r.rcds.test") == "http://h:8080/api/v1"
+    assert api_root_of("http://squid:3128/other/r.rcds.test", "r.rcds.test") is None
