@@ -534,8 +534,8 @@ def test_the_hub_drops_a_full_queue_without_waiting_and_keeps_the_others() -> No
     # An old or repeated revision is not announced again.
     assert not hub.announce("hub.rcds.test", manifest.format(4).encode())
     assert reader.pop() is None
-    hub.close()
-    assert reader.closed and hub.count() == 0
+    hub.close()  # shutdown: every stream handler sees its subscription closed
+    assert hub.count() == 0 and all(sub.closed for sub in (stuck, reader))
 
 
 def test_the_message_reads_back_and_its_timestamp_is_the_cvmfs_format() -> None:
