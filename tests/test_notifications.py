@@ -551,3 +551,26 @@ def test_the_message_reads_back_and_its_timestamp_is_the_cvmfs_format() -> None:
     assert parse_activity(stock).revision == 3 and parse_activity(stock).announced == 1796235547.0
     assert api_root_of("http://h:8080/cvmfs/r.rcds.test/", "r.rcds.test") == "http://h:8080/api/v1"
     assert api_root_of("http://squid:3128/other/r.rcds.test", "r.rcds.test") is None
+
+
+def test_where_a_replica_listens_is_derived_from_its_upstream_or_named(tmp_path: Path) -> None:
+    from rcds.publish.config import settings_from_dict
+    from rcds.tomlconfig import ConfigError
+
+    def replica(**extra: object) -> dict[str, object]:
+        return {"name": "r.rcds.test", "local": False, "public_key": "k.pub",
+                "upstream": ["http://a:8080/cvmfs/r.rcds.test", "http://squid:3128/x"], **extra}  # fmt: skip
+
+    def roots(**extra: object) -> tuple[str, ...]:
+        s = settings_from_dict({"repository": [{"name": "own.rcds.test"}, replica(**extra)]}, base=tmp_path)
+        return s.repositories[1].notification_roots
+
+    assert roots() == ("http://a:8080/api/v1",)  # the squid URL names no server
+    assert roots(notifications="http://gw:4929/api/v1/") == ("http://gw:4929/api/v1",)
+    assert roots(notifications=False) == ()
+    with pytest.raises(ConfigError, match="notifications"):
+        roots(notifications=True)
+    s = settings_from_dict({"repository": [{"name": "x"}], "notifications": {"keepalive": 5, "queue": 8}})
+    assert (s.notifications.keepalive, s.notifications.queue, s.notifications.max_subscribers) == (5, 8, 1000)
+    with pytest.raises(ConfigError, match="keepalive"):
+        settings_from_dict({"repository": [{"name": "x"}], "notifications": {"keepalive": 0}})
