@@ -403,14 +403,17 @@ class ForgedStream:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            conn.recv(65536)
-            self.served += 1
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
-            for text in self.messages:
-                conn.sendall(f"data: {text}\n\n".encode())
-                time.sleep(0.2)
-            time.sleep(30)  # stays open: no reconnect storm
-            conn.close()
+            threading.Thread(target=self._stream, args=(conn,), daemon=True).start()
+
+    def _stream(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        self.served += 1
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        for text in self.messages:
+            conn.sendall(f"data: {text}\n\n".encode())
+            time.sleep(0.2)
+        time.sleep(30)  # stays open, silent, as a CVMFS gateway between revisions
+        conn.close()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -574,3 +577,24 @@ def test_where_a_replica_listens_is_derived_from_its_upstream_or_named(tmp_path:
     assert (s.notifications.keepalive, s.notifications.queue, s.notifications.max_subscribers) == (5, 8, 1000)
     with pytest.raises(ConfigError, match="keepalive"):
         settings_from_dict({"repository": [{"name": "x"}], "notifications": {"keepalive": 0}})
+
+
+def test_a_silent_stream_is_reopened_quietly(tmp_path: Path) -> None:
+    """A CVMFS gateway sends no keep-alives: silence is not an outage (no "down", no backoff)."""
+    from rcds.cvmfs.subscriber import NotificationSubscriber
+
+    manifest = b"C0123\nS7\nNq.rcds.test\n--\nabc\n"
+    stream = ForgedStream([make_activity("q.rcds.test", manifest).to_json()])
+    states: list[bool] = []
+    received: list[int] = []
+    sub = NotificationSubscriber([f"http://127.0.0.1:{stream.port}/api/v1"], "q.rcds.test",
+                                 lambda m: received.append(m.revision), on_state=states.append,
+                                 idle_timeout=0.5).start()  # fmt: skip
+    try:
+        wait_until(lambda: stream.served >= 3, 10, "three streams")
+        assert False not in states and sub.connected
+        assert received[:3] == [7, 7, 7]
+    finally:
+        sub.stop()
+        stream.close()
+    assert states.count(False) == 1 and states[-1] is False  # stopping ends the stream

@@ -210,6 +210,7 @@ class NotificationSubscriber:
         self._stop = threading.Event()
         self._conn: http.client.HTTPConnection | None = None
         self._sock: socket.socket | None = None
+        self._streamed = False  # the current attempt got as far as an open stream
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -233,9 +234,17 @@ class NotificationSubscriber:
         while not self._stop.is_set():
             root = self.api_roots[index % len(self.api_roots)]
             opened = time.monotonic()
+            self._streamed = False
             try:
                 self._follow(root)
                 reason = "closed by the server"
+            except TimeoutError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if self._streamed and not self._stop.is_set():
+                    # Silent for idle_timeout after a stream was open (a CVMFS gateway sends no keep-alives;
+                    # a vanished peer sends nothing): reopen at once, quietly; a failure there is "down".
+                    log.info("notification stream idle, reopened", extra=fields(repository=self.repository))
+                    continue
             except Exception as exc:  # whatever a server sends, the thread goes on (and polling too)
                 reason = f"{type(exc).__name__}: {exc}"
             if self.connected:
@@ -293,7 +302,7 @@ class NotificationSubscriber:
             assert sock is not None
             sock.settimeout(self.idle_timeout)  # keep-alives arrive well within it
             self.connects += 1
-            self.connected = True
+            self._streamed = self.connected = True
             if self.on_state is not None:
                 self.on_state(True)
             log.info("notification stream up", extra=fields(repository=self.repository, server=root))
