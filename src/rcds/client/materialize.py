@@ -36,7 +36,6 @@ import shutil
 import stat
 import threading
 import time
-import zlib
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 from ..compat import SLOTS
 from ..cvmfs.catalog import COMPRESSION_NONE, NESTED_MARKER, Dirent
 from ..cvmfs.hashes import ContentHash, Suffix, normalize_path
+from ..cvmfs.objects import ZlibError, inflater
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.sources import HttpSource, NotFound, SourceError
 from ..logs import fields
@@ -222,7 +222,7 @@ class _Sink:
 
     def _start(self) -> None:
         self.hasher = self._piece.hash.algorithm.new()
-        self.inflater = zlib.decompressobj() if self._compressed else None
+        self.inflater = inflater() if self._compressed else None
         self.received = 0
         self.written = 0
 
@@ -239,7 +239,7 @@ class _Sink:
         while buf:
             try:
                 out = self.inflater.decompress(buf, _INFLATE_OUT)
-            except zlib.error as exc:
+            except ZlibError as exc:
                 raise _Corrupt(f"not a valid zlib stream ({exc})") from exc
             self._put(out)
             buf = self.inflater.unconsumed_tail
@@ -260,7 +260,7 @@ class _Sink:
         if self.inflater is not None:
             try:
                 self._put(self.inflater.flush())
-            except zlib.error as exc:
+            except ZlibError as exc:
                 raise _Corrupt(f"not a valid zlib stream ({exc})") from exc
             if not self.inflater.eof:
                 raise _Corrupt("truncated zlib stream")

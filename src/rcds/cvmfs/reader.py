@@ -15,7 +15,6 @@ import os
 import secrets
 import tempfile
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from .catalog import COMPRESSION_NONE, Catalog, Dirent
 from .hashes import Algorithm, ContentHash, Suffix, normalize_path, parent_path
 from .history import History
 from .manifest import Manifest, ManifestError
-from .objects import ObjectCorrupt
+from .objects import ObjectCorrupt, ZlibError, inflater
 from .sources import HttpSettings, Source, open_source
 from .whitelist import Whitelist
 
@@ -234,23 +233,23 @@ class RepositoryReader:
     ) -> Iterator[bytes]:
         """The object's content, inflated block by block (bounded memory)."""
         path = self.object_file(h, suffix)
-        inflater = zlib.decompressobj() if compressed else None
+        inflating = inflater() if compressed else None
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
-                if inflater is None:
+                if inflating is None:
                     yield block
                     continue
                 try:
-                    out = inflater.decompress(block)
-                except zlib.error as exc:
+                    out = inflating.decompress(block)
+                except ZlibError as exc:
                     raise ReaderError(f"object {h.hex}{suffix.value} does not inflate: {exc}") from exc
                 if out:
                     yield out
-        if inflater is not None:
-            tail = inflater.flush()
+        if inflating is not None:
+            tail = inflating.flush()
             if tail:
                 yield tail
-            if not inflater.eof:
+            if not inflating.eof:
                 raise ReaderError(f"object {h.hex}{suffix.value} is truncated")
 
     def read_object(self, h: ContentHash, suffix: Suffix = Suffix.NONE, compressed: bool = True) -> bytes:
