@@ -376,6 +376,38 @@ def test_a_snapshot_with_nothing_new_changes_nothing_and_fetches_only_the_manife
     assert after.pop(".cvmfswhitelist") != before.pop(".cvmfswhitelist") and after == before
 
 
+def test_a_snapshot_with_nothing_new_writes_only_its_stamps_unless_a_killed_run_left_files(
+    source: Repository, servers: Callable[[dict[str, Path]], Server], tmp_path: Path
+) -> None:
+    server = servers({FQRN: source.storage})
+    replica = tmp_path / "replica"
+    key = [source.public_key_path]
+    snapshot(server.url(), replica, public_keys=key)
+    private = replica / PRIVATE_DIR
+    # what a full pass rewrites even when nothing changed: the reflog checksum (fsynced, renamed)
+    chksum = (private / "reflog.chksum").stat()
+    (replica / ".cvmfs_last_snapshot").unlink()
+    server.taken()
+    report = snapshot(server.url(), replica, public_keys=key)
+    assert set(server.taken()) == ENSEMBLE  # verified all the same
+    assert not report.changed and report.revision == 3 and report.revisions_pulled == []
+    assert (private / "reflog.chksum").stat().st_ino == chksum.st_ino  # not rewritten
+    assert (private / "reflog.chksum").stat().st_mtime_ns == chksum.st_mtime_ns
+    assert not (private / "unfinished").exists()
+    assert (replica / ".cvmfs_last_snapshot").read_text().strip() == json.loads(
+        (replica / ".cvmfs_status.json").read_text()
+    )["last_snapshot"]  # the stamps a monitor reads are still written
+
+    # a killed run left a staged download and its marker: the next snapshot takes the full path and cleans up
+    staged = replica / "data" / "ab" / ".cdef.x1.tmp"
+    staged.write_bytes(b"partial")
+    (private / "unfinished").touch()
+    report = snapshot(server.url(), replica, public_keys=key)
+    assert not report.changed and not staged.exists() and not (private / "unfinished").exists()
+    assert (private / "reflog.chksum").stat().st_ino != chksum.st_ino
+    _check_clean(replica, source.public_key_path)
+
+
 # --- interruptions and bad sources ----------------------------------------------------------------------
 
 SNAPSHOT_CLI = [sys.executable, "-m", "rcds.cli", "replicate"]

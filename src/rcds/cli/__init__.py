@@ -27,7 +27,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "cleanup": ("server", "cleanup"),
     "gc": ("server", "gc"),
     "audit": ("server", "audit"),
-    "replicate": ("server", "replicate"),
+    "replicate": ("replicate", "replicate"),
     "status": ("status", "status"),
     "shrinkwrap": ("shrinkwrap", "shrinkwrap"),
     "trace": ("shrinkwrap", "trace"),

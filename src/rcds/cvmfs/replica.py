@@ -81,16 +81,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..logs import fields
-from . import failpoints, signing
+from . import failpoints, objects, signing
 from .catalog import FLAG_EXTERNAL, FLAG_FILE, HASH_ALGORITHM_MASK, HASH_ALGORITHM_SHIFT, Catalog
 from .hashes import Algorithm, ContentHash, Suffix
 from .history import History, Tag
 from .manifest import Manifest, ManifestError
 from .reader import ReaderError, RepositoryReader
 from .reflog import Reflog, RefType
-from .repository import MANIFEST, MASTER_REPLICA, REFLOG, STATUS_JSON, WHITELIST
 from .sources import DIRECT, HttpSettings, HttpSource, NotFound, Source, SourceError, open_source
-from .store import LocalStore
+from .store import MANIFEST, MASTER_REPLICA, REFLOG, STATUS_JSON, WHITELIST, LocalStore
 
 log = logging.getLogger("rcds.replica")
 
@@ -168,7 +167,6 @@ def snapshot(
     with replica.locked():
         if replica.gc_unfinished.exists():  # before any catalog is trusted for being present
             _finish_interrupted_gc(replica)
-        replica.prepare()
         current = replica.current_manifest()
         expected = fqrn or (current.fqrn if current else None) or _fqrn_from_url(source_url)
         source = _RootFilesFresh(_open(source_url, proxies, settings))
@@ -366,7 +364,7 @@ class _Corrupt(Exception):
 
 
 def _inflate(src: str | Path, dest: Path) -> None:
-    inflater = zlib.decompressobj()
+    inflater = objects.inflater()  # zlib-ng's when installed: faster
     with open(src, "rb") as f, open(dest, "wb") as out:
         while block := f.read(1 << 20):
             out.write(inflater.decompress(block))
@@ -435,6 +433,7 @@ class _Replica:
         self.gc_unfinished = self.private / "gc-unfinished"  # a GC sweep may be half done (replica_gc)
         self.store = LocalStore(storage)
         self.store.staging = self.tmp  # put/put_durable stage here (same file system, never served)
+        self.prepared = False
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -470,9 +469,24 @@ class _Replica:
                             with contextlib.suppress(FileNotFoundError):
                                 os.unlink(e.path)
         self.unfinished.touch()
+        self.prepared = True
 
     def finished(self) -> None:
-        self.unfinished.unlink(missing_ok=True)
+        if self.prepared:  # else the marker (of a killed run, if any) must stay until prepare() cleans up
+            self.unfinished.unlink(missing_ok=True)
+
+    def serves(self, manifest: bytes, whitelist: bytes) -> bool:
+        """True if the replica is complete (no killed run's leftovers) and serves exactly these bytes."""
+        if self.unfinished.exists():
+            return False
+        try:
+            with open(self.path(MANIFEST), "rb") as f:
+                if f.read() != manifest:
+                    return False
+            with open(self.path(WHITELIST), "rb") as f:
+                return f.read() == whitelist
+        except FileNotFoundError:
+            return False
 
     def current_manifest(self) -> Manifest | None:
         try:
@@ -940,6 +954,11 @@ class _Snapshot:
             m, cur = reader.manifest, self.current
             self._check_succession(m)
             changed = cur is None or m.revision != cur.revision
+            if not changed and self.replica.serves(manifest_bytes, whitelist_bytes):
+                # Nothing new and nothing re-signed (the polling case): only the stamps, no directories,
+                # no syncfs, no reflog rewrite. The ensemble was verified all the same.
+                return self._up_to_date(m, started)
+            self.replica.prepare()
             if changed:
                 log.info(
                     "snapshot starts",
@@ -992,6 +1011,19 @@ class _Snapshot:
                 catalogs=report.catalogs, seconds=round(report.seconds, 3),
             ),
         )  # fmt: skip
+        return report
+
+    def _up_to_date(self, m: Manifest, started: float) -> SnapshotReport:
+        stamp = date_utc()
+        self.replica.write_root_file(LAST_SNAPSHOT, (stamp + "\n").encode(), durable=False)
+        self.replica.update_status(last_snapshot=stamp)
+        report = SnapshotReport(
+            m.fqrn, m.revision, m.revision, False, 0, 0, 0, 0, time.monotonic() - started, [], []
+        )
+        log.info(
+            "snapshot: up to date",
+            extra=fields(repository=m.fqrn, revision=m.revision, seconds=round(report.seconds, 3)),
+        )
         return report
 
     def _verified_ensemble(self) -> tuple[RepositoryReader, bytes, bytes]:

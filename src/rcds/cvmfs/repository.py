@@ -32,18 +32,18 @@ from .history import TRUNK, TRUNK_PREVIOUS, History, Tag
 from .manifest import Manifest
 from .objects import CATALOG_ZLIB_LEVEL, compress, decompress, verify
 from .reflog import Reflog, RefType
+from .store import MANIFEST as MANIFEST  # the root files' names, re-exported for existing importers
+from .store import MASTER_REPLICA as MASTER_REPLICA
 from .store import PRIVATE_DIR, LocalStore
+from .store import REFLOG as REFLOG
+from .store import STATUS_JSON as STATUS_JSON
+from .store import WHITELIST as WHITELIST
 from .whitelist import Whitelist
 
 if TYPE_CHECKING:
     from .writer import Transaction
 
 DEFAULT_TTL = 15  # seconds: user code must appear fast (the CVMFS default is 240)
-MANIFEST = ".cvmfspublished"
-WHITELIST = ".cvmfswhitelist"
-REFLOG = ".cvmfsreflog"
-MASTER_REPLICA = ".cvmfs_master_replica"
-STATUS_JSON = ".cvmfs_status.json"
 REFLOG_CHECKSUM = "reflog.chksum"  # in <storage>/.rcds/, as cvmfs_server keeps it in its spool
 WHITELIST_WARN = dt.timedelta(days=7)
 EXTERNAL_WHITELIST_WARN = dt.timedelta(days=2)

@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import cast
 
 PRIVATE_DIR = ".rcds"  # never served: keys, state, staging
+# The public root files of a stratum 0 or 1 (here, not in ``repository``, so that a replica need not
+# import the writer and numpy to name them).
+MANIFEST = ".cvmfspublished"
+WHITELIST = ".cvmfswhitelist"
+REFLOG = ".cvmfsreflog"
+MASTER_REPLICA = ".cvmfs_master_replica"
+STATUS_JSON = ".cvmfs_status.json"
 
 
 def fsync_path(path: Path | str) -> None:
