@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     server = get_bench.RepoServer(source)
     say(f"serving {server.url}")
     runs: dict[str, list[dict[str, Any]]] = {
-        "cp": [], "cp_sync": [], "full": [], "incremental": [], "nothing_new": [],
+        "cp": [], "cp_sync": [], "full": [], "incremental": [], "nothing_new": [], "nothing_new_command": [],
+        "python_start": [],
     }  # fmt: skip
     counter = iter(range(1_000_000))
 
@@ -141,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: snapshot(server.url, dest, public_keys=[key], fqrn=get_bench.FQRN, jobs=args.jobs)
 
     replica = scratch / "replica"
+    command = [
+        sys.executable, "-m", "rcds.cli", "replicate", server.url, "--storage", str(replica),
+        "--key", str(key), "--fqrn", get_bench.FQRN,
+    ]  # fmt: skip
+
+    def noop_command() -> None:
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
     try:
         for i in range(args.repeat):
             record("cp", get_bench.timed(lambda: cp(scratch / "cp"), server))
@@ -167,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             inc = record("incremental", get_bench.timed(replicate(replica), server))
             assert inc["report"]["revision"] == revision and inc["report"]["objects_fetched"] == len(new)
             record("nothing_new", get_bench.timed(replicate(replica), server))
+            # the same as a command (what a cron job polling many repositories pays), and for scale the
+            # interpreter alone
+            record("nothing_new_command", get_bench.timed(noop_command, server))
+            record(
+                "python_start",
+                get_bench.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), server),
+            )
         profile = None
         if args.profile:
             shutil.rmtree(scratch / "replica-profile", ignore_errors=True)
@@ -200,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         "full": "snapshot, new replica",
         "incremental": f"snapshot, new revision ({inc['objects_fetched']} obj)",
         "nothing_new": "snapshot, nothing new",
+        "nothing_new_command": "rcds replicate, nothing new",
+        "python_start": "python -c pass",
     }
     for step, label in labels.items():
         b = best[step]
-        nbytes = b["report"]["bytes_fetched"] if "report" in b else stored_bytes
+        nbytes = (
+            b["report"]["bytes_fetched"] if "report" in b else stored_bytes if step.startswith("cp") else 0
+        )
         mbps = f"{nbytes / MB / b['seconds']:>9.0f}" if nbytes else f"{'-':>9}"
         print(
             f"{label:<28}{b['seconds']:>9.2f}{mbps}{cp_s / b['seconds']:>8.2f}"
@@ -247,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             "incremental_seconds": best["incremental"]["seconds"],
             "incremental_objects": inc["objects_fetched"],
             "nothing_new_seconds": best["nothing_new"]["seconds"],
+            "nothing_new_command_seconds": best["nothing_new_command"]["seconds"],
+            "nothing_new_command_cpu_seconds": best["nothing_new_command"]["cpu_seconds"],
+            "python_start_seconds": best["python_start"]["seconds"],
             "targets_met": ok,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
