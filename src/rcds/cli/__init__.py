@@ -1,7 +1,8 @@
 """The ``rcds`` command line: thin faces on the library, one module per side.
 
-``server`` holds ``rcds serve``, ``repo``, ``cleanup``, ``gc`` and ``replicate``; ``client`` holds
-``rcds publish``, ``wait``, ``get`` and ``cache``. Commands are imported when they are used, so a client
+``server`` holds ``rcds serve``, ``repo``, ``cleanup`` and ``gc``; ``replicate`` is alone in its module (a
+poll with nothing new should cost little more than the interpreter); ``client`` holds ``rcds publish``,
+``wait``, ``get`` and ``cache``. Commands are imported when they are used, so a client
 installed without the ``server`` extra (``pip install rcds``: no aiohttp, numpy, ...) runs its commands,
 and a server command there fails with one line saying what to install instead of a traceback.
 """
