@@ -38,7 +38,7 @@ class Inflater(Protocol):
 
 if ZLIB_NG:
     # zlib-ng 5 against stock zlib 6 on the ingest benchmark's tree: 1.9x (text) and 2.3x (binaries) the
-    # deflate speed for 0.3% larger (text) and 0.5% smaller (binaries) objects; catalogs 6.5% smaller than
+    # deflate speed for 0.3% larger (text) and 0.5% smaller (binaries) objects; catalogs 6% smaller than
     # stock zlib 1 at the same speed. Inflate runs 1.6-1.9x faster.
     ZLIB_LEVEL = 5
     CATALOG_ZLIB_LEVEL = 5
