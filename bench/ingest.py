@@ -648,7 +648,8 @@ def _codec() -> str:
     """The writer's compressor, as the raw limit uses it."""
     from rcds.cvmfs import objects
 
-    return f"{'zlib-ng' if objects.ZLIB_NG else 'zlib'}-{objects.ZLIB_LEVEL}"
+    ng = getattr(objects, "ZLIB_NG", False)  # an rcds from before zlib-ng has only zlib
+    return f"{'zlib-ng' if ng else 'zlib'}-{objects.ZLIB_LEVEL}"
 
 
 def _compress_and_name(data: bytes) -> tuple[int, float]:
