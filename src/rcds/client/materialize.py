@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import itertools
 import logging
@@ -43,7 +42,15 @@ from pathlib import Path
 from ..compat import SLOTS
 from ..cvmfs.catalog import COMPRESSION_NONE, NESTED_MARKER, Dirent
 from ..cvmfs.hashes import ContentHash, Suffix, normalize_path
-from ..cvmfs.objects import ZlibError, inflater
+from ..cvmfs.pieces import (
+    BadFileEntry,
+    Cancelled,
+    CorruptObject,
+    Piece,
+    PieceSink,
+    content_key,
+    dirent_mtime_ns,
+)
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.sources import HttpSource, NotFound, SourceError
 from ..logs import fields
@@ -54,7 +61,6 @@ log = logging.getLogger("rcds.client")
 __all__ = ["MaterializeError", "MaterializeStats", "materialize"]
 
 _READ_BLOCK = 1 << 20  # bytes read from a response at a time
-_INFLATE_OUT = 4 << 20  # most bytes one inflate call may produce: bounds memory on a zip bomb
 _TMP_MAX_AGE = 3600.0  # seconds; older files in <cache>/tmp are leftovers of killed processes
 _LINK_FALLBACK = (errno.EXDEV, errno.EMLINK, errno.EPERM)
 _PLACE_BATCH = 256  # cached entries handed to one worker task (keeps per-task overhead low)
@@ -82,26 +88,6 @@ class MaterializeError(Exception):
     """The directory could not be materialised; DEST was left untouched (it does not exist)."""
 
 
-class _Cancelled(Exception):
-    """Another task failed or the caller was interrupted: stop this one early."""
-
-
-class _Corrupt(Exception):
-    """The bytes served for an object are not the object (hash, zlib stream or size is wrong)."""
-
-
-@dataclass(frozen=True, **SLOTS)
-class _Piece:
-    hash: ContentHash
-    suffix: Suffix
-    offset: int
-    size: int
-
-    @property
-    def name(self) -> str:
-        return self.hash.object_name(self.suffix)
-
-
 @dataclass(**SLOTS)
 class _Target:
     rel: str  # path below DEST
@@ -125,7 +111,7 @@ class _Content:
     key: str
     size: int
     compressed: bool
-    pieces: list[_Piece]
+    pieces: list[Piece]
     label: str  # a path below DEST, for messages
     entries: list[_Entry] = field(default_factory=list)
 
@@ -195,97 +181,6 @@ def _force_rmtree(path: Path) -> None:
                 with contextlib.suppress(OSError):
                     os.chmod(p, 0o700)
     shutil.rmtree(path)
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-class _Sink:
-    """The file object one object is fetched into (by ``Source.fetch``).
-
-    It hashes the bytes as served (the CVMFS name is the hash of the stored bytes), inflates them on the fly
-    and writes the plain bytes at the piece's offset of the file being built, so an object is neither stored
-    compressed nor read twice. Failover mid-transfer rewinds it with ``seek(0)`` + ``truncate()``: that
-    restarts hash and inflater and rewrites the same range.
-    """
-
-    def __init__(self, run: _Run, fd: int, piece: _Piece, compressed: bool) -> None:
-        self._run = run
-        self._fd = fd
-        self._piece = piece
-        self._compressed = compressed
-        self._start()
-
-    def _start(self) -> None:
-        self.hasher = self._piece.hash.algorithm.new()
-        self.inflater = inflater() if self._compressed else None
-        self.received = 0
-        self.written = 0
-
-    def write(self, data: bytes) -> int:
-        if self._run.cancel.is_set():
-            raise _Cancelled()
-        self.received += len(data)
-        self._run.add_downloaded(len(data))
-        self.hasher.update(data)
-        if self.inflater is None:
-            self._put(data)
-            return len(data)
-        buf = data
-        while buf:
-            try:
-                out = self.inflater.decompress(buf, _INFLATE_OUT)
-            except ZlibError as exc:
-                raise _Corrupt(f"not a valid zlib stream ({exc})") from exc
-            self._put(out)
-            buf = self.inflater.unconsumed_tail
-        return len(data)
-
-    def _put(self, out: bytes) -> None:
-        if not out:
-            return
-        if self.written + len(out) > self._piece.size:
-            raise _Corrupt(f"inflates to more than the {self._piece.size} bytes the catalog says")
-        _pwrite_all(self._fd, out, self._piece.offset + self.written)
-        self.written += len(out)
-        self._run.add_progress(len(out))
-
-    def finish(self) -> None:
-        if self.hasher.digest() != self._piece.hash.digest:
-            raise _Corrupt("content hash mismatch")
-        if self.inflater is not None:
-            try:
-                self._put(self.inflater.flush())
-            except ZlibError as exc:
-                raise _Corrupt(f"not a valid zlib stream ({exc})") from exc
-            if not self.inflater.eof:
-                raise _Corrupt("truncated zlib stream")
-            if self.inflater.unused_data:
-                raise _Corrupt("data after the end of the zlib stream")
-        if self.written != self._piece.size:
-            raise _Corrupt(f"inflates to {self.written} bytes, the catalog says {self._piece.size}")
-
-    # --- what HttpSource needs to rewind on failover ----------------------------------------------
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.received
-
-    def seek(self, pos: int) -> int:
-        if pos != 0:
-            raise ValueError("can only rewind to the start")
-        self._run.add_progress(-self.written)
-        self._start()
-        return 0
-
-    def truncate(self) -> int:
-        return 0  # the same byte range is rewritten from the start; the size is checked at the end
 
 
 class _Run:
@@ -465,7 +360,7 @@ class _Run:
     def place_batch(self, batch: list[tuple[str, _Entry]]) -> None:
         for src, entry in batch:
             if self.cancel.is_set():
-                raise _Cancelled()
+                raise Cancelled()
             self.place(src, entry, cached=True)
 
     # --- building cache entries ----------------------------------------------------------------------
@@ -475,7 +370,7 @@ class _Run:
         assert job.copy_from is not None
         for entry in job.missing:
             if self.cancel.is_set():
-                raise _Cancelled()
+                raise Cancelled()
             try:
                 path = self.copy_variant(job.copy_from, entry, job.content.size)
             except OSError as exc:
@@ -486,14 +381,14 @@ class _Run:
         for entry in job.cached:
             self.place(self.path(entry), entry, cached=True)
 
-    def run_pieces(self, batch: list[tuple[_Job, _Piece]]) -> None:
+    def run_pieces(self, batch: list[tuple[_Job, Piece]]) -> None:
         prefetched = self._prefetch([piece for job, piece in batch if job.content.size > 0])
         for job, piece in batch:
             if self.cancel.is_set():
-                raise _Cancelled()
+                raise Cancelled()
             self.run_piece(job, piece, prefetched.get(piece.name))
 
-    def _prefetch(self, pieces: list[_Piece]) -> dict[str, bytes]:
+    def _prefetch(self, pieces: list[Piece]) -> dict[str, bytes]:
         """The served bytes of a batch of small pieces, requested together (``Source.fetch_many``: pipelined
         over HTTP; the batch holds at most ~256 KiB). Whatever fails here is simply fetched again, one by
         one, by ``_fetch``, which then reports the error."""
@@ -507,14 +402,14 @@ class _Run:
         # fetch_many gives one error (or None) per item
         return {p.name: b.getvalue() for p, b, e in zip(pieces, bufs, errors) if e is None}
 
-    def run_piece(self, job: _Job, piece: _Piece, prefetched: bytes | None = None) -> None:
+    def run_piece(self, job: _Job, piece: Piece, prefetched: bytes | None = None) -> None:
         """Download one object of a job (unless ``prefetched``); the thread finishing the job's last piece
         publishes the entries."""
         c = job.content
         try:
             with job.lock:
                 if job.failed:
-                    raise _Cancelled()
+                    raise Cancelled()
                 if job.fd is None:
                     # With hard links, write straight into the staging tree and link the finished file
                     # into the cache: one file and two names, fewer directory operations than a temp file.
@@ -548,14 +443,14 @@ class _Run:
         elif done:
             self.abort_job(job)
 
-    def _fetch(self, fd: int, piece: _Piece, c: _Content, prefetched: bytes | None = None) -> None:
+    def _fetch(self, fd: int, piece: Piece, c: _Content, prefetched: bytes | None = None) -> None:
         """Download (unless ``prefetched``), verify and inflate one object into place.
 
         A corrupt object is fetched once more with ``Cache-Control: no-cache``, as the CVMFS client does:
         a proxy that cached bad bytes would otherwise serve them until they expire.
         """
         for fresh in (False, True):
-            sink = _Sink(self, fd, piece, c.compressed)
+            sink = PieceSink(fd, piece, c.compressed, self.cancel, self.add_downloaded, self.add_progress)
             try:
                 if prefetched is not None and not fresh:
                     sink.write(prefetched)
@@ -563,7 +458,7 @@ class _Run:
                     self.reader.source.fetch(piece.name, sink, fresh=fresh)  # type: ignore[arg-type]
                 sink.finish()
                 return
-            except _Corrupt:
+            except CorruptObject:
                 if fresh:
                     raise
                 sink.seek(0)
@@ -644,10 +539,10 @@ class _Run:
             )
         return f"cannot write {label}: {exc}"
 
-    def _error(self, exc: BaseException, piece: _Piece, c: _Content) -> BaseException:
-        if isinstance(exc, (_Cancelled, MaterializeError, KeyboardInterrupt, SystemExit)):
+    def _error(self, exc: BaseException, piece: Piece, c: _Content) -> BaseException:
+        if isinstance(exc, (Cancelled, MaterializeError, KeyboardInterrupt, SystemExit)):
             return exc
-        if isinstance(exc, _Corrupt):
+        if isinstance(exc, CorruptObject):
             return MaterializeError(f"object {piece.name} of {c.label} is corrupt: {exc}")
         if isinstance(exc, NotFound):
             return MaterializeError(f"object {piece.name} of {c.label} is missing on the server: {exc}")
@@ -668,29 +563,14 @@ class _Plan:
     contents: dict[str, _Content] = field(default_factory=dict)
 
 
-def _mtime_ns(d: Dirent) -> int:
-    return d.mtime * 1_000_000_000 + (d.mtimens or 0)
-
-
-def _pieces(d: Dirent, rel: str) -> tuple[str, list[_Piece]]:
+def _pieces(d: Dirent, rel: str) -> tuple[str, list[Piece]]:
     """The content key and the objects of a regular file (checked: contiguous, covering the size)."""
     if d.size == 0:
-        return _EMPTY_KEY, [_Piece(ContentHash(bytes(20)), Suffix.NONE, 0, 0)]
-    raw = "" if d.compression != COMPRESSION_NONE else "-raw"
-    if d.is_chunked and d.chunks:
-        pieces = [_Piece(c.hash, Suffix.PARTIAL, c.offset, c.size) for c in d.chunks]
-        expected = 0
-        for p in pieces:
-            if p.offset != expected or p.size <= 0:
-                raise MaterializeError(f"{rel}: bad chunk list in the catalog (at offset {expected})")
-            expected += p.size
-        if expected != d.size:
-            raise MaterializeError(f"{rel}: chunks cover {expected} bytes, the catalog says {d.size}")
-        listing = "".join(f"{p.offset} {p.size} {p.hash.hex}\n" for p in pieces).encode()
-        return hashlib.sha1(listing).hexdigest() + "-chunks" + raw, pieces
-    if d.hash is None:
-        raise MaterializeError(f"{rel}: regular file without content hash in the catalog")
-    return d.hash.hex + raw, [_Piece(d.hash, Suffix.NONE, 0, d.size)]
+        return _EMPTY_KEY, [Piece(ContentHash(bytes(20)), Suffix.NONE, 0, 0)]
+    try:
+        return content_key(d, rel)
+    except BadFileEntry as exc:
+        raise MaterializeError(str(exc)) from exc
 
 
 def _check_name(name: str, parent: str) -> None:
@@ -719,7 +599,7 @@ def _plan(reader: RepositoryReader, top: str, stats: MaterializeStats) -> _Plan:
         path, d = e.path, e.dirent
         if path == top:
             mounts[top] = top if (d.is_nested_root or not top) else reader.catalog_for(top)[0]
-            plan.dirs.append(("", d.mode & 0o3777, _mtime_ns(d)))
+            plan.dirs.append(("", d.mode & 0o3777, dirent_mtime_ns(d)))
             stats.directories += 1
             continue
         parent, name = path.rsplit("/", 1)
@@ -730,10 +610,10 @@ def _plan(reader: RepositoryReader, top: str, stats: MaterializeStats) -> _Plan:
         rel = path[len(top) + 1 :]
         if d.is_dir:
             mounts[path] = path if d.is_nested_root else mounts[parent]
-            plan.dirs.append((rel, d.mode & 0o3777, _mtime_ns(d)))
+            plan.dirs.append((rel, d.mode & 0o3777, dirent_mtime_ns(d)))
             stats.directories += 1
         elif d.is_symlink:
-            plan.symlinks.append((rel, d.symlink, _mtime_ns(d)))
+            plan.symlinks.append((rel, d.symlink, dirent_mtime_ns(d)))
             stats.symlinks += 1
         elif d.is_regular:
             if parent == top and name == NESTED_MARKER and top_dirent.is_nested_root and d.size == 0:
@@ -741,7 +621,7 @@ def _plan(reader: RepositoryReader, top: str, stats: MaterializeStats) -> _Plan:
             if d.is_external:
                 raise MaterializeError(f"{rel} is an external file (its content is not in the repository)")
             key, pieces = _pieces(d, rel)
-            mode, mtime_ns = d.mode & 0o777, _mtime_ns(d)
+            mode, mtime_ns = d.mode & 0o777, dirent_mtime_ns(d)
             entry = entries.get((key, mode, mtime_ns))
             if entry is None:
                 entry = entries[key, mode, mtime_ns] = _Entry(
@@ -952,15 +832,15 @@ def _build(run: _Run, plan: _Plan, work: _Work, jobs: int) -> None:
         os.utime(p, ns=(mtime_ns, mtime_ns))
 
 
-def _batches(units: list[tuple[_Job, _Piece]]) -> list[list[tuple[_Job, _Piece]]]:
+def _batches(units: list[tuple[_Job, Piece]]) -> list[list[tuple[_Job, Piece]]]:
     """The tasks for the pool, in order: big pieces one per task, small ones grouped.
 
     Grouping saves a task hand-over (and GIL switches) per small file. (Spreading the big pieces between
     the small batches, so that inflating overlaps with small requests waiting on the server, made no
     measurable difference in bench/get.py; the order stays that of ``units``, biggest first.)
     """
-    out: list[list[tuple[_Job, _Piece]]] = []
-    batch: list[tuple[_Job, _Piece]] = []
+    out: list[list[tuple[_Job, Piece]]] = []
+    batch: list[tuple[_Job, Piece]] = []
     held = 0
     for unit in units:
         size = unit[1].size
@@ -985,5 +865,5 @@ def _wait(pending: set[futures.Future[None]]) -> None:
         pending.update(left)
         for f in done:
             exc = f.exception()
-            if exc is not None and not isinstance(exc, _Cancelled):
+            if exc is not None and not isinstance(exc, Cancelled):
                 raise exc

@@ -41,7 +41,6 @@ import shutil
 import stat
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -50,7 +49,8 @@ from typing import Any
 
 from ..cvmfs import failpoints
 from ..cvmfs.catalog import COMPRESSION_NONE, Dirent
-from ..cvmfs.hashes import ContentHash, Suffix
+from ..cvmfs.pieces import BadFileEntry, Cancelled, CorruptObject, Piece, PieceSink, dirent_mtime_ns
+from ..cvmfs.pieces import content_key as pieces_content_key
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.sources import HttpSource, SourceError
 from ..logs import fields
@@ -75,7 +75,6 @@ DATA = ".data"
 PROVENANCE = ".provenance"
 _SMALL_PIECE = 256 * 1024  # pieces below this size are fetched in pipelined batches...
 _BATCH_PIECES = 16  # ...of at most this many
-_INFLATE_OUT = 4 << 20  # most bytes one inflate call may produce: bounds memory on a zip bomb
 _EMPTY_KEY = "da39a3ee5e6b4b0d3255bfef95601890afd80709-empty"  # SHA-1 of nothing: no download needed
 _FAILPOINT_PREFIX = "shrinkwrap."
 
@@ -106,43 +105,15 @@ class ExportStats:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class _Piece:
-    hash: ContentHash
-    suffix: Suffix
-    offset: int
-    size: int
-
-    @property
-    def name(self) -> str:
-        return self.hash.object_name(self.suffix)
-
-
-def mtime_ns(d: Dirent) -> int:
-    return d.mtime * 1_000_000_000 + (d.mtimens or 0)
-
-
-def content_key(d: Dirent, label: str) -> tuple[str, list[_Piece]]:
-    """The content key and the objects of a regular file. The key is the one ``rcds get``'s node cache
-    uses (``rcds.client.materialize``): the content hash (``-raw`` when stored uncompressed), or for a
-    chunked file the SHA-1 of its chunk list. Chunk lists are checked: contiguous, covering the size."""
+def content_key(d: Dirent, label: str) -> tuple[str, list[Piece]]:
+    """The content key and the objects of a regular file: the key ``rcds get``'s node cache uses
+    (``rcds.cvmfs.pieces``); an empty file has no objects."""
     if d.size == 0:
         return _EMPTY_KEY, []
-    raw = "" if d.compression != COMPRESSION_NONE else "-raw"
-    if d.is_chunked and d.chunks:
-        pieces = [_Piece(c.hash, Suffix.PARTIAL, c.offset, c.size) for c in d.chunks]
-        expected = 0
-        for p in pieces:
-            if p.offset != expected or p.size <= 0:
-                raise ShrinkwrapError(f"{label}: bad chunk list in the catalog (at offset {expected})")
-            expected += p.size
-        if expected != d.size:
-            raise ShrinkwrapError(f"{label}: chunks cover {expected} bytes, the catalog says {d.size}")
-        listing = "".join(f"{p.offset} {p.size} {p.hash.hex}\n" for p in pieces).encode()
-        return hashlib.sha1(listing).hexdigest() + "-chunks" + raw, pieces
-    if d.hash is None:
-        raise ShrinkwrapError(f"{label}: regular file without content hash in the catalog")
-    return d.hash.hex + raw, [_Piece(d.hash, Suffix.NONE, 0, d.size)]
+    try:
+        return pieces_content_key(d, label)
+    except BadFileEntry as exc:
+        raise ShrinkwrapError(str(exc)) from exc
 
 
 def data_name(key: str, mode: int, mtime: int) -> str:
@@ -197,93 +168,10 @@ def force_remove(path: str) -> None:
     shutil.rmtree(path)
 
 
-class _Cancelled(Exception):
-    pass
-
-
-class _Corrupt(Exception):
-    pass
-
-
-class _Sink:
-    """Where one object is fetched to: hashes the served bytes, inflates them and writes the plain bytes
-    at the piece's offset of the file being built. A source that fails over rewinds it (``seek(0)``)."""
-
-    def __init__(self, run: _Run, fd: int, piece: _Piece, compressed: bool) -> None:
-        self._run, self._fd, self._piece, self._compressed = run, fd, piece, compressed
-        self._start()
-
-    def _start(self) -> None:
-        self.hasher = self._piece.hash.algorithm.new()
-        self.inflater = zlib.decompressobj() if self._compressed else None
-        self.received = 0
-        self.written = 0
-
-    def write(self, data: bytes) -> int:
-        if self._run.cancel.is_set():
-            raise _Cancelled()
-        self.received += len(data)
-        self._run.count(downloaded_bytes=len(data))
-        self.hasher.update(data)
-        if self.inflater is None:
-            self._put(data)
-            return len(data)
-        buf = data
-        while buf:
-            try:
-                out = self.inflater.decompress(buf, _INFLATE_OUT)
-            except zlib.error as exc:
-                raise _Corrupt(f"not a valid zlib stream ({exc})") from exc
-            self._put(out)
-            buf = self.inflater.unconsumed_tail
-        return len(data)
-
-    def _put(self, out: bytes) -> None:
-        if not out:
-            return
-        if self.written + len(out) > self._piece.size:
-            raise _Corrupt(f"inflates to more than the {self._piece.size} bytes the catalog says")
-        view, offset = memoryview(out), self._piece.offset + self.written
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
-        self.written += len(out)
-        self._run.progress_update(len(out))
-
-    def finish(self) -> None:
-        if self.hasher.digest() != self._piece.hash.digest:
-            raise _Corrupt("content hash mismatch")
-        if self.inflater is not None:
-            try:
-                self._put(self.inflater.flush())
-            except zlib.error as exc:
-                raise _Corrupt(f"not a valid zlib stream ({exc})") from exc
-            if not self.inflater.eof or self.inflater.unused_data:
-                raise _Corrupt("truncated zlib stream or data after its end")
-        if self.written != self._piece.size:
-            raise _Corrupt(f"inflates to {self.written} bytes, the catalog says {self._piece.size}")
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.received
-
-    def seek(self, pos: int) -> int:
-        if pos != 0:
-            raise ValueError("can only rewind to the start")
-        self._run.progress_update(-self.written)
-        self._start()
-        return 0
-
-    def truncate(self) -> int:
-        return 0  # the same range is rewritten from the start; the size is checked at the end
-
-
 class _Job:
     """A ``.data`` file being made (download or local copy), and the visible names waiting for it."""
 
-    def __init__(self, data: str, size: int, mode: int, mtime: int, pieces: list[_Piece], compressed: bool):
+    def __init__(self, data: str, size: int, mode: int, mtime: int, pieces: list[Piece], compressed: bool):
         self.data = data
         self.size, self.mode, self.mtime = size, mode, mtime
         self.pieces = pieces
@@ -315,7 +203,7 @@ class _Run:
         self._errors: list[BaseException] = []
         self._futures: set[futures.Future[None]] = set()
         self._pool = futures.ThreadPoolExecutor(jobs, thread_name_prefix="rcds-shrinkwrap")
-        self._batch: list[tuple[_Job, _Piece]] = []
+        self._batch: list[tuple[_Job, Piece]] = []
         self._batch_bytes = 0
         self._variant_dirs: dict[str, list[str]] = {}
         self._link_from_cache = True
@@ -333,6 +221,9 @@ class _Run:
         with self._lock:
             for k, v in deltas.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def _count_downloaded(self, n: int) -> None:
+        self.count(downloaded_bytes=n)
 
     def progress_update(self, n: int) -> None:
         if self._progress is not None:
@@ -397,7 +288,7 @@ class _Run:
         """Make sure ``visible`` ends up a link to the right ``.data`` file."""
         d = child.dirent
         key, pieces = content_key(d, child.path)
-        mode, mtime = d.mode & 0o777, mtime_ns(d)
+        mode, mtime = d.mode & 0o777, dirent_mtime_ns(d)
         data = f"{self.data}/{data_name(key, mode, mtime)}"
         if data in self._used_data:
             self.stats.deduplicated_files += 1
@@ -477,7 +368,7 @@ class _Run:
     def _guard(self, fn: Any, *args: Any) -> None:
         try:
             fn(*args)
-        except _Cancelled:
+        except Cancelled:
             pass
         except BaseException as exc:
             self.cancel.set()
@@ -552,8 +443,8 @@ class _Run:
         self.count(copied_files=1)
         self._finish(job, None)
 
-    def _run_pieces(self, batch: list[tuple[_Job, _Piece]]) -> None:
-        sinks: list[tuple[_Job, _Piece, _Sink]] = []
+    def _run_pieces(self, batch: list[tuple[_Job, Piece]]) -> None:
+        sinks: list[tuple[_Job, Piece, PieceSink]] = []
         for job, piece in batch:
             with job.lock:
                 if job.failed:
@@ -562,7 +453,15 @@ class _Run:
                     job.tmp = self.temp(os.path.dirname(job.data))
                     job.fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 fd = job.fd
-            sinks.append((job, piece, _Sink(self, fd, piece, job.compressed)))
+            sinks.append(
+                (
+                    job,
+                    piece,
+                    PieceSink(
+                        fd, piece, job.compressed, self.cancel, self._count_downloaded, self.progress_update
+                    ),
+                )
+            )
         if not sinks:
             return
         try:
@@ -573,7 +472,7 @@ class _Run:
                 self.reader.source.fetch(sinks[0][1].name, sinks[0][2])  # type: ignore[arg-type]
         except SourceError as exc:
             results = [exc] * len(sinks)
-        except _Corrupt as exc:
+        except CorruptObject as exc:
             raise ShrinkwrapError(
                 f"object {sinks[0][1].name} of {sinks[0][0].label} is corrupt: {exc}"
             ) from exc
@@ -583,7 +482,7 @@ class _Run:
                 raise ShrinkwrapError(f"cannot fetch object {piece.name} of {job.label}: {error}")
             try:
                 sink.finish()
-            except _Corrupt as exc:
+            except CorruptObject as exc:
                 self._fail(job)
                 raise ShrinkwrapError(f"object {piece.name} of {job.label} is corrupt: {exc}") from exc
             with job.lock:
@@ -650,7 +549,7 @@ class _Run:
 
     def symlink(self, child: Child, visible: str, existing: os.DirEntry[str] | None) -> None:
         d = child.dirent
-        mtime = mtime_ns(d)
+        mtime = dirent_mtime_ns(d)
         if existing is not None and existing.is_symlink() and os.readlink(visible) == d.symlink:
             st = existing.stat(follow_symlinks=False)
             if st.st_mtime_ns != mtime:
@@ -787,7 +686,7 @@ def _sync(run: _Run, selector: Selector, tree: Path) -> list[tuple[str, int, int
         run.check_errors()
         here = top + visit.path
         _writable_dir(here)
-        dirs.append((here, visit.dirent.mode & 0o3777, mtime_ns(visit.dirent), visit.depth))
+        dirs.append((here, visit.dirent.mode & 0o3777, dirent_mtime_ns(visit.dirent), visit.depth))
         stats.directories += 1
         existing = _scandir(here)
         wanted = {c.name for c in visit.children}
