@@ -1,6 +1,6 @@
 """Reading and checking repositories written by the CernVM-FS tools themselves (not by rcds).
 
-The fixtures and their quirks are described in ``shared/fixtures/cvmfs-reference/README.md``.
+The fixtures and their quirks are described in ``tests/fixtures/cvmfs-reference/README.md``.
 """
 
 from __future__ import annotations
