@@ -472,6 +472,35 @@ def test_a_corrupt_object_fails_cleanly_and_never_shows(
         reader.close()
 
 
+@pytest.mark.parametrize(
+    ("victim", "names"),
+    [("bin/run.sh", ["bin/run.sh"]), ("data/orig.txt", ["data/orig.txt", "data/alias.txt"]),
+     ("sub/inside.txt", ["sub/inside.txt"])],
+)  # fmt: skip
+def test_a_corrupt_object_in_a_batch_is_named_itself(
+    published: tuple[Repository, Path], tmp_path: Path, victim: str, names: list[str]
+) -> None:
+    """Small objects are fetched a batch at a time; an object that is not even a zlib stream fails while
+    it is written, and the error must name that object's file, not the first of its batch."""
+    repo, _ = published
+    storage = tmp_path / "storage"
+    shutil.copytree(repo.storage, storage)
+    reader = RepositoryReader.open(storage, repo.public_key_path, cache_dir=tmp_path / "rc")
+    try:
+        d = reader.stat(f"{CID}/{victim}")
+        assert d.hash is not None
+        obj = storage / d.hash.object_name()
+        obj.chmod(0o644)
+        obj.write_bytes(b"this is not a zlib stream" * 4)
+        with pytest.raises(ShrinkwrapError, match="corrupt") as info:
+            run_export(reader, tmp_path / "out", f"{CID}*", jobs=1)
+        message = str(info.value)  # the object, and one of the names of its file (hard links share it)
+        assert f"{d.hash.object_name()} of " in message and any(f"/{n} is corrupt" in message for n in names)
+        assert not list((tmp_path / "out" / DATA).glob("??/.tmp-*"))
+    finally:
+        reader.close()
+
+
 def test_a_file_changed_through_its_hard_link_is_restored(reader: RepositoryReader, tmp_path: Path) -> None:
     dest = tmp_path / "out"
     run_export(reader, dest, f"{CID}*")

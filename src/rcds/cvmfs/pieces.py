@@ -107,9 +107,16 @@ class PieceSink:
         self._cancel = cancel
         self._on_received = on_received
         self._on_written = on_written
+        self.error: CorruptObject | None = None  # what made this object corrupt, once it is
         self._start()
 
+    def _corrupt(self, reason: str) -> CorruptObject:
+        """The error to raise, remembered: a batch of sinks fetched together tells which one failed."""
+        error = self.error = CorruptObject(reason)
+        return error
+
     def _start(self) -> None:
+        self.error = None
         self.hasher = self._piece.hash.algorithm.new()
         self.inflater = inflater() if self._compressed else None
         self.received = 0
@@ -129,7 +136,7 @@ class PieceSink:
             try:
                 out = self.inflater.decompress(buf, INFLATE_OUT)
             except ZlibError as exc:
-                raise CorruptObject(f"not a valid zlib stream ({exc})") from exc
+                raise self._corrupt(f"not a valid zlib stream ({exc})") from exc
             self._put(out)
             buf = self.inflater.unconsumed_tail
         return len(data)
@@ -138,7 +145,7 @@ class PieceSink:
         if not out:
             return
         if self.written + len(out) > self._piece.size:
-            raise CorruptObject(f"inflates to more than the {self._piece.size} bytes the catalog says")
+            raise self._corrupt(f"inflates to more than the {self._piece.size} bytes the catalog says")
         pwrite_all(self._fd, out, self._piece.offset + self.written)
         self.written += len(out)
         self._on_written(len(out))
@@ -146,18 +153,18 @@ class PieceSink:
     def finish(self) -> None:
         """Check the whole piece arrived intact: hash, a complete zlib stream, the catalog's size."""
         if self.hasher.digest() != self._piece.hash.digest:
-            raise CorruptObject("content hash mismatch")
+            raise self._corrupt("content hash mismatch")
         if self.inflater is not None:
             try:
                 self._put(self.inflater.flush())
             except ZlibError as exc:
-                raise CorruptObject(f"not a valid zlib stream ({exc})") from exc
+                raise self._corrupt(f"not a valid zlib stream ({exc})") from exc
             if not self.inflater.eof:
-                raise CorruptObject("truncated zlib stream")
+                raise self._corrupt("truncated zlib stream")
             if self.inflater.unused_data:
-                raise CorruptObject("data after the end of the zlib stream")
+                raise self._corrupt("data after the end of the zlib stream")
         if self.written != self._piece.size:
-            raise CorruptObject(f"inflates to {self.written} bytes, the catalog says {self._piece.size}")
+            raise self._corrupt(f"inflates to {self.written} bytes, the catalog says {self._piece.size}")
 
     # --- what HttpSource needs to rewind on failover ----------------------------------------------
 

@@ -472,10 +472,10 @@ class _Run:
                 self.reader.source.fetch(sinks[0][1].name, sinks[0][2])  # type: ignore[arg-type]
         except SourceError as exc:
             results = [exc] * len(sinks)
-        except CorruptObject as exc:
-            raise ShrinkwrapError(
-                f"object {sinks[0][1].name} of {sinks[0][0].label} is corrupt: {exc}"
-            ) from exc
+        except CorruptObject as exc:  # raised while writing into one of the sinks: name that one
+            job, piece, _ = next((s for s in sinks if s[2].error is exc), sinks[0])
+            self._fail(job)
+            raise ShrinkwrapError(f"object {piece.name} of {job.label} is corrupt: {exc}") from exc
         for (job, piece, sink), error in zip(sinks, results):  # noqa: B905 - same length; strict= needs 3.10
             if error is not None:
                 self._fail(job)
