@@ -163,6 +163,13 @@ class JobHistory:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def _records(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts keyed by the selected column names."""
+        with self._lock:
+            cursor = self._db.execute(sql, args)
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def counts(self) -> dict[str, int]:
         rows = self._rows(
             "SELECT state, count(*), sum(waits > 0) FROM jobs WHERE state IN (?, ?) GROUP BY state",
@@ -176,24 +183,11 @@ class JobHistory:
         }
 
     def current(self, limit: int = CURRENT_LIMIT) -> list[dict[str, Any]]:
-        rows = self._rows(
+        return self._records(
             "SELECT cid, state, repository, size, identity, submitted, started, attempts, waits, reason "
             "FROM jobs WHERE state IN (?, ?) ORDER BY state = ? DESC, id LIMIT ?",
             (QUEUED, PUBLISHING, PUBLISHING, limit),
         )
-        keys = (
-            "cid",
-            "state",
-            "repository",
-            "size",
-            "identity",
-            "submitted",
-            "started",
-            "attempts",
-            "waits",
-            "reason",
-        )
-        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def recent(self, limit: int = RECENT_LIMIT, state: str | None = None) -> list[dict[str, Any]]:
         """Finished jobs, newest first (all, or only those in ``state``)."""
@@ -201,28 +195,13 @@ class JobHistory:
         args: tuple[str, ...] = ()
         if state is not None:
             where, args = "finished IS NOT NULL AND state = ?", (state,)
-        rows = self._rows(
+        out = self._records(
             "SELECT cid, state, repository, revision, size, files, identity, submitted, finished, reason "
             f"FROM jobs INDEXED BY jobs_finished WHERE {where} ORDER BY finished DESC LIMIT ?",
             (*args, limit),
         )
-        keys = (
-            "cid",
-            "state",
-            "repository",
-            "revision",
-            "size",
-            "files",
-            "identity",
-            "submitted",
-            "finished",
-            "reason",
-        )
-        out = []
-        for r in rows:
-            job = dict(zip(keys, r, strict=True))
+        for job in out:
             job["seconds"] = round(job["finished"] - job["submitted"], 3)
-            out.append(job)
         return out
 
     def _per_hour(self, start: float, end: float) -> dict[float, dict[str, Any]]:
@@ -326,28 +305,12 @@ class JobHistory:
         return {str(c): float(t) for c, t in self._rows("SELECT cid, last_used FROM access")}
 
     def latest(self, cid: str) -> dict[str, Any] | None:
-        rows = self._rows(
+        rows = self._records(
             "SELECT cid, state, repository, revision, size, files, identity, submitted, finished, reason, "
             "attempts, waits FROM jobs WHERE cid = ? ORDER BY id DESC LIMIT 1",
             (cid,),
         )
-        if not rows:
-            return None
-        keys = (
-            "cid",
-            "state",
-            "repository",
-            "revision",
-            "size",
-            "files",
-            "identity",
-            "submitted",
-            "finished",
-            "reason",
-            "attempts",
-            "waits",
-        )
-        return dict(zip(keys, rows[0], strict=True))
+        return rows[0] if rows else None
 
     def last_used(self, cid: str) -> float | None:
         rows = self._rows("SELECT last_used FROM access WHERE cid = ?", (cid,))
