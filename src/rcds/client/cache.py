@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cvmfs.pieces import lstat_or_none
 from ..logs import fields
-from .materialize import lstat_or_none
 
 log = logging.getLogger("rcds.client")
 

@@ -32,7 +32,6 @@ import logging
 import os
 import secrets
 import shutil
-import stat
 import threading
 import time
 from concurrent import futures
@@ -50,6 +49,8 @@ from ..cvmfs.pieces import (
     PieceSink,
     content_key,
     dirent_mtime_ns,
+    is_built,
+    lstat_or_none,
 )
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.sources import HttpSource, NotFound, SourceError
@@ -149,22 +150,6 @@ def _parse_entry_name(name: str) -> tuple[str, int, int] | None:
         return None
 
 
-def _valid(st: os.stat_result, size: int, mode: int, mtime_ns: int) -> bool:
-    return (
-        stat.S_ISREG(st.st_mode)
-        and st.st_size == size
-        and stat.S_IMODE(st.st_mode) == mode
-        and st.st_mtime_ns == mtime_ns
-    )
-
-
-def lstat_or_none(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
 def _force_rmtree(path: Path) -> None:
     """``rm -rf`` that also gets through directories without write permission (read-only trees)."""
     if not os.path.lexists(path):
@@ -254,7 +239,7 @@ class _Run:
             path = f"{self.cache}/files/{fan}/{name}"
             parsed = _parse_entry_name(name)
             st = lstat_or_none(path)
-            if parsed and st is not None and _valid(st, content.size, parsed[1], parsed[2]):
+            if parsed and st is not None and is_built(st, content.size, parsed[1], parsed[2]):
                 return path
         return None
 
@@ -274,7 +259,7 @@ class _Run:
                 continue
             except FileExistsError:
                 st = lstat_or_none(path)
-                if st is None or not _valid(st, size, entry.mode, entry.mtime_ns):
+                if st is None or not is_built(st, size, entry.mode, entry.mtime_ns):
                     os.rename(tmp, path)
                     return path
             except OSError as exc:
@@ -501,7 +486,7 @@ class _Run:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except FileExistsError:
                 st = lstat_or_none(path)
-                if st is None or not _valid(st, size, entry.mode, entry.mtime_ns):
+                if st is None or not is_built(st, size, entry.mode, entry.mtime_ns):
                     tmp = self.temp()
                     os.link(written, tmp)
                     os.rename(tmp, path)
@@ -770,7 +755,7 @@ def _classify(run: _Run, plan: _Plan) -> _Work:
         for e in c.entries:
             path = run.path(e)
             st = lstat_or_none(path)
-            if st is not None and _valid(st, c.size, e.mode, e.mtime_ns):
+            if st is not None and is_built(st, c.size, e.mode, e.mtime_ns):
                 cached.append(e)
                 continue
             if st is not None:

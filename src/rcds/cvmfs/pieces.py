@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,25 @@ def content_key(d: Dirent, label: str) -> tuple[str, list[Piece]]:
     if d.hash is None:
         raise BadFileEntry(f"{label}: regular file without content hash in the catalog")
     return d.hash.hex + raw, [Piece(d.hash, Suffix.NONE, 0, d.size)]
+
+
+def lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def is_built(st: os.stat_result | None, size: int, mode: int, mtime_ns: int) -> bool:
+    """Whether a local file (``st``) is one built from pieces with this size, mode and mtime: a file is
+    given its mode and mtime only once it is complete, so these tell a finished file from a leftover."""
+    return (
+        st is not None
+        and stat.S_ISREG(st.st_mode)
+        and st.st_size == size
+        and stat.S_IMODE(st.st_mode) == mode
+        and st.st_mtime_ns == mtime_ns
+    )
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -194,5 +214,7 @@ __all__ = [
     "PieceSink",
     "content_key",
     "dirent_mtime_ns",
+    "is_built",
+    "lstat_or_none",
     "pwrite_all",
 ]

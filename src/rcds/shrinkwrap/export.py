@@ -49,7 +49,16 @@ from typing import Any
 
 from ..cvmfs import failpoints
 from ..cvmfs.catalog import COMPRESSION_NONE, Dirent
-from ..cvmfs.pieces import BadFileEntry, Cancelled, CorruptObject, Piece, PieceSink, dirent_mtime_ns
+from ..cvmfs.pieces import (
+    BadFileEntry,
+    Cancelled,
+    CorruptObject,
+    Piece,
+    PieceSink,
+    dirent_mtime_ns,
+    is_built,
+    lstat_or_none,
+)
 from ..cvmfs.pieces import content_key as pieces_content_key
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.sources import HttpSource, SourceError
@@ -127,23 +136,6 @@ def data_name(key: str, mode: int, mtime: int) -> str:
 TMP_PREFIX = ".tmp-"
 
 
-def _valid(st: os.stat_result | None, size: int, mode: int, mtime: int) -> bool:
-    return (
-        st is not None
-        and stat.S_ISREG(st.st_mode)
-        and st.st_size == size
-        and stat.S_IMODE(st.st_mode) == mode
-        and st.st_mtime_ns == mtime
-    )
-
-
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
 def _failpoint(name: str) -> None:
     if failpoints.ENV in os.environ:
         failpoints.hit(_FAILPOINT_PREFIX + name)
@@ -151,7 +143,7 @@ def _failpoint(name: str) -> None:
 
 def force_remove(path: str) -> None:
     """``rm -rf`` that also gets through directories without write permission (exported read-only trees)."""
-    st = _lstat(path)
+    st = lstat_or_none(path)
     if st is None:
         return
     if not stat.S_ISDIR(st.st_mode):
@@ -299,8 +291,8 @@ class _Run:
             if job is not None:
                 job.waiters.append((visible, existing is None))
                 return
-        st = _lstat(data)
-        ok = _valid(st, d.size, mode, mtime)
+        st = lstat_or_none(data)
+        ok = is_built(st, d.size, mode, mtime)
         if ok and existing is not None and existing.is_file(follow_symlinks=False):
             assert st is not None
             if existing.inode() == st.st_ino and existing.stat(follow_symlinks=False).st_dev == st.st_dev:
@@ -388,7 +380,7 @@ class _Run:
         if self.cache is None or not self._link_from_cache:
             return False
         entry = f"{self.cache}/files/{key[:2]}/{key[2:]}_{mode:o}_{mtime}"
-        if not _valid(_lstat(entry), size, mode, mtime):
+        if not is_built(lstat_or_none(entry), size, mode, mtime):
             return False
         try:
             os.link(entry, data)  # the .data name did not exist: the link makes it appear complete
@@ -421,7 +413,7 @@ class _Run:
                 if not name.startswith(prefix) or name.startswith(TMP_PREFIX):
                     continue
                 path = f"{directory}/{name}"
-                st = _lstat(path)
+                st = lstat_or_none(path)
                 if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size or path == data:
                     continue
                 # Its name records the metadata it was made with; a file written through one of its
