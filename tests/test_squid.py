@@ -25,6 +25,8 @@ from rcds.cvmfs.hashes import ContentHash, Suffix
 from rcds.cvmfs.reader import ReaderError, RepositoryReader
 from rcds.cvmfs.repository import Repository
 from rcds.cvmfs.sources import HttpSource, NotFound
+from rcds.shrinkwrap.export import ShrinkwrapError, export
+from rcds.shrinkwrap.spec import Selector, parse_spec
 from rcds.web.repo_http import make_app
 from squid import LogEntry, SquidProxy, free_port, require_squid
 
@@ -223,6 +225,33 @@ def test_a_corrupt_object_cached_by_squid_is_fetched_again_past_the_cache(
     entries = squid.wait_entries(origin.url(h.object_name()), 4)
     assert entries[2].hit and entries[3].outcome == "TCP_MISS/200", entries
     assert entries[3].request_cache_control == "no-cache", entries
+
+
+def test_shrinkwrap_fetches_an_object_squid_cached_corrupt_again_past_the_cache(
+    squid: SquidProxy, origin: Origin, repo: Repository, tmp_path: Path
+) -> None:
+    """Shrinkwrap too: a bad copy in squid's cache fails the first export; once the server is repaired,
+    the next export through the same squid gets the object again with no-cache and completes."""
+    with open_via(origin, repo, [squid.url], tmp_path / "probe") as reader:
+        d = reader.stat("cid/README")
+    assert d is not None and d.hash is not None
+    stored = repo.storage / d.hash.object_name()
+    good = stored.read_bytes()
+    stored.chmod(0o644)
+    stored.write_bytes(zlib.compress(b"bad bytes, once\n"))
+    selector = Selector(parse_spec("/cid/*"), "2.14")
+    with (
+        open_via(origin, repo, [squid.url], tmp_path / "cache1") as reader,
+        pytest.raises(ShrinkwrapError, match="corrupt"),
+    ):
+        export(reader, selector, tmp_path / "out1", jobs=1, progress=False)
+    stored.write_bytes(good)  # the server is repaired; squid still holds the bad copy
+    with open_via(origin, repo, [squid.url], tmp_path / "cache2") as reader:
+        export(reader, selector, tmp_path / "out2", jobs=1, progress=False)
+    assert (tmp_path / "out2" / FQRN / "cid" / "README").read_bytes() == README
+    entries = squid.wait_entries(origin.url(d.hash.object_name()), 4)
+    assert any(e.hit for e in entries[:3]), entries  # the bad copy was served from the cache once more
+    assert entries[-1].request_cache_control == "no-cache" and entries[-1].outcome == "TCP_MISS/200", entries
 
 
 # --- 3. a new publish shows through squid ------------------------------------------------------

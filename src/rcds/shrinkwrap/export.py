@@ -456,6 +456,7 @@ class _Run:
             )
         if not sinks:
             return
+        refetch: set[int] = set()  # positions in ``sinks`` to fetch again past the proxy caches
         try:
             if len(sinks) > 1:
                 results = self.reader.source.fetch_many([(p.name, s) for _, p, s in sinks])  # type: ignore[misc]
@@ -464,25 +465,41 @@ class _Run:
                 self.reader.source.fetch(sinks[0][1].name, sinks[0][2])  # type: ignore[arg-type]
         except SourceError as exc:
             results = [exc] * len(sinks)
-        except CorruptObject as exc:  # raised while writing into one of the sinks: name that one
-            job, piece, _ = next((s for s in sinks if s[2].error is exc), sinks[0])
-            self._fail(job)
-            raise ShrinkwrapError(f"object {piece.name} of {job.label} is corrupt: {exc}") from exc
-        for (job, piece, sink), error in zip(sinks, results):  # noqa: B905 - same length; strict= needs 3.10
+        except CorruptObject:
+            # Raised while writing into one sink, which stopped the whole batch: where the others got to
+            # is unknown, so each is fetched again on its own.
+            results, refetch = [None] * len(sinks), set(range(len(sinks)))
+        for i, ((job, piece, sink), error) in enumerate(zip(sinks, results)):  # noqa: B905 - same length
             if error is not None:
                 self._fail(job)
                 raise ShrinkwrapError(f"cannot fetch object {piece.name} of {job.label}: {error}")
             try:
-                sink.finish()
+                if i in refetch:
+                    self._fetch_fresh(piece, sink)
+                else:
+                    try:
+                        sink.finish()
+                    except CorruptObject:
+                        self._fetch_fresh(piece, sink)
             except CorruptObject as exc:
                 self._fail(job)
                 raise ShrinkwrapError(f"object {piece.name} of {job.label} is corrupt: {exc}") from exc
+            except SourceError as exc:
+                self._fail(job)
+                raise ShrinkwrapError(f"cannot fetch object {piece.name} of {job.label}: {exc}") from exc
             with job.lock:
                 job.remaining -= 1
                 last = job.remaining == 0
             if last:
                 self.count(fetched_files=1)
                 self._finish(job, job.fd)
+
+    def _fetch_fresh(self, piece: Piece, sink: PieceSink) -> None:
+        """Fetch a piece that arrived corrupt once more with ``Cache-Control: no-cache``, as the CVMFS
+        client does: a proxy that cached bad bytes would otherwise serve them until they expire."""
+        sink.seek(0)
+        self.reader.source.fetch(piece.name, sink, fresh=True)  # type: ignore[arg-type]
+        sink.finish()
 
     def _fail(self, job: _Job) -> None:
         with job.lock:
