@@ -147,6 +147,17 @@ class StatusSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """``[gateway]``: the CVMFS-gateway-compatible API (``/api/v1``, docs/gateway.md)."""
+
+    key_files: tuple[Path, ...] = ()  # files of ``plain_text <key id> <secret>`` lines
+    # key id -> the lease paths it may take ("<repo>/<path>", "<repo>/" for the whole repository)
+    key_paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    admin_keys: tuple[str, ...] = ()
+    max_lease_time: float = 7200.0  # seconds a lease lives without a refresh (the stock default)
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     data_dir: Path
     repositories: tuple[RepositorySettings, ...]
@@ -182,6 +193,7 @@ class ServiceSettings:
     create_missing: bool = True  # create local repositories on first start
     embedded: bool = False
     status: StatusSettings = field(default_factory=StatusSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     @property
     def local_repositories(self) -> tuple[RepositorySettings, ...]:
@@ -374,6 +386,17 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         )
     st.done()
 
+    gw = TomlTable(r.subtable("gateway"), "gateway.")
+    gateway = GatewaySettings(
+        key_files=tuple(resolve(f) for f in gw.texts("key_files", [])),
+        key_paths={str(k): _key_paths(str(k), v) for k, v in gw.subtable("key_paths").items()},
+        admin_keys=tuple(gw.texts("admin_keys", [])),
+        max_lease_time=gw.number("max_lease_time", 7200.0),
+    )
+    if gateway.max_lease_time <= 0:
+        raise ConfigError("gateway.max_lease_time must be positive")
+    gw.done()
+
     settings = ServiceSettings(
         data_dir=data_dir,
         repositories=tuple(repos),
@@ -403,6 +426,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         max_connections=max_connections,
         create_missing=r.flag("create_missing", True),
         status=status,
+        gateway=gateway,
     )
     r.done()
     if settings.maxdays <= 0 or settings.gc_horizon_days < 0 or not 0 <= settings.gcstarthour <= 23:
@@ -443,6 +467,13 @@ def _group_settings(group: str, spec: Any) -> GroupSettings:
     issuers = tuple(gr.texts("issuers"))
     gr.done()
     return GroupSettings(group, tuple(dns), tuple(tokens), issuers)
+
+
+def _key_paths(key_id: str, spec: Any) -> tuple[str, ...]:
+    paths = [spec] if isinstance(spec, str) else spec
+    if not isinstance(paths, list) or not all(isinstance(p, str) and "/" in p for p in paths):
+        raise ConfigError(f'gateway.key_paths.{key_id}: a list of "<repository>/<path>" strings')
+    return tuple(paths)
 
 
 def _listener(spec: str, tls: bool) -> Listener:

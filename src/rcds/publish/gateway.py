@@ -1,0 +1,239 @@
+"""The CVMFS-gateway service (``/api/v1``): leases, object packs and commits from outside publishers.
+
+What a stock CVMFS publisher with a ``gw,...`` upstream does: acquire a lease on ``repo/path``, stream
+ObjectPacks holding every new object (data and catalogs), then commit with the old and new root catalog
+hashes of the tree it built. Here (no aiohttp; ``rcds.web.gateway`` is the HTTP face):
+
+* leases are rcds's own (``publish.leases``), held by the key that took them; tokens come from ``secrets``;
+* every object of a pack is re-hashed before it is stored (``cvmfs.objectpack``);
+* a commit is checked without any lock: the new tree must differ from the old nowhere outside the lease
+  (refused with the path named, where the stock gateway silently drops such changes), and the lease's
+  subtree must be complete in the store and within the catalog limits. Only then is the subtree grafted,
+  by catalog hash, onto the repository's *current* revision in one short writer transaction, so other
+  leases' commits in between are kept.
+
+Replies are the stock gateway's JSON documents (``{"status":"ok",...}`` or ``{"status":"error","reason":...}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from ..cvmfs import objectpack
+from ..cvmfs.hashes import ContentHash
+from ..cvmfs.objectpack import PackEntry, PackError
+from ..cvmfs.repository import Repository
+from ..cvmfs.treediff import IncompleteTree, OutsideChange, check_subtree, confine
+from ..ingest.tarstream import IngestLimits
+from ..logs import fields
+from .config import GatewaySettings
+from .gateway_auth import GatewayKeys, GatewayRefusal, split_lease_path
+from .leases import Busy, Lease, Leases
+
+log = logging.getLogger("rcds.gateway")
+
+API_VERSION = 3  # the stock gateway's protocol version; publishers send 2
+Reply = dict[str, object]
+
+
+def ok(**values: object) -> Reply:
+    return {"status": "ok", **values}
+
+
+def error(reason: str) -> Reply:
+    return {"status": "error", "reason": reason}
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as Go prints it (``1h2m3s``), the form of the stock gateway's ``time_remaining``."""
+    total = max(0, int(seconds))
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if h or m else "") + f"{s}s"
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        repositories: dict[str, Repository],
+        leases: Leases,
+        limits: IngestLimits,
+        announce: Callable[[str], object] = lambda name: None,
+    ) -> None:
+        self.settings = settings
+        self.repositories = repositories
+        self.leases = leases
+        self.limits = limits
+        self.announce = announce
+        self.keys = GatewayKeys.load(settings.key_files, settings.key_paths, settings.admin_keys)
+
+    # --- listings (authenticated, unlike the stock gateway's) -------------------------------------
+
+    def info(self) -> Reply:
+        return ok(data={"api_version": API_VERSION, "repositories": sorted(self.repositories)})
+
+    def repos(self, key_id: str) -> Reply:
+        return ok(data={name: self._repo_doc(name) for name in sorted(self.repositories)})
+
+    def repo(self, key_id: str, name: str) -> Reply:
+        if name not in self.repositories:
+            return error("invalid_repo")
+        return ok(data=self._repo_doc(name))
+
+    def _repo_doc(self, name: str) -> dict[str, object]:
+        keys = {k: [p for p in self.keys.paths(k) if p.split("/", 1)[0] == name] for k in self.keys.key_ids()}
+        return {"enabled": True, "keys": {k: v for k, v in keys.items() if v}}
+
+    def list_leases(self, key_id: str) -> Reply:
+        return ok(data={self._lease_path(le): self._lease_doc(le) for le in self.leases.list()})
+
+    def lease(self, key_id: str, token: str) -> Reply:
+        lease = self.leases.check(token)
+        if lease is None or lease.repository not in self.repositories:
+            return error("invalid_lease")
+        return ok(data=self._lease_doc(lease))
+
+    @staticmethod
+    def _lease_path(lease: Lease) -> str:
+        return f"{lease.repository}/{lease.path}"
+
+    def _lease_doc(self, lease: Lease) -> dict[str, object]:
+        key_id, _, hostname = lease.holder.partition("@")
+        return {
+            "key_id": key_id,
+            "hostname": hostname,
+            "path": self._lease_path(lease),
+            "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lease.expires)),
+        }
+
+    # --- leases -----------------------------------------------------------------------------------
+
+    def acquire(self, key_id: str, body: dict[str, object]) -> Reply:
+        path = body.get("path")
+        if not isinstance(path, str):
+            return error("invalid_path")
+        repo, sub = split_lease_path(path)
+        if repo not in self.repositories:
+            return error("invalid_repo")
+        if not sub:
+            return error("invalid_path: rcds leases sub-paths of a repository, not its root")
+        if not self.keys.may_lease(key_id, repo, sub):
+            return error("invalid_path: the key may not lease this path")
+        hostname = body.get("hostname")
+        holder = f"{key_id}@{hostname}" if isinstance(hostname, str) and hostname else key_id
+        got = self.leases.acquire(repo, sub, holder, self.settings.max_lease_time, external=True)
+        if isinstance(got, Busy):
+            return {"status": "path_busy", "time_remaining": go_duration(got.time_remaining)}
+        return ok(session_token=got.token, max_api_version=2)
+
+    def _held(self, key_id: str, token: str) -> Lease:
+        lease = self.leases.check(token)
+        if lease is None:
+            raise GatewayRefusal("invalid_lease: the lease expired or does not exist")
+        if lease.holder.partition("@")[0] != key_id:
+            raise GatewayRefusal("invalid_lease: the lease belongs to another key")
+        if lease.repository not in self.repositories:
+            raise GatewayRefusal("invalid_repo")
+        return lease
+
+    def drop(self, key_id: str, token: str) -> Reply:
+        self._held(key_id, token)
+        self.leases.release(token)
+        return ok()
+
+    # --- payloads ---------------------------------------------------------------------------------
+
+    def receive_payload(
+        self, key_id: str, token: str, pack: BinaryIO, digest: str, header_size: int
+    ) -> Reply:
+        lease = self._held(key_id, token)
+        store = self.repositories[lease.repository].store
+
+        def accept(entry: PackEntry, data: bytes) -> None:
+            if entry.name is None:
+                store.put_object(entry.object_name, data)
+
+        started = time.monotonic()
+        try:
+            entries = objectpack.read(pack, header_size, digest, accept)
+        except PackError as exc:
+            log.warning("payload refused", extra=fields(repository=lease.repository, reason=str(exc)))
+            return error(f"invalid_payload: {exc}")
+        log.info(
+            "payload received",
+            extra=fields(repository=lease.repository, path=lease.path, objects=len(entries),
+                         bytes=sum(e.size for e in entries), seconds=round(time.monotonic() - started, 3)),
+        )  # fmt: skip
+        return ok()
+
+    # --- commit -----------------------------------------------------------------------------------
+
+    def commit(self, key_id: str, token: str, body: dict[str, object]) -> Reply:
+        lease = self._held(key_id, token)
+        try:
+            old_root = _root_hash(body.get("old_root_hash"))
+            new_root = _root_hash(body.get("new_root_hash"))
+        except ValueError:
+            return error("invalid_request: old_root_hash and new_root_hash must be catalog hashes")
+        repo = self.repositories[lease.repository]
+        path = "/" + lease.path
+        started = time.monotonic()
+        try:
+            where = confine(repo, old_root, new_root, path)
+            size = 0
+            if where.nested is not None:
+                lim = self.limits
+                check_subtree(repo, where.nested.hash, lim.max_entries, lim.max_nested_catalogs,
+                              lim.max_catalog_depth)  # fmt: skip
+                size = where.nested.size
+            elif where.holder is not None and self._has_rows(repo, where.holder, path):
+                raise GatewayRefusal(
+                    f"invalid_commit: {path} must be a nested catalog in the published tree "
+                    "(give it a .cvmfscatalog)"
+                )
+        except OutsideChange as exc:
+            return error(f"invalid_commit: {exc}")
+        except IncompleteTree as exc:
+            return error(f"invalid_commit: {exc}")
+        if self.leases.check(token) is None:
+            return error("invalid_lease: the lease expired before the commit")
+        with repo.transaction() as txn:
+            if where.nested is not None:
+                txn.graft_catalog(path, where.nested.hash, size)
+            else:
+                txn.remove(path)
+            tag = body.get("tag_name")
+            result = txn.commit(tag if isinstance(tag, str) and tag else None,
+                                str(body.get("tag_description") or ""))  # fmt: skip
+        self.leases.release(token)
+        self.announce(lease.repository)
+        log.info(
+            "gateway commit",
+            extra=fields(repository=lease.repository, path=path, holder=lease.holder,
+                         catalog=where.nested.hash.hex if where.nested else None,
+                         revision=result.revision, seconds=round(time.monotonic() - started, 3)),
+        )  # fmt: skip
+        return ok(final_revision=result.revision)
+
+    @staticmethod
+    def _has_rows(repo: Repository, holder: ContentHash, path: str) -> bool:
+        cat = repo.open_catalog(holder)
+        try:
+            return cat.lookup(path, with_chunks=False) is not None
+        finally:
+            cat.close()
+
+
+def _root_hash(value: object) -> ContentHash:
+    if not isinstance(value, str):
+        raise ValueError("not a hash")
+    return ContentHash.from_hex(value.removesuffix("C"))
+
+
+def state_db(queue_dir: Path) -> Path:
+    return queue_dir / "state.db"
