@@ -112,17 +112,21 @@ class Transaction:
         try:
             repo.recover()
             self.base = repo.manifest()
-            self.work = repo.private / "txn" / secrets.token_hex(6)
-            self.work.mkdir(parents=True)
-            self.index = ContentIndex(repo.private / "content-index.db")
-            self.content = ContentWriter(repo.store, self.index, repo.config.chunk_params, workers)
-            self.open: dict[str, _OpenCatalog] = {}
-            self._seq = itertools.count()
-            self.clock = time.time
+            self._open_work(workers)
             self._load("", self.base.root_catalog, None)
         except BaseException:
             self._release()
             raise
+
+    def _open_work(self, workers: int | None) -> None:
+        repo = self.repo
+        self.work = repo.private / "txn" / secrets.token_hex(6)
+        self.work.mkdir(parents=True)
+        self.index = ContentIndex(repo.private / "content-index.db")
+        self.content = ContentWriter(repo.store, self.index, repo.config.chunk_params, workers)
+        self.open: dict[str, _OpenCatalog] = {}
+        self._seq = itertools.count()
+        self.clock = time.time
 
     # --- context management ----------------------------------------------------------------------
 
@@ -140,6 +144,13 @@ class Transaction:
 
     def _release(self) -> None:
         self._closed = True
+        self._close_work()
+        self._lock.__exit__(None, None, None)
+
+    def _close_work(self) -> None:
+        if getattr(self, "_work_closed", False):
+            return
+        self._work_closed = True
         for oc in getattr(self, "open", {}).values():
             oc.cat.close()
         if hasattr(self, "content"):
@@ -148,7 +159,6 @@ class Transaction:
             self.index.close()
         if hasattr(self, "work"):
             shutil.rmtree(self.work, ignore_errors=True)
-        self._lock.__exit__(None, None, None)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -390,6 +400,26 @@ class Transaction:
         self._write_nodes(path, nodes, boundaries, holder)
         self._touch_dir(parent, +1)
         return len(nodes)
+
+    def graft(self, staged: StagedTree) -> None:
+        """Put a staged subtree (``StagingTransaction.stage``) at its path, replacing whatever was there.
+
+        Short: one mountpoint row, one nested catalog reference and the counters; the staged catalogs
+        and objects are already stored.
+        """
+        self._check_open()
+        path = staged.path
+        if self.exists(path):
+            self.remove(path)
+        parent = parent_path(path)
+        if not self.exists(parent):
+            self.mkdir(parent)
+        holder = self._catalog_for(parent)
+        holder.cat.insert(path, staged.mount_row)
+        holder.cat.set_nested(path, staged.root_hash, staged.root_size)
+        holder.child_delta = add_counts(holder.child_delta, staged.totals)
+        self._mark_dirty(holder)
+        self._touch_dir(parent, +1)
 
     def write_file(self, path: str, data: bytes, mtime: int, mode: int = 0o644) -> None:
         """Create or replace the regular file ``path`` (its parent directory must exist).
@@ -719,6 +749,77 @@ class Transaction:
                 parent.child_delta, add_counts(counters.totals(), oc.old_totals, -1)
             )
         return h, size
+
+
+@dataclass(frozen=True)
+class StagedTree:
+    """A subtree built by ``StagingTransaction.stage``: its catalogs and objects are stored, nothing
+    references them yet. ``Transaction.graft`` puts it in a revision."""
+
+    path: str  # normalized, absolute in the repository ("/sw/cid")
+    root_hash: ContentHash  # the subtree's nested catalog
+    root_size: int
+    mount_row: Dirent  # the row for the parent catalog (flagged as a nested mountpoint)
+    totals: dict[str, int]  # the nested catalog's counters, itself and below
+    entries: int
+    stats: IngestStats
+
+
+class StagingTransaction(Transaction):
+    """Builds one subtree for a later ``Transaction.graft``, without the repository's writer lock.
+
+    It starts from an empty private root catalog, ingests the tree as ``add_tree`` does (a nested
+    catalog at its path, more at ``.cvmfscatalog`` markers), and ``stage`` finalizes only the catalogs at
+    and below that path. It holds the repository's ingest lock (shared) until it is closed, so garbage
+    collection cannot sweep an object it reused before the graft is committed: close it (``abort``, or
+    leave the ``with`` block) only after that commit, or when the staged tree is given up.
+    """
+
+    def __init__(self, repo: Repository, workers: int | None = None) -> None:
+        self.repo = repo
+        self._lock = repo.ingest_lock(exclusive=False)
+        self._lock.__enter__()
+        self._closed = False
+        self.staged: StagedTree | None = None
+        try:
+            self._open_work(workers)
+            root = Catalog.create(self._work_file(), "", _dir_row("", 0o755, self._now()))
+            zero = dict.fromkeys(COUNTER_KINDS, 0)
+            self.open[""] = _OpenCatalog("", root, None, zero, None, dict(zero), 0)
+        except BaseException:
+            self._release()
+            raise
+
+    def __enter__(self) -> StagingTransaction:
+        return self
+
+    def stage(self, path: str, entries: Iterable[TreeEntry]) -> StagedTree:
+        """Ingest ``entries`` as the tree at ``path`` and store its catalogs; the lock stays held."""
+        self._check_open()
+        if self.staged is not None:
+            raise TransactionError("a staging transaction stages one tree")
+        path = normalize_path(path)
+        count = self.add_tree(path, entries, nested=True)
+        failpoints.hit("staged-ingest")
+        self.repo.store.sync()  # every data object is durable before any catalog names it
+        timestamp = self._now()
+        below = [oc for oc in self.open.values() if oc.mount == path or oc.mount.startswith(path + "/")]
+        root_hash, root_size = ContentHash(bytes(20)), 0
+        for oc in sorted(below, key=lambda oc: -_depth(oc.mount)):
+            h, size = self._finalize(oc, timestamp, 1)
+            if oc.mount == path:
+                root_hash, root_size = h, size
+        mount_row = self._catalog_for(parent_path(path)).cat.lookup(path, with_chunks=False)
+        assert mount_row is not None and mount_row.is_nested_mountpoint
+        self.index.flush()
+        self.staged = StagedTree(
+            path, root_hash, root_size, mount_row, self._totals_of(root_hash), count, self.content.stats
+        )
+        self._close_work()  # memory and threads go now; only the ingest lock stays until ``abort``
+        return self.staged
+
+    def commit(self, tag: str | None = None, description: str = "") -> CommitResult:
+        raise TransactionError("a staged tree is published by Transaction.graft, not committed")
 
 
 def _recount_hardlinks(cat: Catalog) -> None:
