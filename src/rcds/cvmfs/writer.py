@@ -465,33 +465,20 @@ class Transaction:
         return self.add_tree(path, entries_from_directory(source), nested)
 
     def graft_catalog(self, path: str, catalog_hash: ContentHash, size: int) -> None:
-        """Put the finished catalog ``catalog_hash`` (rooted at ``path``, its whole subtree already in the
-        store) at ``path``, replacing whatever is there: a gateway commit takes a publisher's subtree so."""
-        self._check_open()
+        """``graft`` for a subtree built elsewhere (a gateway publisher's): its catalog ``catalog_hash``,
+        rooted at ``path``, and everything below it are already in the store."""
         path = normalize_path(path)
-        if not path:
-            raise TransactionError("cannot graft the repository root")
         cat = self.repo.open_catalog(catalog_hash)
         try:
-            root_row = cat.lookup(path, with_chunks=False)
+            root_row = cat.lookup(path, with_chunks=False) if path else None
             totals = (cat.counters() or Counters()).totals()
             prefix = cat.root_prefix
         finally:
             cat.close()
         if prefix != path or root_row is None or not root_row.is_dir:
-            raise TransactionError(f"catalog {catalog_hash.hex} is not rooted at {path}")
-        if self.exists(path):
-            self.remove(path)
-        parent = parent_path(path)
-        if not self.exists(parent):
-            self.mkdir(parent)
-        holder = self._catalog_for(parent)
+            raise TransactionError(f"catalog {catalog_hash.hex} is not rooted at {path or '/'}")
         mount_row = replace(root_row, flags=(root_row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
-        holder.cat.insert(path, mount_row)
-        holder.cat.set_nested(path, catalog_hash, size)
-        holder.child_delta = add_counts(holder.child_delta, totals)
-        self._mark_dirty(holder)
-        self._touch_dir(parent, +1)
+        self.graft(StagedTree(path, catalog_hash, size, mount_row, totals, 0, IngestStats()))
 
     def _collect(self, entries: Iterable[TreeEntry], now: int) -> dict[str, _Node]:
         nodes: dict[str, _Node] = {}

@@ -183,6 +183,22 @@ class Gateway:
         repo = self.repositories[lease.repository]
         path = "/" + lease.path
         started = time.monotonic()
+        # Shared with other ingests, exclusive for garbage collection's sweep: an uploaded object that no
+        # catalog names yet is not swept between the check that it is there and the graft's commit.
+        with repo.ingest_lock(exclusive=False):
+            return self._commit(lease, repo, path, old_root, new_root, body, started)
+
+    def _commit(
+        self,
+        lease: Lease,
+        repo: Repository,
+        path: str,
+        old_root: ContentHash,
+        new_root: ContentHash,
+        body: dict[str, object],
+        started: float,
+    ) -> Reply:
+        token = lease.token
         try:
             where = confine(repo, old_root, new_root, path)
             size = 0
