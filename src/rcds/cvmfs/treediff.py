@@ -142,16 +142,24 @@ class SubtreeStats:
 def check_subtree(
     repo: Repository,
     root: ContentHash,
+    path: str,
     max_entries: int,
     max_catalogs: int,
     max_depth: int,
 ) -> SubtreeStats:
-    """Every catalog from ``root`` down and every data object they name is stored; limits hold.
+    """Every catalog from ``root`` (rooted at ``path``) down and every data object they name is stored;
+    limits hold.
 
     ``max_catalogs`` and ``max_depth`` count the catalogs below ``root`` (``root`` itself is the
     leased path's own catalog, as a published tree's is).
     """
     stats = SubtreeStats()
+    top = _open(repo, root)
+    try:
+        if top.root_prefix != path:
+            raise IncompleteTree(f"catalog {root.hex} is rooted at {top.root_prefix or '/'}, not at {path}")
+    finally:
+        top.close()
     pending = [(root, 0)]
     while pending:
         h, depth = pending.pop()

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from ..cvmfs import objectpack
 from ..cvmfs.hashes import ContentHash
-from ..cvmfs.objectpack import PackEntry, PackError
+from ..cvmfs.objectpack import MAX_OBJECTS, PackEntry, PackError, parse_suffixed_hash
 from ..cvmfs.repository import Repository
 from ..cvmfs.treediff import IncompleteTree, OutsideChange, check_subtree, confine
 from ..ingest.tarstream import IngestLimits
@@ -174,67 +174,83 @@ class Gateway:
     # --- commit -----------------------------------------------------------------------------------
 
     def commit(self, key_id: str, token: str, body: dict[str, object]) -> Reply:
+        """The stock form names the publisher's old and new root catalogs; rcds push's form names the
+        lease path's own catalog (``catalog_hash``, ``catalog_size``) directly."""
         lease = self._held(key_id, token)
-        try:
-            old_root = _root_hash(body.get("old_root_hash"))
-            new_root = _root_hash(body.get("new_root_hash"))
-        except ValueError:
-            return error("invalid_request: old_root_hash and new_root_hash must be catalog hashes")
         repo = self.repositories[lease.repository]
         path = "/" + lease.path
         started = time.monotonic()
         # Shared with other ingests, exclusive for garbage collection's sweep: an uploaded object that no
         # catalog names yet is not swept between the check that it is there and the graft's commit.
         with repo.ingest_lock(exclusive=False):
-            return self._commit(lease, repo, path, old_root, new_root, body, started)
-
-    def _commit(
-        self,
-        lease: Lease,
-        repo: Repository,
-        path: str,
-        old_root: ContentHash,
-        new_root: ContentHash,
-        body: dict[str, object],
-        started: float,
-    ) -> Reply:
-        token = lease.token
-        try:
-            where = confine(repo, old_root, new_root, path)
-            size = 0
-            if where.nested is not None:
-                lim = self.limits
-                check_subtree(repo, where.nested.hash, lim.max_entries, lim.max_nested_catalogs,
-                              lim.max_catalog_depth)  # fmt: skip
-                size = where.nested.size
-            elif where.holder is not None and self._has_rows(repo, where.holder, path):
-                raise GatewayRefusal(
-                    f"invalid_commit: {path} must be a nested catalog in the published tree "
-                    "(give it a .cvmfscatalog)"
-                )
-        except OutsideChange as exc:
-            return error(f"invalid_commit: {exc}")
-        except IncompleteTree as exc:
-            return error(f"invalid_commit: {exc}")
-        if self.leases.check(token) is None:
-            return error("invalid_lease: the lease expired before the commit")
-        with repo.transaction() as txn:
-            if where.nested is not None:
-                txn.graft_catalog(path, where.nested.hash, size)
-            else:
-                txn.remove(path)
-            tag = body.get("tag_name")
-            result = txn.commit(tag if isinstance(tag, str) and tag else None,
-                                str(body.get("tag_description") or ""))  # fmt: skip
+            try:
+                subtree = self._subtree(repo, path, body)
+            except (OutsideChange, IncompleteTree) as exc:
+                return error(f"invalid_commit: {exc}")
+            if self.leases.check(token) is None:
+                return error("invalid_lease: the lease expired before the commit")
+            with repo.transaction() as txn:
+                if subtree is not None:
+                    txn.graft_catalog(path, *subtree)
+                else:
+                    txn.remove(path)
+                tag = body.get("tag_name")
+                result = txn.commit(tag if isinstance(tag, str) and tag else None,
+                                    str(body.get("tag_description") or ""))  # fmt: skip
         self.leases.release(token)
         self.announce(lease.repository)
         log.info(
             "gateway commit",
             extra=fields(repository=lease.repository, path=path, holder=lease.holder,
-                         catalog=where.nested.hash.hex if where.nested else None,
+                         catalog=subtree[0].hex if subtree else None,
                          revision=result.revision, seconds=round(time.monotonic() - started, 3)),
         )  # fmt: skip
         return ok(final_revision=result.revision)
+
+    def _subtree(
+        self, repo: Repository, path: str, body: dict[str, object]
+    ) -> tuple[ContentHash, int] | None:
+        """The catalog (hash, size) to graft at ``path``, checked complete and within the limits; None when
+        the publisher removed the path."""
+        if "catalog_hash" in body:
+            try:
+                subtree = (_root_hash(body.get("catalog_hash")), int(str(body.get("catalog_size"))))
+            except ValueError:
+                raise GatewayRefusal("invalid_request: catalog_hash and catalog_size") from None
+        else:
+            try:
+                old_root = _root_hash(body.get("old_root_hash"))
+                new_root = _root_hash(body.get("new_root_hash"))
+            except ValueError:
+                raise GatewayRefusal("invalid_request: old_root_hash and new_root_hash") from None
+            where = confine(repo, old_root, new_root, path)
+            if where.nested is None:
+                if self._has_rows(repo, where.holder, path):
+                    raise GatewayRefusal(
+                        f"invalid_commit: {path} must be a nested catalog in the published tree "
+                        "(give it a .cvmfscatalog)"
+                    )
+                return None
+            subtree = (where.nested.hash, where.nested.size)
+        lim = self.limits
+        check_subtree(repo, subtree[0], path, lim.max_entries, lim.max_nested_catalogs, lim.max_catalog_depth)
+        return subtree
+
+    def missing(self, key_id: str, token: str, names: object) -> Reply:
+        """Which of ``names`` (objects, suffixed hashes) the repository lacks: rcds push uploads only those."""
+        lease = self._held(key_id, token)
+        store = self.repositories[lease.repository].store
+        if not isinstance(names, list) or len(names) > MAX_OBJECTS:
+            return error(f"invalid_request: objects must be a list of at most {MAX_OBJECTS} names")
+        lacking = []
+        for name in names:
+            try:
+                h, suffix = parse_suffixed_hash(str(name))
+            except PackError:
+                return error(f"invalid_request: {str(name)[:80]!r} is not an object name")
+            if not store.exists(h.object_name(suffix)):
+                lacking.append(name)
+        return ok(missing=lacking)
 
     @staticmethod
     def _has_rows(repo: Repository, holder: ContentHash, path: str) -> bool:

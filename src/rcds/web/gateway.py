@@ -22,6 +22,7 @@ from ..publish.gateway_auth import GatewayRefusal
 
 ROOT = "/api/v1"
 MAX_MESSAGE = 64 * 1024  # a lease request or a payload's JSON message
+MAX_OBJECT_LIST = MAX_OBJECTS * 64  # rcds push's "which of these do you lack": names and JSON quoting
 MAX_PAYLOAD = MAX_PACK_BYTES + MAX_OBJECTS * MAX_HEADER_LINE + MAX_MESSAGE
 
 
@@ -69,6 +70,7 @@ class GatewayApi:
         r.add_post(ROOT + "/leases", _cvmfs_style(self.acquire))
         r.add_post(ROOT + "/leases/{token}", _cvmfs_style(self.commit))
         r.add_delete(ROOT + "/leases/{token}", _cvmfs_style(self.drop))
+        r.add_post(ROOT + "/leases/{token}/missing", _cvmfs_style(self.missing))  # rcds push's
         r.add_post(ROOT + "/payloads", _cvmfs_style(self.payload))
         r.add_post(ROOT + "/payloads/{token}", _cvmfs_style(self.payload))
 
@@ -121,6 +123,12 @@ class GatewayApi:
         token = request.match_info["token"]
         key_id = self.keys.verify(request.headers.get("Authorization"), token.encode())
         return await asyncio.to_thread(self.gateway.drop, key_id, token)
+
+    async def missing(self, request: web.Request) -> Reply:
+        token = request.match_info["token"]
+        key_id = self.keys.verify(request.headers.get("Authorization"), token.encode())
+        body = _json_object(await self._body(request, MAX_OBJECT_LIST))
+        return await asyncio.to_thread(self.gateway.missing, key_id, token, body.get("objects"))
 
     # --- payloads ------------------------------------------------------------------------------------
 

@@ -1,0 +1,110 @@
+"""``rcds push`` (the real command) into a real ``rcds serve``'s gateway: only missing objects travel."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.repository import Repository
+from server import RcdsServer
+
+REPO = "push.rcds.test"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RcdsServer]:
+    keyfile = tmp_path / "gateway.keys"
+    keyfile.write_text("plain_text alice alice-secret\nplain_text bob bob-secret\n")
+    for who in ("alice", "bob"):
+        (tmp_path / f"{who}.key").write_text(f"plain_text {who} {who}-secret\n")
+    config = f"""
+[gateway]
+key_files = ["{keyfile}"]
+[gateway.key_paths]
+alice = ["{REPO}/users/alice"]
+bob = ["{REPO}/users/bob"]
+"""
+    srv = RcdsServer(tmp_path, extra_config=config, repos=(REPO,)).start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def rcds_push(server: RcdsServer, who: str, source: Path, target: str) -> subprocess.CompletedProcess[str]:
+    home = server.root / f"home-{who}"
+    return subprocess.run(
+        [sys.executable, "-m", "rcds.cli", "push", str(source), target, "--server", server.url,
+         "--key", str(server.root / f"{who}.key"), "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "XDG_CACHE_HOME": str(home)},
+    )  # fmt: skip
+
+
+def pushed(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
+
+
+def read(server: RcdsServer, path: str) -> bytes:
+    key = Repository(server.storage(REPO)).public_key_path
+    with RepositoryReader.open(f"{server.url}/cvmfs/{REPO}", key) as reader:
+        return reader.read(path)
+
+
+def test_push_twice_sends_only_the_changed_file(server: RcdsServer, tmp_path: Path) -> None:
+    tree = tmp_path / "analysis"
+    (tree / "lib").mkdir(parents=True)
+    big = os.urandom(300_000)  # incompressible: its object is about this size
+    (tree / "lib" / "big.bin").write_bytes(big)
+    (tree / "run.sh").write_text("#!/bin/sh\necho one\n")
+    first = pushed(rcds_push(server, "alice", tree, f"{REPO}:/users/alice/analysis"))
+    assert first["bytes_sent"] > len(big)
+    assert read(server, "/users/alice/analysis/lib/big.bin") == big
+
+    (tree / "run.sh").write_text("#!/bin/sh\necho two\n")
+    second = pushed(rcds_push(server, "alice", tree, f"{REPO}:/users/alice/analysis"))
+    # The changed script's object and the new catalog; not the 300 kB file again.
+    assert second["objects_sent"] == 2, second
+    assert second["bytes_sent"] < 20_000, second
+    assert second["revision"] == first["revision"] + 1
+    assert read(server, "/users/alice/analysis/run.sh") == b"#!/bin/sh\necho two\n"
+    assert read(server, "/users/alice/analysis/lib/big.bin") == big
+    check = subprocess.run([sys.executable, "-m", "rcds.cli", "repo", "check", str(server.storage(REPO))],
+                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_push_of_a_tarball(server: RcdsServer, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("pkg/README")
+        data = b"from a tarball\n"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tarball = tmp_path / "pkg.tar.gz"
+    tarball.write_bytes(buf.getvalue())
+    pushed(rcds_push(server, "bob", tarball, f"{REPO}:/users/bob"))
+    assert read(server, "/users/bob/pkg/README") == b"from a tarball\n"
+
+
+def test_push_into_another_users_path_is_refused(server: RcdsServer, tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_text("x\n")
+    before = Repository(server.storage(REPO)).manifest().revision
+    proc = rcds_push(server, "bob", tree, f"{REPO}:/users/alice")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "may not lease" in proc.stderr
+    assert Repository(server.storage(REPO)).manifest().revision == before
