@@ -103,14 +103,17 @@ class Publisher:
         self.repo = Repository(scratch)
         self.old_root = self.repo.manifest().root_catalog.hex
 
-    def publish(self, path: str, files: dict[str, bytes], outside: dict[str, bytes] | None = None) -> str:
-        """Put ``files`` at ``path`` (its own nested catalog), and ``outside`` anywhere; the new root."""
+    def publish(
+        self, path: str, files: dict[str, bytes], outside: dict[str, bytes] | None = None, nested: bool = True
+    ) -> str:
+        """Put ``files`` at ``path`` (its own nested catalog unless not ``nested``), and ``outside``
+        anywhere; the new root."""
         with self.repo.transaction() as txn:
             src = self.repo.private / "src"
             for name, data in files.items():
                 (src / name).parent.mkdir(parents=True, exist_ok=True)
                 (src / name).write_bytes(data)
-            txn.add_directory(path, src)
+            txn.add_directory(path, src, nested=nested)
             for where, data in (outside or {}).items():
                 txn.write_file(where, data, mtime=1_700_000_000)
             txn.commit()
@@ -251,3 +254,22 @@ def test_disjoint_leases_commit_concurrently(server: RcdsServer, tmp_path: Path)
     assert read_back(server, "/users/alice/alice.txt") == b"alice's file\n"
     assert read_back(server, "/users/bob/bob.txt") == b"bob's file\n"
     assert f"OK: revision {first + 2}" in repo_check(server)
+
+
+def test_a_lease_path_kept_in_its_parents_catalog_gets_its_own(server: RcdsServer, tmp_path: Path) -> None:
+    """A stock publisher without a .cvmfscatalog at the lease path leaves its rows in the parent's catalog:
+    the commit takes those rows (no content re-ingested) into a nested catalog of the path."""
+    alice = GatewayClient(server.url, "alice", KEYS["alice"])
+    token = alice.acquire(f"{REPO}/shared")["session_token"]
+    pub = Publisher(server, tmp_path / "pub")
+    new_root = pub.publish("/shared", {"x/y.txt": b"shared rows\n", "z.txt": b"z\n"}, nested=False)
+    assert alice.upload(token, pub.new_objects())["status"] == "ok"
+    assert alice.commit(token, pub.old_root, new_root)["status"] == "ok"
+    assert read_back(server, "/shared/x/y.txt") == b"shared rows\n"
+    repo = Repository(server.storage(REPO))
+    root = repo.open_catalog(repo.manifest().root_catalog)
+    try:
+        assert root.nested_ref("/shared") is not None
+    finally:
+        root.close()
+    repo_check(server)

@@ -12,11 +12,22 @@ must keep its hash.
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 
-from .catalog import Catalog, NestedRef
+from .catalog import (
+    NESTED_MARKER,
+    Catalog,
+    Counters,
+    Dirent,
+    NestedRef,
+    add_counts,
+    file_flags,
+)
 from .hashes import ContentHash, Suffix, md5_pair
+from .objects import EMPTY_HASH, EMPTY_OBJECT
 from .repository import Repository
 from .store import ObjectMissing
 
@@ -184,3 +195,54 @@ def check_subtree(
         finally:
             cat.close()
     return stats
+
+
+def extract_subtree(repo: Repository, holder: ContentHash, path: str) -> tuple[ContentHash, int]:
+    """A nested catalog for ``path`` holding the rows below it in catalog ``holder`` (where the publisher
+    left them, in its parent's catalog): the same rows, hashes and chunks (nothing is re-ingested), the
+    nested catalogs below it referenced as they are, and a ``.cvmfscatalog`` marker. Stored; (hash, size).
+    """
+    src = _open(repo, holder)
+    work = repo.private / "tmp" / f"extract.{secrets.token_hex(6)}.db"
+    try:
+        root = src.lookup(path, with_chunks=False)
+        if root is None or not root.is_dir:
+            raise IncompleteTree(f"{path} is not a directory in the published tree")
+        cat = Catalog.create(work, path, root)
+        cat.begin()
+        subtree = dict(Counters().subtree)
+        pending = [path]
+        while pending:
+            directory = pending.pop()
+            for d in src.listdir(directory, with_chunks=True):
+                child = f"{directory}/{d.name}"
+                cat.insert(child, d)
+                if d.is_nested_mountpoint:
+                    ref = src.nested_ref(child)
+                    if ref is None:
+                        raise IncompleteTree(f"{child} is a mountpoint without a nested catalog")
+                    cat.set_nested(child, ref.hash, ref.size)
+                    nested = _open(repo, ref.hash)
+                    try:
+                        subtree = add_counts(subtree, (nested.counters() or Counters()).totals())
+                    finally:
+                        nested.close()
+                elif d.is_dir:
+                    pending.append(child)
+        if cat.lookup(f"{path}/{NESTED_MARKER}", with_chunks=False) is None:
+            repo.store.put_object(EMPTY_HASH.object_name(), EMPTY_OBJECT)
+            marker = Dirent(name=NESTED_MARKER, mode=0o100644, flags=file_flags(), size=0,
+                            mtime=root.mtime, hash=EMPTY_HASH)  # fmt: skip
+            cat.insert(f"{path}/{NESTED_MARKER}", marker)
+        counters = Counters()
+        counters.self_ = cat.compute_self_counters()
+        counters.subtree = subtree
+        cat.write_counters(counters)
+        cat.set_property("revision", 1)
+        cat.set_property("last_modified", int(time.time()))
+        cat.commit()
+        cat.close()
+        return repo.store_catalog(work)
+    finally:
+        src.close()
+        work.unlink(missing_ok=True)

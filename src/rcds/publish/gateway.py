@@ -27,7 +27,7 @@ from ..cvmfs import objectpack
 from ..cvmfs.hashes import ContentHash
 from ..cvmfs.objectpack import MAX_OBJECTS, PackEntry, PackError, parse_suffixed_hash
 from ..cvmfs.repository import Repository
-from ..cvmfs.treediff import IncompleteTree, OutsideChange, check_subtree, confine
+from ..cvmfs.treediff import IncompleteTree, OutsideChange, check_subtree, confine, extract_subtree
 from ..ingest.tarstream import IngestLimits
 from ..logs import fields
 from .config import GatewaySettings
@@ -224,14 +224,14 @@ class Gateway:
             except ValueError:
                 raise GatewayRefusal("invalid_request: old_root_hash and new_root_hash") from None
             where = confine(repo, old_root, new_root, path)
-            if where.nested is None:
-                if self._has_rows(repo, where.holder, path):
-                    raise GatewayRefusal(
-                        f"invalid_commit: {path} must be a nested catalog in the published tree "
-                        "(give it a .cvmfscatalog)"
-                    )
-                return None
-            subtree = (where.nested.hash, where.nested.size)
+            if where.nested is not None:
+                subtree = (where.nested.hash, where.nested.size)
+            elif self._has_rows(repo, where.holder, path):
+                # The publisher kept the path in its parent's catalog: it gets a catalog of its own here,
+                # so that it can be grafted (and the next lease's commit grafts it by hash).
+                subtree = extract_subtree(repo, where.holder, path)
+            else:
+                return None  # the publisher removed the path
         lim = self.limits
         check_subtree(repo, subtree[0], path, lim.max_entries, lim.max_nested_catalogs, lim.max_catalog_depth)
         return subtree
