@@ -245,6 +245,8 @@ def test_a_leased_path_keeps_its_job_queued(solo: RcdsServer) -> None:
     busy = log_events(solo, "lease busy, job stays queued")
     assert busy and busy[0]["cid"] == "g/x" and busy[0]["path"] == "sw/g", busy
     assert 'rcds_lease_waiting_jobs{repository="solo.rcds.test"} 1.0' in solo.client.get("/metrics").text
+    (repo,) = solo.client.get("/status.json").json()["repositories"]
+    assert [(x["path"], "holder" in x) for x in repo["leases"]] == [("sw/g", False)], repo
     other = external.acquire(SOLO[0], "sw/g/y", "another writer", ttl=60, external=True)
     assert isinstance(other, Busy) and 590 < other.time_remaining <= 600 and other.path == "sw/g"
     assert external.release(lease.token) is not None

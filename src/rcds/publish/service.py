@@ -848,6 +848,7 @@ class RepositoryWorker(threading.Thread):
         # State database writes that failed (the database shares the full disk), replayed in order before
         # anything else: without them a job would stay "publishing" until the next restart.
         self._pending_writes: list[Callable[[], object]] = []
+        self._stuck = False
         settings = service.settings
         self.slots = (
             IngestSlots(settings.slots, settings.small_publish_bytes, service._notify)
@@ -875,6 +876,7 @@ class RepositoryWorker(threading.Thread):
         assert svc.state is not None
         while not svc.stopping.is_set():
             seen = svc.generation
+            self._stuck = False  # due jobs that no slot can take now: wait for a wake-up, do not poll
             pause = self._resume_at - time.monotonic()
             if pause > 0:  # the storage failed: the next try waits for the backoff
                 svc.stopping.wait(min(pause, 1.0))
@@ -893,23 +895,9 @@ class RepositoryWorker(threading.Thread):
                         if finished:
                             self.publish([r.job for r in finished], {r.job.id: r for r in finished})
                             continue
-                    if not self.accepting.is_set():
-                        continue
-                    if time.monotonic() > self._next_resign_check:
-                        self._next_resign_check = time.monotonic() + 3600
-                        svc.resign_if_due(self.repo)
-                    if self.slots is not None:
-                        self._dispatch()
-                    else:
-                        jobs = svc.state.claim(
-                            self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes
-                        )
-                        if jobs:
-                            self.publish(jobs)
-                            continue
-                    if time.monotonic() > self._next_share_check:  # idle: last-use records due?
-                        self._next_share_check = time.monotonic() + min(60.0, svc.settings.share_seconds / 2)
-                        self.publish([])
+                    if not self.accepting.is_set():  # paused: only the ingests in flight are grafted
+                        self._stuck = True
+                    elif self._claim_and_publish():
                         continue
             except (
                 Exception
@@ -923,12 +911,35 @@ class RepositoryWorker(threading.Thread):
                 continue
             retry_at = svc.state.next_retry_at()
             timeout = 1.0 if retry_at is None else max(0.05, min(1.0, retry_at - time.time()))
+            if self._stuck and (retry_at is None or retry_at <= time.time()):
+                timeout = 1.0  # new uploads and finished ingests wake the worker
             svc.wait_for_work(seen, timeout)
         # Stopping: one last go at state writes still owed (else the next start sorts those jobs out).
         with contextlib.suppress(Exception):
             while self._pending_writes:
                 self._pending_writes[0]()
                 self._pending_writes.pop(0)
+
+    def _claim_and_publish(self) -> bool:
+        """Under ``busy``: start ingests in free slots (or, with one slot, publish a claimed batch here),
+        or write the last-use records due. Whether to go round again at once."""
+        svc = self.service
+        assert svc.state is not None
+        if time.monotonic() > self._next_resign_check:
+            self._next_resign_check = time.monotonic() + 3600
+            svc.resign_if_due(self.repo)
+        if self.slots is not None:
+            self._stuck = not self._dispatch()
+        else:
+            jobs = svc.state.claim(self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes)
+            if jobs:
+                self.publish(jobs)
+                return True
+        if time.monotonic() > self._next_share_check:  # idle: last-use records due?
+            self._next_share_check = time.monotonic() + min(60.0, svc.settings.share_seconds / 2)
+            self.publish([])
+            return True
+        return False
 
     @property
     def storage_waiting(self) -> bool:
@@ -1130,14 +1141,15 @@ class RepositoryWorker(threading.Thread):
 
     # --- ingest slots ----------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> bool:
         """Start queued jobs in free slots, each under a lease on its path: a big or retried job alone, else
         a run of small ones within the batch budget. Small ones are never left waiting behind big ones
-        (``IngestSlots.fits``). A job whose path is leased elsewhere stays queued."""
+        (``IngestSlots.fits``). A job whose path is leased elsewhere stays queued. Whether any started."""
         svc, slots = self.service, self.slots
         s = svc.settings
         assert svc.state is not None and slots is not None
         waiting = 0
+        free_before = slots.free
         candidates = svc.state.queued(limit=s.batch_max_jobs + 64) if slots.free > 0 else []
         batch: list[tuple[Job, Lease]] = []
         total = 0
@@ -1166,6 +1178,7 @@ class RepositoryWorker(threading.Thread):
         if batch:
             self._start(batch)
         svc.metrics.lease_waiting.labels(self.repo_name).set(waiting)
+        return slots.free < free_before
 
     def _take(self, job: Job) -> tuple[Job, Lease] | Busy | None:
         """Lease the job's path and claim it: Busy if the path is leased elsewhere, None if the job is
