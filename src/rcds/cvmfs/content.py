@@ -35,7 +35,8 @@ class ContentIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        # Several writers at once (staged ingests, a transaction, GC): WAL, and waiting for each other.
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS pieces (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
@@ -54,7 +55,7 @@ class ContentIndex:
         """Persist the entries recorded since the last flush (after their objects are durable)."""
         with self._lock:
             if self._pending:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 self.db.executemany("INSERT OR REPLACE INTO pieces (key, value) VALUES (?, ?)", self._pending)
                 self.db.execute("COMMIT")
                 self._pending.clear()
@@ -90,7 +91,7 @@ class ContentIndex:
 
     def _remove_listed(self, table: str) -> int:
         """Delete entries naming an object in ``table``; the caller holds ``_lock``."""
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE")
         try:
             removed = self.db.execute(
                 f"DELETE FROM pieces WHERE length(value) = 20 AND value IN (SELECT digest FROM {table})"

@@ -16,6 +16,7 @@ The full list of keys, with defaults, is in the README ("Configuration").
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -175,6 +176,13 @@ class ServiceSettings:
     limits: IngestLimits = field(default_factory=IngestLimits)
     batch_max_jobs: int = 100
     batch_max_bytes: int = 512 * MiB
+    # Publishes ingested at once per repository, each under a lease on its own path (0: by CPU count).
+    # 1 is the serialized design of before: one transaction ingests a whole batch under the writer lock.
+    ingest_slots: int = 0
+    # An ingest that makes no progress for this long loses its lease; its result is refused at graft.
+    lease_seconds: float = 120.0
+    # Tarballs up to this size are small: with two slots or more one slot is kept for them alone.
+    small_publish_bytes: int = 64 * MiB
     publish_attempts: int = 3
     retry_delay: float = 5.0  # seconds before the first retry; doubles with each attempt
     # Longest wait between tries of a job waiting for the storage (full disk...): how soon publishing
@@ -194,6 +202,11 @@ class ServiceSettings:
     embedded: bool = False
     status: StatusSettings = field(default_factory=StatusSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+
+    @property
+    def slots(self) -> int:
+        """``ingest_slots``, or by CPU count (2 to 8: a small publish always has a slot of its own)."""
+        return self.ingest_slots or min(8, max(2, os.cpu_count() or 1))
 
     @property
     def local_repositories(self) -> tuple[RepositorySettings, ...]:
@@ -414,6 +427,9 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         limits=limits,
         batch_max_jobs=batch_max_jobs,
         batch_max_bytes=batch_max_bytes,
+        ingest_slots=r.integer("ingest_slots", 0),
+        lease_seconds=r.number("lease_seconds", 120.0),
+        small_publish_bytes=r.integer("small_publish_bytes", 64 * MiB),
         publish_attempts=r.integer("publish_attempts", 3),
         retry_delay=r.number("retry_delay", 5.0),
         max_retry_delay=r.number("max_retry_delay", 60.0),
@@ -433,6 +449,8 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         raise ConfigError("maxdays must be positive, gc_horizon_days not negative, gcstarthour 0-23")
     if settings.retry_delay <= 0 or settings.max_retry_delay < settings.retry_delay:
         raise ConfigError("retry_delay must be positive and max_retry_delay at least retry_delay")
+    if settings.ingest_slots < 0 or settings.lease_seconds <= 0 or settings.small_publish_bytes < 0:
+        raise ConfigError("ingest_slots and small_publish_bytes must not be negative, lease_seconds positive")
     if not settings.prefix or "/" in settings.prefix:
         raise ConfigError("prefix must be one path component")
     return settings
