@@ -192,6 +192,8 @@ def test_refusals_are_cvmfs_style_replies(server: RcdsServer, tmp_path: Path) ->
     assert mallory.get("/leases") == {"status": "error", "reason": "invalid_hmac"}
     bob_path = alice.acquire(f"{REPO}/users/bob")
     assert bob_path["status"] == "error" and "may not lease" in bob_path["reason"]
+    publish_space = alice.acquire(f"{REPO}/sw/mine")
+    assert publish_space["status"] == "error" and "belongs to rcds publish" in publish_space["reason"]
 
     token = alice.acquire(f"{REPO}/users/alice")["session_token"]
     first = Repository(server.storage(REPO)).manifest().revision

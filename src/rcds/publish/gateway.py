@@ -31,7 +31,7 @@ from ..cvmfs.treediff import IncompleteTree, OutsideChange, check_subtree, confi
 from ..ingest.tarstream import IngestLimits
 from ..logs import fields
 from .config import GatewaySettings
-from .gateway_auth import GatewayKeys, GatewayRefusal, split_lease_path
+from .gateway_auth import GatewayKeys, GatewayRefusal, split_lease_path, within
 from .leases import Busy, Lease, Leases
 
 log = logging.getLogger("rcds.gateway")
@@ -64,12 +64,14 @@ class Gateway:
         leases: Leases,
         limits: IngestLimits,
         announce: Callable[[str], object] = lambda name: None,
+        publish_prefix: str = "sw",
     ) -> None:
         self.settings = settings
         self.repositories = repositories
         self.leases = leases
         self.limits = limits
         self.announce = announce
+        self.publish_prefix = publish_prefix  # rcds publish's own namespace: no gateway lease there
         self.keys = GatewayKeys.load(settings.key_files, settings.key_paths, settings.admin_keys)
 
     # --- listings (authenticated, unlike the stock gateway's) -------------------------------------
@@ -122,6 +124,8 @@ class Gateway:
             return error("invalid_repo")
         if not sub:
             return error("invalid_path: rcds leases sub-paths of a repository, not its root")
+        if within(sub, self.publish_prefix) or within(self.publish_prefix, sub):
+            return error(f"invalid_path: /{self.publish_prefix} belongs to rcds publish")
         if not self.keys.may_lease(key_id, repo, sub):
             return error("invalid_path: the key may not lease this path")
         hostname = body.get("hostname")

@@ -72,8 +72,8 @@ def make_app(service: PublishService, throttle: LogThrottle | None = None) -> we
 def make_gateway(service: PublishService) -> Gateway:
     """The CVMFS-gateway service over the local repositories (leases in the service's state file)."""
     s = service.settings
-    leases = Leases(state_db(s.queue_dir))
-    return Gateway(s.gateway, service.repositories, leases, s.limits, service.announce)
+    leases = service.leases if service.leases is not None else Leases(state_db(s.queue_dir))
+    return Gateway(s.gateway, service.repositories, leases, s.limits, service.announce, s.prefix)
 
 
 def make_ssl_context(settings: ServiceSettings) -> ssl.SSLContext | None:
