@@ -23,12 +23,15 @@ from typing import Any
 import httpx
 import pytest
 
+from pki import TokenIssuer
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
 from rcds.cvmfs.store import LocalStore
 from server import RcdsServer
 
 REPO = "gw.rcds.test"
+ISSUER = "https://tokens.rcds.test"
+AUDIENCE = "https://gw.rcds.test"
 KEYS = {"alice": "alice-secret", "bob": "bob-secret"}
 MAX_LEASE = 3.0
 
@@ -50,11 +53,15 @@ def object_pack(objects: list[tuple[str, bytes]]) -> tuple[bytes, bytes]:
 
 
 class GatewayClient:
-    def __init__(self, url: str, key_id: str, secret: str) -> None:
+    """Signs with an HMAC key, or (``bearer``) sends a WLCG token instead."""
+
+    def __init__(self, url: str, key_id: str, secret: str, bearer: str | None = None) -> None:
         self.http = httpx.Client(base_url=url + "/api/v1", timeout=60)
-        self.key_id, self.secret = key_id, secret
+        self.key_id, self.secret, self.bearer = key_id, secret, bearer
 
     def auth(self, message: bytes) -> dict[str, str]:
+        if self.bearer is not None:
+            return {"Authorization": f"Bearer {self.bearer}"}
         return {"Authorization": f"{self.key_id} {sign(self.secret, message)}"}
 
     def acquire(self, path: str) -> dict[str, Any]:
@@ -127,11 +134,22 @@ class Publisher:
         return [(k[5:7] + k[8:], mine.get(k)) for k in sorted(set(mine.iter_keys()) - have)]
 
 
+@pytest.fixture(scope="module")
+def issuer() -> TokenIssuer:
+    return TokenIssuer(ISSUER, audience=AUDIENCE, subject="carol-7")
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RcdsServer]:
+def server(tmp_path: Path, issuer: TokenIssuer) -> Iterator[RcdsServer]:
     keyfile = tmp_path / "gw.keys"
     keyfile.write_text("".join(f"plain_text {k} {s}\n" for k, s in KEYS.items()))
+    jwks = issuer.write_jwks(tmp_path / "issuer.jwks")
     config = f"""
+[auth]
+gridmapfile = ""
+audiences = ["{AUDIENCE}"]
+[auth.issuers]
+"{ISSUER}" = "{jwks}"
 [gateway]
 key_files = ["{keyfile}"]
 max_lease_time = {MAX_LEASE}
@@ -275,3 +293,28 @@ def test_a_lease_path_kept_in_its_parents_catalog_gets_its_own(server: RcdsServe
     finally:
         root.close()
     repo_check(server)
+
+
+def test_wlcg_tokens_lease_their_storage_create_paths(
+    server: RcdsServer, tmp_path: Path, issuer: TokenIssuer
+) -> None:
+    token = issuer.make_token({"scope": "storage.create:/users/carol"})
+    carol = GatewayClient(server.url, "", "", bearer=token)
+    other = carol.acquire(f"{REPO}/users/alice")
+    assert other["status"] == "error" and "invalid_path" in other["reason"], other
+    compute_only = GatewayClient(server.url, "", "", bearer=issuer.make_token({"scope": "compute.create"}))
+    assert "invalid_path" in compute_only.acquire(f"{REPO}/users/carol")["reason"]
+    forged = GatewayClient(
+        server.url, "", "", bearer=token[:-4] + ("AAAA" if token[-4:] != "AAAA" else "BBBB")
+    )
+    assert "invalid_token" in forged.acquire(f"{REPO}/users/carol")["reason"]
+
+    lease = carol.acquire(f"{REPO}/users/carol/project")["session_token"]
+    pub = Publisher(server, tmp_path / "pub")
+    new_root = pub.publish("/users/carol/project", {"p.txt": b"by token\n"})
+    assert carol.upload(lease, pub.new_objects())["status"] == "ok"
+    # A key cannot commit a token holder's lease.
+    alice = GatewayClient(server.url, "alice", KEYS["alice"])
+    assert "another key" in alice.commit(lease, pub.old_root, new_root)["reason"]
+    assert carol.commit(lease, pub.old_root, new_root)["status"] == "ok"
+    assert read_back(server, "/users/carol/project/p.txt") == b"by token\n"

@@ -151,6 +151,7 @@ class StatusSettings:
 class GatewaySettings:
     """``[gateway]``: the CVMFS-gateway-compatible API (``/api/v1``, docs/gateway.md)."""
 
+    enabled: bool = False  # serve /api/v1 leases and payloads (default: when key_files are given)
     key_files: tuple[Path, ...] = ()  # files of ``plain_text <key id> <secret>`` lines
     # key id -> the lease paths it may take ("<repo>/<path>", "<repo>/" for the whole repository)
     key_paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -400,8 +401,10 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
     st.done()
 
     gw = TomlTable(r.subtable("gateway"), "gateway.")
+    key_files = tuple(resolve(f) for f in gw.texts("key_files", []))
     gateway = GatewaySettings(
-        key_files=tuple(resolve(f) for f in gw.texts("key_files", [])),
+        enabled=gw.flag("enabled", bool(key_files)),
+        key_files=key_files,
         key_paths={str(k): _key_paths(str(k), v) for k, v in gw.subtable("key_paths").items()},
         admin_keys=tuple(gw.texts("admin_keys", [])),
         max_lease_time=gw.number("max_lease_time", 7200.0),

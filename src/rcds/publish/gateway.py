@@ -105,7 +105,7 @@ class Gateway:
         return f"{lease.repository}/{lease.path}"
 
     def _lease_doc(self, lease: Lease) -> dict[str, object]:
-        key_id, _, hostname = lease.holder.partition("@")
+        key_id, _, hostname = lease.holder.rpartition("@")
         return {
             "key_id": key_id,
             "hostname": hostname,
@@ -115,7 +115,11 @@ class Gateway:
 
     # --- leases -----------------------------------------------------------------------------------
 
-    def acquire(self, key_id: str, body: dict[str, object]) -> Reply:
+    def acquire(
+        self, key_id: str, body: dict[str, object], token_paths: tuple[str, ...] | None = None
+    ) -> Reply:
+        """``key_id`` leases within its configured paths; a token's caller (``token_paths`` given) within
+        its ``storage.create`` paths."""
         path = body.get("path")
         if not isinstance(path, str):
             return error("invalid_path")
@@ -126,20 +130,31 @@ class Gateway:
             return error("invalid_path: rcds leases sub-paths of a repository, not its root")
         if within(sub, self.publish_prefix) or within(self.publish_prefix, sub):
             return error(f"invalid_path: /{self.publish_prefix} belongs to rcds publish")
-        if not self.keys.may_lease(key_id, repo, sub):
+        allowed = (
+            self.keys.may_lease(key_id, repo, sub)
+            if token_paths is None
+            else any(within(sub, p) for p in token_paths)
+        )
+        if not allowed:
             return error("invalid_path: the key may not lease this path")
         hostname = body.get("hostname")
-        holder = f"{key_id}@{hostname}" if isinstance(hostname, str) and hostname else key_id
+        host = hostname.replace("@", "") if isinstance(hostname, str) else ""
+        holder = f"{key_id}@{host}"  # the key id or token identity, then the publisher's machine
         got = self.leases.acquire(repo, sub, holder, self.settings.max_lease_time, external=True)
         if isinstance(got, Busy):
             return {"status": "path_busy", "time_remaining": go_duration(got.time_remaining)}
         return ok(session_token=got.token, max_api_version=2)
 
+    def lease_path(self, token: str) -> str | None:
+        """The path (below its repository's root) of a live lease: what a token caller must be scoped for."""
+        lease = self.leases.check(token)
+        return lease.path if lease is not None else None
+
     def _held(self, key_id: str, token: str) -> Lease:
         lease = self.leases.check(token)
         if lease is None:
             raise GatewayRefusal("invalid_lease: the lease expired or does not exist")
-        if lease.holder.partition("@")[0] != key_id:
+        if lease.holder.rpartition("@")[0] != key_id:
             raise GatewayRefusal("invalid_lease: the lease belongs to another key")
         if lease.repository not in self.repositories:
             raise GatewayRefusal("invalid_repo")

@@ -6,6 +6,10 @@ the stock gateway signs: the body of a lease request, the token for a commit or 
 ``Message-Size`` bytes of a legacy payload. rcds also signs what the stock gateway leaves open: a listing
 (``GET``) signs the request path.
 
+A WLCG token (``Authorization: Bearer <token>``, from an issuer of ``[auth.issuers]``) works as well: its
+``storage.create:<path>`` scopes are the paths (below any local repository's root) it may lease; the
+caller is ``<issuer>#<sub>``, so a lease belongs to a person, not a machine.
+
 A key may lease only within its paths (``[gateway.key_paths]``: ``"<repo>/<path>"`` entries; ``"<repo>/"``
 is the whole repository); a key without paths may lease nothing. This is CVMFS's rule (the lease path
 must lie within the key's path) with a key per person rather than per machine as the intended use.
@@ -57,6 +61,19 @@ def split_lease_path(lease_path: str) -> tuple[str, str]:
     if not repo or any(p in (".", "..") for p in parts) or "\0" in lease_path:
         raise GatewayRefusal("invalid_path")
     return repo, "/".join(parts)
+
+
+def storage_create_paths(scope: object) -> tuple[str, ...]:
+    """The paths of a token's ``storage.create:<path>`` scopes, without the leading '/' ("" = everything)."""
+    if not isinstance(scope, str):
+        return ()
+    paths = []
+    for item in scope.split():
+        if item.startswith("storage.create:/"):
+            parts = [p for p in item[len("storage.create:") :].split("/") if p]
+            if not any(p in (".", "..") for p in parts):
+                paths.append("/".join(parts))
+    return tuple(paths)
 
 
 def within(path: str, prefix: str) -> bool:

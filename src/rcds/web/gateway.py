@@ -14,13 +14,16 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from typing import IO
 
+import jwt
 from aiohttp import web
 
 from ..cvmfs.objectpack import MAX_HEADER_LINE, MAX_OBJECTS, MAX_PACK_BYTES
+from ..publish.auth import MSG_SCOPE_MISSING, AuthError, TokenVerifier
 from ..publish.gateway import Gateway, Reply, error
-from ..publish.gateway_auth import GatewayRefusal
+from ..publish.gateway_auth import GatewayRefusal, split_lease_path, storage_create_paths, within
 
 ROOT = "/api/v1"
+NO_SCOPE = "invalid_path: the token has no storage.create scope for this path"
 MAX_MESSAGE = 64 * 1024  # a lease request or a payload's JSON message
 MAX_OBJECT_LIST = MAX_OBJECTS * 64  # rcds push's "which of these do you lack": names and JSON quoting
 MAX_PAYLOAD = MAX_PACK_BYTES + MAX_OBJECTS * MAX_HEADER_LINE + MAX_MESSAGE
@@ -54,10 +57,43 @@ def _json_object(raw: bytes) -> dict[str, object]:
 
 
 class GatewayApi:
-    def __init__(self, gateway: Gateway, spool_dir: str) -> None:
+    def __init__(self, gateway: Gateway, spool_dir: str, tokens: TokenVerifier | None = None) -> None:
         self.gateway = gateway
         self.keys = gateway.keys
         self.spool_dir = spool_dir
+        self.tokens = tokens  # WLCG tokens (issuers of [auth.issuers]), scoped to paths: "" prefix
+
+    async def _caller(
+        self, request: web.Request, signed: bytes, path: str | None
+    ) -> tuple[str, tuple[str, ...] | None]:
+        """Who signed: (key id, None), or for a bearer token scoped for ``path`` (the lease path below the
+        repository root): (``<issuer>#<sub>``, its storage.create paths)."""
+        header = request.headers.get("Authorization") or ""
+        if not header.startswith("Bearer "):
+            return self.keys.verify(header, signed), None
+        if self.tokens is None:
+            raise GatewayRefusal("invalid_token: this server trusts no token issuer")
+        if path is None:
+            raise GatewayRefusal("invalid_lease")
+        return await asyncio.to_thread(self._token_caller, header[len("Bearer ") :].strip(), path)
+
+    def _token_caller(self, token: str, path: str) -> tuple[str, tuple[str, ...]]:
+        assert self.tokens is not None
+        try:
+            identity = self.tokens.verify(token, path)
+        except AuthError as exc:
+            if str(exc) == MSG_SCOPE_MISSING:
+                raise GatewayRefusal(NO_SCOPE) from None
+            raise GatewayRefusal(f"invalid_token: {exc}") from None
+        # The signature and claims were checked by verify; only the scope is read again here, because
+        # compute.create (which verify also accepts) names no path.
+        claims = json.loads(
+            jwt.PyJWS().decode_complete(token, options={"verify_signature": False})["payload"]
+        )
+        paths = storage_create_paths(claims.get("scope"))
+        if not any(within(path, p) for p in paths):
+            raise GatewayRefusal(NO_SCOPE)
+        return f"{identity.issuer}#{identity.subject}", paths
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -74,8 +110,9 @@ class GatewayApi:
         r.add_post(ROOT + "/payloads", _cvmfs_style(self.payload))
         r.add_post(ROOT + "/payloads/{token}", _cvmfs_style(self.payload))
 
-    def _signed_path(self, request: web.Request) -> str:
-        return self.keys.verify(request.headers.get("Authorization"), request.path.encode())
+    async def _signed_path(self, request: web.Request) -> str:
+        """A listing's caller: a key signing the request path, or a token scoped for the whole tree."""
+        return (await self._caller(request, request.path.encode(), ""))[0]
 
     async def _body(self, request: web.Request, limit: int = MAX_MESSAGE) -> bytes:
         if request.content_length is not None and request.content_length > limit:
@@ -87,46 +124,55 @@ class GatewayApi:
                 raise GatewayRefusal("invalid_request: body too large")
         return bytes(data)
 
+    async def _token_bound(self, request: web.Request, token: str) -> str:
+        """The caller of a request on a lease: a key signs the token; a bearer token must be scoped for
+        the lease's path."""
+        path = await asyncio.to_thread(self.gateway.lease_path, token)
+        return (await self._caller(request, token.encode(), path))[0]
+
     # --- listings -----------------------------------------------------------------------------------
 
     async def info(self, request: web.Request) -> Reply:
         return self.gateway.info()
 
     async def repos(self, request: web.Request) -> Reply:
-        return self.gateway.repos(self._signed_path(request))
+        return self.gateway.repos(await self._signed_path(request))
 
     async def repo(self, request: web.Request) -> Reply:
-        return self.gateway.repo(self._signed_path(request), request.match_info["name"])
+        return self.gateway.repo(await self._signed_path(request), request.match_info["name"])
 
     async def leases(self, request: web.Request) -> Reply:
-        key_id = self._signed_path(request)
+        key_id = await self._signed_path(request)
         return await asyncio.to_thread(self.gateway.list_leases, key_id)
 
     async def lease(self, request: web.Request) -> Reply:
-        key_id = self._signed_path(request)
+        key_id = await self._signed_path(request)
         return await asyncio.to_thread(self.gateway.lease, key_id, request.match_info["token"])
 
     # --- leases and commits -------------------------------------------------------------------------
 
     async def acquire(self, request: web.Request) -> Reply:
         body = await self._body(request)
-        key_id = self.keys.verify(request.headers.get("Authorization"), body)
-        return await asyncio.to_thread(self.gateway.acquire, key_id, _json_object(body))
+        doc = _json_object(body)
+        path = doc.get("path")
+        sub = split_lease_path(path)[1] if isinstance(path, str) else None
+        caller, token_paths = await self._caller(request, body, sub)
+        return await asyncio.to_thread(self.gateway.acquire, caller, doc, token_paths)
 
     async def commit(self, request: web.Request) -> Reply:
         token = request.match_info["token"]
-        key_id = self.keys.verify(request.headers.get("Authorization"), token.encode())
+        key_id = await self._token_bound(request, token)
         body = _json_object(await self._body(request))
         return await asyncio.to_thread(self.gateway.commit, key_id, token, body)
 
     async def drop(self, request: web.Request) -> Reply:
         token = request.match_info["token"]
-        key_id = self.keys.verify(request.headers.get("Authorization"), token.encode())
+        key_id = await self._token_bound(request, token)
         return await asyncio.to_thread(self.gateway.drop, key_id, token)
 
     async def missing(self, request: web.Request) -> Reply:
         token = request.match_info["token"]
-        key_id = self.keys.verify(request.headers.get("Authorization"), token.encode())
+        key_id = await self._token_bound(request, token)
         body = _json_object(await self._body(request, MAX_OBJECT_LIST))
         return await asyncio.to_thread(self.gateway.missing, key_id, token, body.get("objects"))
 
@@ -143,12 +189,13 @@ class GatewayApi:
         if request.content_length is not None and request.content_length > MAX_PAYLOAD:
             raise GatewayRefusal("invalid_payload: larger than an ObjectPack may be")
         message = await request.content.readexactly(message_size)
+        doc = _json_object(message)
         # Legacy (2.12's) form: the HMAC covers the JSON message, which names the token.
         signed = token.encode() if token else message
-        key_id = self.keys.verify(request.headers.get("Authorization"), signed)
-        doc = _json_object(message)
         if not token:
             token = str(doc.get("session_token") or "")
+        path = await asyncio.to_thread(self.gateway.lease_path, token)
+        key_id = (await self._caller(request, signed, path))[0]
         try:
             header_size = int(str(doc.get("header_size")))
         except ValueError:

@@ -64,8 +64,14 @@ def make_app(service: PublishService, throttle: LogThrottle | None = None) -> we
     StatusPages(service, authenticator).add_routes(app)  # /status, /status.json, /status/cid
     add_repository_routes(app, {r.name: r.storage for r in service.settings.repositories})
     add_notification_routes(app, service)
-    if service.settings.gateway.key_files:
-        GatewayApi(make_gateway(service), str(service.spool_dir)).add_routes(app)
+    if service.settings.gateway.enabled:
+        a = service.settings.auth
+        tokens = (
+            TokenVerifier({iss: (loc or None) for iss, loc in a.issuers.items()}, list(a.audiences), "")
+            if a.issuers
+            else None
+        )
+        GatewayApi(make_gateway(service), str(service.spool_dir), tokens).add_routes(app)
     return app
 
 
