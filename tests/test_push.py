@@ -14,20 +14,33 @@ from typing import Any
 
 import pytest
 
+from pki import TokenIssuer
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
 from server import RcdsServer
 
 REPO = "push.rcds.test"
+ISSUER = "https://tokens.rcds.test"
+AUDIENCE = "https://push.rcds.test"
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TokenIssuer:
+    return TokenIssuer(ISSUER, audience=AUDIENCE, subject="carol-7")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RcdsServer]:
+def server(tmp_path: Path, issuer: TokenIssuer) -> Iterator[RcdsServer]:
     keyfile = tmp_path / "gateway.keys"
     keyfile.write_text("plain_text alice alice-secret\nplain_text bob bob-secret\n")
     for who in ("alice", "bob"):
         (tmp_path / f"{who}.key").write_text(f"plain_text {who} {who}-secret\n")
     config = f"""
+[auth]
+gridmapfile = ""
+audiences = ["{AUDIENCE}"]
+[auth.issuers]
+"{ISSUER}" = "{issuer.write_jwks(tmp_path / "issuer.jwks")}"
 [gateway]
 key_files = ["{keyfile}"]
 [gateway.key_paths]
@@ -41,13 +54,19 @@ bob = ["{REPO}/users/bob"]
         srv.close()
 
 
-def rcds_push(server: RcdsServer, who: str, source: Path, target: str) -> subprocess.CompletedProcess[str]:
+def rcds_push(
+    server: RcdsServer, who: str, source: Path, target: str, token: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``who``'s key, or with ``token`` no key: the token found by WLCG discovery ($BEARER_TOKEN)."""
     home = server.root / f"home-{who}"
+    credentials = ["--key", str(server.root / f"{who}.key")] if token is None else []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEARER_TOKEN")}
     return subprocess.run(
         [sys.executable, "-m", "rcds.cli", "push", str(source), target, "--server", server.url,
-         "--key", str(server.root / f"{who}.key"), "--json"],
+         *credentials, "--json"],
         capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "XDG_CACHE_HOME": str(home)},
+        env={**env, "XDG_CACHE_HOME": str(home), "XDG_RUNTIME_DIR": str(home),
+             **({"BEARER_TOKEN": token} if token else {})},
     )  # fmt: skip
 
 
@@ -108,3 +127,16 @@ def test_push_into_another_users_path_is_refused(server: RcdsServer, tmp_path: P
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "may not lease" in proc.stderr
     assert Repository(server.storage(REPO)).manifest().revision == before
+
+
+def test_push_with_a_token_goes_where_its_scope_says(
+    server: RcdsServer, tmp_path: Path, issuer: TokenIssuer
+) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_text("carol's\n")
+    token = issuer.make_token({"scope": "storage.create:/users/carol"})
+    pushed(rcds_push(server, "carol", tree, f"{REPO}:/users/carol/work", token=token))
+    assert read(server, "/users/carol/work/f") == b"carol's\n"
+    refused = rcds_push(server, "carol", tree, f"{REPO}:/users/alice", token=token)
+    assert refused.returncode == 5 and "storage.create" in refused.stderr, refused.stderr

@@ -10,8 +10,9 @@ and commits the catalog by hash; the server checks the subtree is complete befor
 Interrupted? Run the same command again: the lease token is kept in the work directory and reused while it
 is live, and objects the server already received are not sent again.
 
-Who may push where is the server's key configuration: a key (``plain_text <id> <secret>``, one per person)
-may lease only its configured paths, so a push into another person's path is refused.
+Who may push where is the server's: a key (``plain_text <id> <secret>``, one per person) may lease only its
+configured paths, a WLCG token only its ``storage.create:<path>`` scopes; a push into another person's path
+is refused.
 """
 
 from __future__ import annotations
@@ -53,8 +54,15 @@ class GatewayUnreachable(ClientError):
 
 @dataclass(frozen=True)
 class GatewayKey:
+    """An HMAC key; or, with ``bearer``, a WLCG token sent instead of signatures."""
+
     key_id: str
     secret: str
+    bearer: str | None = None
+
+    @classmethod
+    def token(cls, bearer: str) -> GatewayKey:
+        return cls("", "", bearer)
 
     @classmethod
     def load(cls, path: Path, key_id: str | None = None) -> GatewayKey:
@@ -103,8 +111,12 @@ class GatewaySession:
         self.http.close()
 
     def _call(self, method: str, url: str, signed: bytes, **kwargs: Any) -> dict[str, Any]:
-        headers = {"Authorization": authorization(self.key.key_id, self.key.secret, signed),
-                   **kwargs.pop("headers", {})}  # fmt: skip
+        auth = (
+            f"Bearer {self.key.bearer}"
+            if self.key.bearer is not None
+            else authorization(self.key.key_id, self.key.secret, signed)
+        )
+        headers = {"Authorization": auth, **kwargs.pop("headers", {})}
         try:
             response = self.http.request(method, url, headers=headers, **kwargs)
         except httpx.HTTPError as exc:
