@@ -199,6 +199,8 @@ def test_publish_through_the_gateway(server: RcdsServer, tmp_path: Path) -> None
 
     assert read_back(server, "/users/alice/hello.txt") == b"hello gateway\n"
     assert f"OK: revision {first + 1}" in repo_check(server)
+    metrics = server.client.get("/metrics").text
+    assert f'rcds_gateway_commits_total{{outcome="ok",repository="{REPO}"}} 1.0' in metrics
     # The lease is gone with the commit: the path can be leased again.
     assert alice.acquire(f"{REPO}/users/alice")["status"] == "ok"
 
@@ -234,6 +236,8 @@ def test_refusals_are_cvmfs_style_replies(server: RcdsServer, tmp_path: Path) ->
     assert alice.upload(token, objects)["status"] == "ok"
     outside = alice.commit(token, pub.old_root, new_root)
     assert outside["status"] == "error" and "/users/bob.txt" in outside["reason"], outside
+    metrics = server.client.get("/metrics").text
+    assert f'rcds_gateway_commits_total{{outcome="refused",repository="{REPO}"}} 1.0' in metrics
     assert Repository(server.storage(REPO)).manifest().revision == first
 
     # An expired lease.

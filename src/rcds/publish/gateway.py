@@ -33,6 +33,7 @@ from ..logs import fields
 from .config import GatewaySettings
 from .gateway_auth import GatewayKeys, GatewayRefusal, split_lease_path, within
 from .leases import Busy, Lease, Leases
+from .metrics import ServiceMetrics
 
 log = logging.getLogger("rcds.gateway")
 
@@ -65,6 +66,7 @@ class Gateway:
         limits: IngestLimits,
         announce: Callable[[str], object] = lambda name: None,
         publish_prefix: str = "sw",
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.repositories = repositories
@@ -72,6 +74,7 @@ class Gateway:
         self.limits = limits
         self.announce = announce
         self.publish_prefix = publish_prefix  # rcds publish's own namespace: no gateway lease there
+        self.metrics = metrics
         self.keys = GatewayKeys.load(settings.key_files, settings.key_paths, settings.admin_keys)
 
     # --- listings (authenticated, unlike the stock gateway's) -------------------------------------
@@ -183,6 +186,8 @@ class Gateway:
         except PackError as exc:
             log.warning("payload refused", extra=fields(repository=lease.repository, reason=str(exc)))
             return error(f"invalid_payload: {exc}")
+        if self.metrics is not None:
+            self.metrics.gateway_payload_bytes.labels(lease.repository).inc(sum(e.size for e in entries))
         log.info(
             "payload received",
             extra=fields(repository=lease.repository, path=lease.path, objects=len(entries),
@@ -204,7 +209,13 @@ class Gateway:
         with repo.ingest_lock(exclusive=False):
             try:
                 subtree = self._subtree(repo, path, body)
-            except (OutsideChange, IncompleteTree) as exc:
+            except (OutsideChange, IncompleteTree, GatewayRefusal) as exc:
+                self._count_commit(lease.repository, "refused")
+                log.warning("gateway commit refused",
+                            extra=fields(repository=lease.repository, path=path, holder=lease.holder,
+                                         reason=str(exc)))  # fmt: skip
+                if isinstance(exc, GatewayRefusal):
+                    raise
                 return error(f"invalid_commit: {exc}")
             if self.leases.check(token) is None:
                 return error("invalid_lease: the lease expired before the commit")
@@ -218,6 +229,9 @@ class Gateway:
                                     str(body.get("tag_description") or ""))  # fmt: skip
         self.leases.release(token)
         self.announce(lease.repository)
+        self._count_commit(lease.repository, "ok")
+        if self.metrics is not None:
+            self.metrics.gateway_commit_seconds.labels(lease.repository).observe(time.monotonic() - started)
         log.info(
             "gateway commit",
             extra=fields(repository=lease.repository, path=path, holder=lease.holder,
@@ -270,6 +284,10 @@ class Gateway:
             if not store.exists(h.object_name(suffix)):
                 lacking.append(name)
         return ok(missing=lacking)
+
+    def _count_commit(self, repository: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.gateway_commits.labels(repository, outcome).inc()
 
     @staticmethod
     def _has_rows(repo: Repository, holder: ContentHash, path: str) -> bool:

@@ -90,6 +90,20 @@ class ServiceMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r,
         )  # fmt: skip
 
+        # The CVMFS-gateway API (``rcds.publish.gateway``).
+        self.gateway_payload_bytes = Counter(
+            "rcds_gateway_payload_bytes", "Object bytes received in gateway payloads (re-hashed, stored)",
+            ["repository"], registry=r,
+        )  # fmt: skip
+        self.gateway_commits = Counter(
+            "rcds_gateway_commits", "Gateway commits by outcome (ok, refused)", ["repository", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.gateway_commit_seconds = Histogram(
+            "rcds_gateway_commit_seconds", "A gateway commit: checks, then the graft", ["repository"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r,
+        )  # fmt: skip
+
         # Notifications (``rcds.publish.notify``, ``rcds.web.notifications``; the replicas' subscribers).
         self.notification_subscribers = Gauge(
             "rcds_notification_subscribers", "Notification streams open to this server", registry=r

@@ -79,7 +79,9 @@ def make_gateway(service: PublishService) -> Gateway:
     """The CVMFS-gateway service over the local repositories (leases in the service's state file)."""
     s = service.settings
     leases = service.leases if service.leases is not None else Leases(state_db(s.queue_dir))
-    return Gateway(s.gateway, service.repositories, leases, s.limits, service.announce, s.prefix)
+    return Gateway(
+        s.gateway, service.repositories, leases, s.limits, service.announce, s.prefix, service.metrics
+    )
 
 
 def make_ssl_context(settings: ServiceSettings) -> ssl.SSLContext | None:
