@@ -140,3 +140,34 @@ def test_push_with_a_token_goes_where_its_scope_says(
     assert read(server, "/users/carol/work/f") == b"carol's\n"
     refused = rcds_push(server, "carol", tree, f"{REPO}:/users/alice", token=token)
     assert refused.returncode == 5 and "storage.create" in refused.stderr, refused.stderr
+
+
+def test_an_interrupted_push_resumes(server: RcdsServer, tmp_path: Path) -> None:
+    """Stopped after its first pack: the next run keeps the lease and sends only what did not arrive."""
+    from rcds.client.push import GatewayKey, push
+
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for i in range(6):
+        (tree / f"f{i}.bin").write_bytes(os.urandom(50_000))
+    key = GatewayKey.load(server.root / "alice.key")
+    work = tmp_path / "work"
+
+    def stop_after_first_pack(line: str) -> None:
+        if line.startswith("sent "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        push(
+            tree, f"{REPO}:/users/alice/many", server.url, key, work, stop_after_first_pack, pack_bytes=60_000
+        )
+    (lease_file,) = work.glob("*/lease")
+    token = lease_file.read_text().strip()
+    lines: list[str] = []
+    result = push(tree, f"{REPO}:/users/alice/many", server.url, key, work, lines.append, pack_bytes=60_000)
+    assert 0 < result.objects_sent < result.objects, result
+    assert result.bytes_sent < 6 * 50_000
+    assert not lease_file.exists()
+    assert f"reusing lease {token[:8]}" in "\n".join(lines), lines
+    for i in range(6):
+        assert read(server, f"/users/alice/many/f{i}.bin") == (tree / f"f{i}.bin").read_bytes()

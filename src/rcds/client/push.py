@@ -230,7 +230,7 @@ def push(
             staged = staging.stage("/" + path, _entries(source, streams))
         report(f"built {staged.entries} entries ({staged.stats.bytes_in} bytes read)")
         names = subtree_objects(repo, staged.root_hash)
-        token = _lease(session, work, repository, path)
+        token = _lease(session, work, repository, path, report)
         lacking: list[str] = []
         for i in range(0, len(names), MISSING_BATCH):
             lacking += session.missing(token, names[i : i + MISSING_BATCH])
@@ -250,12 +250,15 @@ def push(
                       sent_bytes, time.monotonic() - started)  # fmt: skip
 
 
-def _lease(session: GatewaySession, work: Path, repository: str, path: str) -> str:
+def _lease(
+    session: GatewaySession, work: Path, repository: str, path: str, report: Callable[[str], None]
+) -> str:
     """The lease of an interrupted push of this target while it is live, else a new one (kept for a resume)."""
     saved = work / "lease"
     if saved.exists():
         token = saved.read_text().strip()
         if token and session.live(token):
+            report(f"reusing lease {token[:8]}... of an interrupted push")
             return token
     token = session.acquire(repository, path)
     saved.write_text(token + "\n")
