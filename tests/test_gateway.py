@@ -32,7 +32,7 @@ from server import RcdsServer
 REPO = "gw.rcds.test"
 ISSUER = "https://tokens.rcds.test"
 AUDIENCE = "https://gw.rcds.test"
-KEYS = {"alice": "alice-secret", "bob": "bob-secret"}
+KEYS = {"alice": "alice-secret", "bob": "bob-secret", "ops": "ops-secret"}
 MAX_LEASE = 3.0
 
 
@@ -153,6 +153,7 @@ audiences = ["{AUDIENCE}"]
 [gateway]
 key_files = ["{keyfile}"]
 max_lease_time = {MAX_LEASE}
+admin_keys = ["ops"]
 [gateway.key_paths]
 alice = ["{REPO}/users/alice", "{REPO}/shared"]
 bob = ["{REPO}/users/bob"]
@@ -322,3 +323,19 @@ def test_wlcg_tokens_lease_their_storage_create_paths(
     assert "another key" in alice.commit(lease, pub.old_root, new_root)["reason"]
     assert carol.commit(lease, pub.old_root, new_root)["status"] == "ok"
     assert read_back(server, "/users/carol/project/p.txt") == b"by token\n"
+
+
+def test_an_admin_key_cancels_leases_by_path(server: RcdsServer) -> None:
+    alice = GatewayClient(server.url, "alice", KEYS["alice"])
+    assert alice.acquire(f"{REPO}/users/alice/a")["status"] == "ok"
+    assert alice.acquire(f"{REPO}/users/alice/b")["status"] == "ok"
+    path = f"/api/v1/leases-by-path/{REPO}/users/alice"
+
+    def cancel(client: GatewayClient) -> dict[str, Any]:
+        return client._json(client.http.delete(path[len("/api/v1") :], headers=client.auth(path.encode())))
+
+    assert cancel(alice) == {"status": "error", "reason": "no_admin_key"}
+    ops = GatewayClient(server.url, "ops", KEYS["ops"])
+    done = cancel(ops)
+    assert sorted(done["cancelled"]) == [f"{REPO}/users/alice/a", f"{REPO}/users/alice/b"], done
+    assert alice.acquire(f"{REPO}/users/alice")["status"] == "ok"

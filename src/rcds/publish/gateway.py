@@ -153,6 +153,23 @@ class Gateway:
         lease = self.leases.check(token)
         return lease.path if lease is not None else None
 
+    def cancel_leases(self, key_id: str, lease_path: str) -> Reply:
+        """Admin: drop every lease at or below ``repo/path`` (a stuck publisher's)."""
+        if key_id not in self.keys.admin_keys:
+            return error("no_admin_key")
+        repo, sub = split_lease_path(lease_path)
+        if repo not in self.repositories:
+            return error("invalid_repo")
+        cancelled = [
+            lease
+            for lease in self.leases.list(repo)
+            if within(lease.path, sub) and self.leases.release(lease.token)
+        ]
+        for lease in cancelled:
+            log.warning("lease cancelled",
+                        extra=fields(repository=repo, path=lease.path, holder=lease.holder, by=key_id))  # fmt: skip
+        return ok(cancelled=[self._lease_path(lease) for lease in cancelled])
+
     def _held(self, key_id: str, token: str) -> Lease:
         lease = self.leases.check(token)
         if lease is None:

@@ -107,6 +107,7 @@ class GatewayApi:
         r.add_post(ROOT + "/leases/{token}", _cvmfs_style(self.commit))
         r.add_delete(ROOT + "/leases/{token}", _cvmfs_style(self.drop))
         r.add_post(ROOT + "/leases/{token}/missing", _cvmfs_style(self.missing))  # rcds push's
+        r.add_delete(ROOT + "/leases-by-path/{path:.+}", _cvmfs_style(self.cancel))  # admin keys
         r.add_post(ROOT + "/payloads", _cvmfs_style(self.payload))
         r.add_post(ROOT + "/payloads/{token}", _cvmfs_style(self.payload))
 
@@ -175,6 +176,11 @@ class GatewayApi:
         key_id = await self._token_bound(request, token)
         body = _json_object(await self._body(request, MAX_OBJECT_LIST))
         return await asyncio.to_thread(self.gateway.missing, key_id, token, body.get("objects"))
+
+    async def cancel(self, request: web.Request) -> Reply:
+        # As the stock gateway's admin DELETE: the key signs the request path.
+        key_id = self.keys.verify(request.headers.get("Authorization"), request.path.encode())
+        return await asyncio.to_thread(self.gateway.cancel_leases, key_id, request.match_info["path"])
 
     # --- payloads ------------------------------------------------------------------------------------
 
