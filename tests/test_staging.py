@@ -8,13 +8,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from conftest import Hardlink, Symlink, write_tree
 from rcds.cvmfs.checker import check_repository
 from rcds.cvmfs.gc import collect_garbage
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
-from rcds.cvmfs.tree import entries_from_directory
-from rcds.cvmfs.writer import StagedTree
+from rcds.cvmfs.tree import EntryKind, TreeEntry, entries_from_directory
+from rcds.cvmfs.writer import StagedTree, TransactionError, TreeError
 from test_gc import (
     Timeline,
     assert_healthy,
@@ -64,7 +66,9 @@ def listing(reader: RepositoryReader, top: str) -> dict[str, tuple[int, int, str
 def stage(repo: Repository, path: str, src: Path) -> tuple[StagedTree, Callable[[], None]]:
     staging = repo.staging()
     staging.clock = lambda: WHEN
-    return staging.stage(path, entries_from_directory(src)), staging.abort
+    tree = staging.stage(path, entries_from_directory(src))
+    staging.seal()
+    return tree, staging.abort
 
 
 def test_a_grafted_tree_reads_as_add_tree_writes_it(
@@ -150,6 +154,7 @@ def test_gc_never_sweeps_an_object_a_staged_ingest_reused(
     staging = Repository(repo.storage).staging()
     staging.clock = lambda: t.gc_time
     staged = staging.stage("/sw/a-again", entries_from_directory(t.sources["a"]))
+    staging.seal()
     assert staged.stats.objects_written == 0  # everything deduplicated against revision 1's objects
     waited: list[float] = []
     results = []
@@ -183,3 +188,35 @@ def test_gc_never_sweeps_an_object_a_staged_ingest_reused(
         **expected_revision(t, "cdef"),
         **source_files(t.sources["a"], "/sw/a-again"),
     }
+
+
+def test_one_staging_stages_several_trees_and_survives_a_bad_one(
+    make_repo: Callable[..., Repository], open_reader: Callable[..., RepositoryReader], tmp_path: Path
+) -> None:
+    repo = make_repo()
+    sources = {c: write_tree(tmp_path / c, spec(c)) for c in ("x", "y")}
+    bad = [
+        TreeEntry("", EntryKind.DIRECTORY, 0o755),
+        TreeEntry("alias", EntryKind.HARDLINK, 0o644, target="missing"),  # a hard link out of the tree
+    ]
+    with repo.staging() as staging:
+        x = staging.stage("/sw/g/x", entries_from_directory(sources["x"]))
+        with pytest.raises(TreeError):
+            staging.stage("/sw/g/bad", bad)
+        y = staging.stage("/sw/g/y", entries_from_directory(sources["y"]))
+        with pytest.raises(TransactionError):
+            staging.stage("/sw/g/x/inner", entries_from_directory(sources["y"]))  # inside a staged tree
+        staging.seal()
+        assert x.stats.files == y.stats.files > 0 and x.stats.bytes_in == y.stats.bytes_in
+        with repo.transaction() as txn:
+            txn.mkdir("/sw/g", nested=True)
+            txn.graft(x)
+            txn.graft(y)
+            result = txn.commit()
+    files = read_revision(healthy(open_reader, repo), result.root_hash)
+    assert not any(k.startswith("/sw/g/bad") for k in files)
+    for c in "xy":
+        expected = {
+            k: v for k, v in source_files(sources[c], f"/sw/g/{c}").items() if not k.endswith("/link")
+        }
+        assert {k: v for k, v in files.items() if k.startswith(f"/sw/g/{c}/")} == expected

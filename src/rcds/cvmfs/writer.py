@@ -753,13 +753,15 @@ class StagedTree:
 
 
 class StagingTransaction(Transaction):
-    """Builds one subtree for a later ``Transaction.graft``, without the repository's writer lock.
+    """Builds subtrees for a later ``Transaction.graft``, without the repository's writer lock.
 
-    It starts from an empty private root catalog, ingests the tree as ``add_tree`` does (a nested
+    It starts from an empty private root catalog, ingests each tree as ``add_tree`` does (a nested
     catalog at its path, more at ``.cvmfscatalog`` markers), and ``stage`` finalizes only the catalogs at
-    and below that path. It holds the repository's ingest lock (shared) until it is closed, so garbage
-    collection cannot sweep an object it reused before the graft is committed: close it (``abort``, or
-    leave the ``with`` block) only after that commit, or when the staged tree is given up.
+    and below that path; several trees (at paths that do not contain each other) share one staging, its
+    content writer and index. ``seal`` makes the objects durable, records them in the content index and
+    frees the working state. It holds the repository's ingest lock (shared) until it is closed, so
+    garbage collection cannot sweep an object it reused before the graft is committed: close it
+    (``abort``, or leave the ``with`` block) only after that commit, or when the staged trees are given up.
     """
 
     def __init__(self, repo: Repository, workers: int | None = None) -> None:
@@ -767,7 +769,7 @@ class StagingTransaction(Transaction):
         self._lock = repo.ingest_lock(exclusive=False)
         self._lock.__enter__()
         self._closed = False
-        self.staged: StagedTree | None = None
+        self.staged: list[StagedTree] = []
         try:
             self._open_work(workers)
             root = Catalog.create(self._work_file(), "", _dir_row("", 0o755, self._now()))
@@ -781,14 +783,24 @@ class StagingTransaction(Transaction):
         return self
 
     def stage(self, path: str, entries: Iterable[TreeEntry]) -> StagedTree:
-        """Ingest ``entries`` as the tree at ``path`` and store its catalogs; the lock stays held."""
+        """Ingest ``entries`` as the tree at ``path`` and store its catalogs.
+
+        A tarball's fault (``TreeError``, or the entries' own error) is raised before the tree's catalogs
+        are written (at most a parent directory was added to the private root): the staging can go on with
+        the next tree. Another error may leave it half-changed: ``abort`` it.
+        """
         self._check_open()
-        if self.staged is not None:
-            raise TransactionError("a staging transaction stages one tree")
+        if getattr(self, "_work_closed", False):
+            raise TransactionError("the staging is sealed")
         path = normalize_path(path)
+        if any(path == t.path or path.startswith(t.path + "/") or t.path.startswith(path + "/")
+               for t in self.staged):  # fmt: skip
+            raise TransactionError(f"{path} overlaps a tree staged before")
+        before = replace(self.content.stats)
         count = self.add_tree(path, entries, nested=True)
         failpoints.hit("staged-ingest")
-        self.repo.store.sync()  # every data object is durable before any catalog names it
+        # No sync here: the staged catalogs are named by nothing until the graft's commit, which syncs
+        # the store (objects and these catalogs alike) before it writes the catalog that names them.
         timestamp = self._now()
         below = [oc for oc in self.open.values() if oc.mount == path or oc.mount.startswith(path + "/")]
         root_hash, root_size = ContentHash(bytes(20)), 0
@@ -796,14 +808,27 @@ class StagingTransaction(Transaction):
             h, size = self._finalize(oc, timestamp, 1)
             if oc.mount == path:
                 root_hash, root_size = h, size
+        for oc in below:  # finalized (and closed): only the private parents stay open
+            del self.open[oc.mount]
         mount_row = self._catalog_for(parent_path(path)).cat.lookup(path, with_chunks=False)
         assert mount_row is not None and mount_row.is_nested_mountpoint
-        self.index.flush()
-        self.staged = StagedTree(
-            path, root_hash, root_size, mount_row, self._totals_of(root_hash), count, self.content.stats
+        after = self.content.stats
+        stats = IngestStats(
+            *(getattr(after, f) - getattr(before, f) for f in IngestStats.__dataclass_fields__)
         )
-        self._close_work()  # memory and threads go now; only the ingest lock stays until ``abort``
-        return self.staged
+        tree = StagedTree(path, root_hash, root_size, mount_row, self._totals_of(root_hash), count, stats)
+        self.staged.append(tree)
+        return tree
+
+    def seal(self) -> None:
+        """After the last ``stage``: objects durable, then the content index updated (so that no later
+        ingest dedups against an object a crash lost); memory and threads go. The ingest lock stays."""
+        self._check_open()
+        if getattr(self, "_work_closed", False):
+            return
+        self.repo.store.sync()
+        self.index.flush()
+        self._close_work()
 
     def commit(self, tag: str | None = None, description: str = "") -> CommitResult:
         raise TransactionError("a staged tree is published by Transaction.graft, not committed")

@@ -1203,42 +1203,69 @@ class RepositoryWorker(threading.Thread):
     def _start(self, batch: list[tuple[Job, Lease]]) -> None:
         assert self.slots is not None
         self.service.metrics.publishing.labels(self.repo_name).inc(len(batch))
+        self.slots.start(
+            [j for j, _ in batch], [lease for _, lease in batch], functools.partial(self._ingest, batch)
+        )
 
-        def ingest_all() -> list[SlotResult]:
-            return [self._ingest(job, lease) for job, lease in batch]
-
-        self.slots.start([j for j, _ in batch], [lease for _, lease in batch], ingest_all)
-
-    def _ingest(self, job: Job, lease: Lease) -> SlotResult:
-        """In a slot's thread: build the job's staged tree. Never raises; touches no state."""
+    def _ingest(self, batch: list[tuple[Job, Lease]]) -> list[SlotResult]:
+        """In a slot's thread: build the jobs' staged trees, one after the other, in one staging (sealed at
+        the end). Never raises; touches no state."""
         svc = self.service
         assert svc.leases is not None
-        started = time.monotonic()
-        result = SlotResult(job, lease)
+        results: list[SlotResult] = []
         staging: StagingTransaction | None = None
-        try:
-            if svc.leases.refresh(lease.token) is None:  # it waited for the jobs before it in its slot
-                raise LeaseLost("the lease expired before the ingest started")
-            staging = self.repo.staging()
-            staging.clock = svc.clock
-            with open(job.spool, "rb") as raw:
-                reader = LeasedReader(raw, svc.leases, lease, svc.stopping.is_set)
-                entries = _with_publisher(
-                    tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels),
-                    job.identity,
-                    int(svc.clock()),
-                )
-                result.staged = staging.stage(f"/{svc.prefix}/{job.cid}", entries)
-            result.staging = staging
-        except (IngestError, TreeError) as exc:
-            result.rejected = str(exc)
-        except Exception as exc:
-            result.error = exc
-        finally:
-            if result.staged is None and staging is not None:
-                staging.abort()
-        result.seconds = time.monotonic() - started
-        return result
+        for job, lease in batch:
+            started = time.monotonic()
+            result = SlotResult(job, lease)
+            results.append(result)
+            try:
+                if svc.leases.refresh(lease.token) is None:  # it waited for the jobs before it in its slot
+                    raise LeaseLost("the lease expired before the ingest started")
+                if staging is None:
+                    # A big tarball compresses on all cores but one: small publishes beside it keep a core.
+                    big = job.size > svc.settings.small_publish_bytes
+                    staging = self.repo.staging(workers=max(1, (os.cpu_count() or 2) - 1) if big else None)
+                    staging.clock = svc.clock
+                with open(job.spool, "rb") as raw:
+                    reader = LeasedReader(raw, svc.leases, lease, svc.stopping.is_set)
+                    entries = _with_publisher(
+                        tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels),
+                        job.identity,
+                        int(svc.clock()),
+                    )
+                    result.staged = staging.stage(f"/{svc.prefix}/{job.cid}", entries)
+                result.staging = staging
+            except (IngestError, TreeError) as exc:
+                result.rejected = str(exc)  # raised before any catalog changed: the staging goes on
+            except Exception as exc:
+                result.error = exc
+                if staging is not None:  # it may be half-changed: the next job gets a new one
+                    self._drop_staging(staging, results)
+                    staging = None
+            result.seconds = time.monotonic() - started
+        if staging is not None:
+            try:
+                staging.seal()
+            except Exception as exc:
+                self._drop_staging(staging, results, exc)
+        for r in results:
+            if r.staged is not None:
+                log.info(
+                    "staged", extra=fields(cid=r.job.cid, repository=self.repo_name, files=r.staged.entries,
+                                           bytes=r.staged.stats.bytes_in, seconds=round(r.seconds, 3)),
+                )  # fmt: skip
+        return results
+
+    @staticmethod
+    def _drop_staging(
+        staging: StagingTransaction, results: list[SlotResult], error: BaseException | None = None
+    ) -> None:
+        """Give up a staging and the trees staged in it (their jobs are retried)."""
+        staging.abort()
+        for r in results:
+            if r.staging is staging:
+                r.staging, r.staged = None, None
+                r.error = r.error or error or RuntimeError("its staging failed with a later tarball")
 
     def _settle_failed_ingest(self, slot: SlotResult) -> None:
         """A slot's ingest that produced nothing: the tarball's fault fails the job, others retry it."""
