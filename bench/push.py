@@ -49,6 +49,42 @@ def rcds(*args: str, env: dict[str, str] | None = None) -> tuple[float, str]:
     return seconds, proc.stdout
 
 
+class Server:
+    """``rcds serve`` with the gateway on, in its own data directory; the key file is ``<run>/gateway.keys``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True)
+        self.port = free_port()
+        keys = root.parent / "gateway.keys"
+        keys.write_text("plain_text bench bench-secret\n")
+        (root / "rcds.toml").write_text(
+            f'data_dir = "{root / "data"}"\n[server]\nhttp = ["127.0.0.1:{self.port}"]\n[auth]\n'
+            f'gridmapfile = ""\n[gateway]\nkey_files = ["{keys}"]\n[gateway.key_paths]\n'
+            f'bench = ["{REPO}/users"]\n[[repository]]\nname = "{REPO}"\n'
+        )
+
+    def __enter__(self) -> str:
+        url = f"http://127.0.0.1:{self.port}"
+        self.log = open(self.root / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rcds.cli", "serve", "--config", str(self.root / "rcds.toml")],
+            stdout=self.log, stderr=self.log,
+        )  # fmt: skip
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/pubapi/ping").text == "OK\n":
+                    return url
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise SystemExit(f"rcds serve did not start: {self.root / 'server.log'}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,38 +104,18 @@ def main() -> None:
     subprocess.run(["cp", "-a", str(tree), str(source)], check=True)
     ingest_bench.warm_cache(ingest_bench.content_files(source))
 
-    port = free_port()
-    (run / "gateway.keys").write_text("plain_text bench bench-secret\n")
-    (run / "rcds.toml").write_text(
-        f'data_dir = "{run / "data"}"\n[server]\nhttp = ["127.0.0.1:{port}"]\n[auth]\ngridmapfile = ""\n'
-        f'[gateway]\nkey_files = ["{run / "gateway.keys"}"]\n[gateway.key_paths]\nbench = ["{REPO}/users"]\n'
-        f'[[repository]]\nname = "{REPO}"\n'
-    )
-    url = f"http://127.0.0.1:{port}"
-    log = open(run / "server.log", "wb")  # noqa: SIM115 - the server's
-    server = subprocess.Popen([sys.executable, "-m", "rcds.cli", "serve", "--config", str(run / "rcds.toml")],
-                              stdout=log, stderr=log)  # fmt: skip
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/pubapi/ping").text == "OK\n":
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        figures: dict[str, Any] = {
-            "size_gib": args.size_gib,
-            "files": info.text_files + info.binaries,
-            "bytes": info.total_bytes,
-        }
+    figures: dict[str, Any] = {"size_gib": args.size_gib, "files": info.text_files + info.binaries,
+                               "bytes": info.total_bytes}  # fmt: skip
+    started = time.monotonic()
+    subprocess.run(["cp", "-r", str(source), str(run / "copy")], check=True)
+    figures["cp_s"] = round(time.monotonic() - started, 2)
+    shutil.rmtree(run / "copy")
 
-        started = time.monotonic()
-        subprocess.run(["cp", "-r", str(source), str(run / "copy")], check=True)
-        figures["cp_s"] = round(time.monotonic() - started, 2)
-        shutil.rmtree(run / "copy")
-
+    # Each on a server of its own: neither finds the other's objects already stored.
+    with Server(run / "publish") as url:
         seconds, _ = rcds("publish", str(source), "--server", url, "--group", "bench", "--wait", "-q")
         figures["publish_s"] = round(seconds, 2)
-
+    with Server(run / "push") as url:
         push = ["push", str(source), f"{REPO}:/users/bench", "--server", url, "--key", str(run / "gateway.keys"),
                 "--work-dir", str(run / "push-cache"), "--json", "-q"]  # fmt: skip
         seconds, out = rcds(*push)
@@ -117,12 +133,8 @@ def main() -> None:
         figures["repush_one_file_s"] = round(seconds, 2)
         figures["repush_objects_sent"] = again["objects_sent"]
         figures["repush_bytes_sent"] = again["bytes_sent"]
-        figures["push_vs_publish"] = round(figures["push_first_s"] / figures["publish_s"], 2)
-        figures["push_vs_cp"] = round(figures["push_first_s"] / max(figures["cp_s"], 0.01), 2)
-    finally:
-        server.terminate()
-        server.wait(60)
-        log.close()
+    figures["push_vs_publish"] = round(figures["push_first_s"] / figures["publish_s"], 2)
+    figures["push_vs_cp"] = round(figures["push_first_s"] / max(figures["cp_s"], 0.01), 2)
 
     print(f"{'cp -r':32} {figures['cp_s']:>8} s")
     print(f"{'rcds publish --wait':32} {figures['publish_s']:>8} s")

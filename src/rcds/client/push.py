@@ -228,6 +228,7 @@ def push(
     try:
         with repo.staging() as staging:
             staged = staging.stage("/" + path, _entries(source, streams))
+            staging.seal()  # the content index records the objects: the next push skips unchanged files
         report(f"built {staged.entries} entries ({staged.stats.bytes_in} bytes read)")
         names = subtree_objects(repo, staged.root_hash)
         token = _lease(session, work, repository, path, report)
