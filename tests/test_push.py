@@ -96,6 +96,7 @@ def test_push_twice_sends_only_the_changed_file(server: RcdsServer, tmp_path: Pa
     second = pushed(rcds_push(server, "alice", tree, f"{REPO}:/users/alice/analysis"))
     # The changed script's object and the new catalog; not the 300 kB file again.
     assert second["objects_sent"] == 2, second
+    assert second["files_unchanged"] == 1, second  # big.bin was not even read again
     assert second["bytes_sent"] < 20_000, second
     assert second["revision"] == first["revision"] + 1
     assert read(server, "/users/alice/analysis/run.sh") == b"#!/bin/sh\necho two\n"

@@ -2,8 +2,9 @@
 server's gateway API (``/api/v1``), uploading only the objects the server lacks.
 
 The push builds the path's nested catalog here, in a private staging repository kept under the work
-directory (``~/.cache/rcds/push/<target>``): files are compressed and hashed locally, and the staging
-repository's content index makes unchanged files cost one hash pass on the next push. Then it takes a
+directory (``~/.cache/rcds/push/<target>``): files are compressed and hashed locally; on the next push of
+a directory, a file whose ``stat`` is unchanged is not read at all (``StatCache``), and a changed file
+whose content the staging repository already has costs one hash pass (its content index). Then it takes a
 lease on the path, asks the server which of the subtree's objects it lacks, sends those in ObjectPacks,
 and commits the catalog by hash; the server checks the subtree is complete before grafting it.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,9 +31,12 @@ from typing import Any, BinaryIO
 import httpx
 
 from ..cvmfs import objectpack
+from ..cvmfs.catalog import Chunk
+from ..cvmfs.content import PendingContent, StoredContent
 from ..cvmfs.hashes import ContentHash, Suffix
 from ..cvmfs.objectpack import PackEntry
 from ..cvmfs.repository import Repository
+from ..cvmfs.store import ObjectMissing
 from ..cvmfs.tree import TreeEntry, entries_from_directory
 from ..publish.gateway_auth import authorization, parse_key_file
 from .errors import ClientError
@@ -85,6 +90,7 @@ class PushResult:
     path: str
     revision: int
     catalog: str
+    files_unchanged: int  # files not read again (same stat as at the last push of this directory)
     objects: int  # objects in the pushed subtree
     objects_sent: int
     bytes_sent: int  # ObjectPack bytes (headers and objects)
@@ -186,6 +192,53 @@ def _entries(source: Path, stack: list[BinaryIO]) -> Iterable[TreeEntry]:
     return checked()
 
 
+class StatCache:
+    """Files of a directory pushed before, by path and ``stat`` (size, times, inode): where their content
+    went in the staging repository. An unchanged file is not read again on the next push (``FileCache``).
+    Its objects are trusted to be in the staging store (nothing else deletes from it); one that is not
+    fails the push with a request to run it again, and the cache is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path)
+        self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stat TEXT, content TEXT)")
+        self._known = {p: (st, c) for p, st, c in self.db.execute("SELECT path, stat, content FROM files")}
+        self._stats: dict[str, str] = {}
+        self._ingested: list[tuple[str, str, PendingContent]] = []
+        self.unchanged = 0  # files not read again
+
+    def get(self, path: Path | str, size: int) -> StoredContent | None:
+        st = os.stat(path)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+        self._stats[str(path)] = stamp
+        known = self._known.get(str(path))
+        if known is None or known[0] != stamp or st.st_size != size:
+            return None
+        doc = json.loads(known[1])
+        self.unchanged += 1
+        if "hash" in doc:
+            return StoredContent(size, ContentHash.from_hex(doc["hash"]))
+        return StoredContent(size, None, [Chunk(o, n, ContentHash.from_hex(h)) for o, n, h in doc["chunks"]])
+
+    def put(self, path: Path | str, size: int, pending: PendingContent) -> None:
+        self._ingested.append((str(path), self._stats.pop(str(path), ""), pending))
+
+    def save(self) -> None:
+        """Record what was ingested (after the staging is sealed: the objects are durable)."""
+        rows = []
+        for path, stamp, pending in self._ingested:
+            stored = pending.result()
+            doc = ({"hash": stored.hash.hex} if stored.hash is not None
+                   else {"chunks": [[c.offset, c.size, c.hash.hex] for c in stored.chunks]})  # fmt: skip
+            rows.append((path, stamp, json.dumps(doc)))
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO files (path, stat, content) VALUES (?, ?, ?)", rows)
+        self._ingested.clear()
+
+    def close(self) -> None:
+        self.db.close()
+
+
 def subtree_objects(repo: Repository, root: ContentHash) -> list[str]:
     """Every object a subtree's catalogs name, catalogs first (suffixed hashes, no duplicates)."""
     names: dict[str, None] = {}
@@ -226,29 +279,46 @@ def push(
     streams: list[BinaryIO] = []
     session = GatewaySession(server, key)
     try:
-        with repo.staging() as staging:
-            staged = staging.stage("/" + path, _entries(source, streams))
-            staging.seal()  # the content index records the objects: the next push skips unchanged files
-        report(f"built {staged.entries} entries ({staged.stats.bytes_in} bytes read)")
+        cache = StatCache(work / "files.db") if source.is_dir() else None
+        unchanged = 0
+        try:
+            with repo.staging() as staging:
+                staging.content.file_cache = cache
+                staged = staging.stage("/" + path, _entries(source, streams))
+                staging.seal()  # objects durable, content index updated: then the stat cache may name them
+            if cache is not None:
+                cache.save()
+                unchanged = cache.unchanged
+        finally:
+            if cache is not None:
+                cache.close()
+        report(f"built {staged.entries} entries in {time.monotonic() - started:.1f} s")
         names = subtree_objects(repo, staged.root_hash)
         token = _lease(session, work, repository, path, report)
         lacking: list[str] = []
         for i in range(0, len(names), MISSING_BATCH):
             lacking += session.missing(token, names[i : i + MISSING_BATCH])
-        report(f"{len(lacking)} of {len(names)} objects to send")
+        report(f"{len(lacking)} of {len(names)} objects to send ({time.monotonic() - started:.1f} s)")
         sent_bytes = 0
-        for batch in _packs(repo, lacking, pack_bytes):
-            raw_header, body = objectpack.build(batch)
-            sent_bytes += session.upload(token, raw_header, body)
-            report(f"sent {sent_bytes} bytes")
+        try:
+            for batch in _packs(repo, lacking, pack_bytes):
+                raw_header, body = objectpack.build(batch)
+                sent_bytes += session.upload(token, raw_header, body)
+                report(f"sent {sent_bytes} bytes")
+        except ObjectMissing as exc:
+            (work / "files.db").unlink(missing_ok=True)
+            raise ClientError(
+                f"the staging copy in {work} lost object {exc}: its file cache is cleared, run the push again"
+            ) from exc
         revision = session.commit(token, staged.root_hash, staged.root_size)
+        report(f"committed revision {revision} ({time.monotonic() - started:.1f} s)")
         (work / "lease").unlink(missing_ok=True)
     finally:
         session.close()
         for s in streams:
             s.close()
-    return PushResult(repository, "/" + path, revision, staged.root_hash.hex, len(names), len(lacking),
-                      sent_bytes, time.monotonic() - started)  # fmt: skip
+    return PushResult(repository, "/" + path, revision, staged.root_hash.hex, unchanged, len(names),
+                      len(lacking), sent_bytes, time.monotonic() - started)  # fmt: skip
 
 
 def _lease(

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, Protocol, cast
 
 from .catalog import Chunk
 from .chunking import ChunkParams, iter_chunks
@@ -194,8 +194,19 @@ class _Done(Future[tuple[ContentHash, int]]):
         self.set_result(value)
 
 
+class FileCache(Protocol):
+    """What a caller remembers of files it ingested before (``rcds push``'s stat cache): ``get`` returns
+    the stored content of an unchanged file (its objects are in the store), ``put`` is told of every
+    other file ingested, with its pending result."""
+
+    def get(self, path: Path | str, size: int) -> StoredContent | None: ...
+    def put(self, path: Path | str, size: int, pending: PendingContent) -> None: ...
+
+
 class ContentWriter:
     """Stores file content as objects; use one per transaction, then ``close``."""
+
+    file_cache: FileCache | None = None  # consulted by ``add_file`` before it reads a file
 
     def __init__(
         self,
@@ -300,6 +311,23 @@ class ContentWriter:
     def add_file(self, path: Path | str, size: int | None = None) -> PendingContent:
         """Ingest a file on disk. Large files are hashed first: unchanged ones skip chunking entirely."""
         size = os.path.getsize(path) if size is None else size
+        if self.file_cache is not None:
+            known = self.file_cache.get(path, size)
+            if known is not None:
+                with self._stats_lock:
+                    self.stats.files += 1
+                    self.stats.bytes_in += size
+                if known.hash is not None:
+                    return PendingContent(size, _Done((known.hash, 0)), [], None, self)
+                return PendingContent(
+                    size, None, [(c.offset, c.size, _Done((c.hash, 0))) for c in known.chunks], None, self
+                )
+            pending = self._add_file(path, size)
+            self.file_cache.put(path, size, pending)
+            return pending
+        return self._add_file(path, size)
+
+    def _add_file(self, path: Path | str, size: int) -> PendingContent:
         if size > self.params.min_size and self.index is not None:
             h = hashlib.sha256()
             with open(path, "rb") as f:

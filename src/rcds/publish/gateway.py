@@ -108,10 +108,12 @@ class Gateway:
         return f"{lease.repository}/{lease.path}"
 
     def _lease_doc(self, lease: Lease) -> dict[str, object]:
-        key_id, _, hostname = lease.holder.rpartition("@")
+        key_id, at, hostname = lease.holder.rpartition("@")
+        who: dict[str, object] = (
+            {"key_id": key_id, "hostname": hostname} if at else {"holder": lease.holder}  # rcds's own ingests
+        )
         return {
-            "key_id": key_id,
-            "hostname": hostname,
+            **who,
             "path": self._lease_path(lease),
             "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lease.expires)),
         }
