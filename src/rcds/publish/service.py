@@ -454,6 +454,10 @@ class PublishService:
             spool.discard()
             return Outcome(self.presence.find(cid))
         self.metrics.bytes_uploaded.inc(spool.size)
+        if spool.size <= self.settings.small_publish_bytes:
+            for worker in self.workers:
+                if worker.slots is not None:
+                    worker.slots.small_arrived = time.monotonic()
         log.info("queued", extra=fields(cid=cid, job=job_id, bytes=spool.size, identity=identity))
         self._notify()
         return Outcome(None)

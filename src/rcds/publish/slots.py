@@ -38,6 +38,7 @@ from .state import Job
 # the slots are threads of one process, and its Python work (tar headers, catalog rows) would otherwise
 # hold the interpreter lock the small ones need.
 GIVE_WAY_SECONDS = 0.001
+SMALL_ARRIVAL_SECONDS = 0.5  # how long a small upload just queued counts as in progress (until dispatched)
 
 
 class LeaseLost(Exception):
@@ -115,6 +116,7 @@ class IngestSlots:
     on_done: Callable[[], None]  # wakes the worker
     running: list[_Running] = field(default_factory=list)
     grafting_small: int = 0  # set by the worker while it grafts small publishes
+    small_arrived: float = 0.0  # monotonic time of the last small upload queued (it waits for dispatch)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
 
@@ -133,8 +135,9 @@ class IngestSlots:
             return bool(self.running)
 
     def small_in_progress(self) -> bool:
-        """Small publishes being ingested or grafted: big ingests give way (``LeasedReader``)."""
-        if self.grafting_small:
+        """Small publishes queued a moment ago, being ingested or grafted: big ingests give way
+        (``LeasedReader``)."""
+        if self.grafting_small or time.monotonic() - self.small_arrived < SMALL_ARRIVAL_SECONDS:
             return True
         with self._lock:
             return any(all(j.size <= self.small_bytes for j in r.jobs) for r in self.running)
