@@ -454,6 +454,10 @@ class PublishService:
             spool.discard()
             return Outcome(self.presence.find(cid))
         self.metrics.bytes_uploaded.inc(spool.size)
+        if spool.size <= self.settings.small_publish_bytes:
+            for worker in self.workers:
+                if worker.slots is not None:
+                    worker.slots.small_arrived = time.monotonic()
         log.info("queued", extra=fields(cid=cid, job=job_id, bytes=spool.size, identity=identity))
         self._notify()
         return Outcome(None)
@@ -972,6 +976,18 @@ class RepositoryWorker(threading.Thread):
                 self._finish_slot(r)
 
     def _publish(self, jobs: list[Job], staged: dict[int, SlotResult]) -> None:
+        small = bool(staged) and all(
+            r.job.size <= self.service.settings.small_publish_bytes for r in staged.values()
+        )
+        if small and self.slots is not None:
+            self.slots.grafting_small += 1
+        try:
+            self._publish_revision(jobs, staged)
+        finally:
+            if small and self.slots is not None:
+                self.slots.grafting_small -= 1
+
+    def _publish_revision(self, jobs: list[Job], staged: dict[int, SlotResult]) -> None:
         svc = self.service
         state = svc.state
         assert state is not None
@@ -1214,6 +1230,7 @@ class RepositoryWorker(threading.Thread):
         assert svc.leases is not None
         results: list[SlotResult] = []
         staging: StagingTransaction | None = None
+        big_run = any(job.size > svc.settings.small_publish_bytes for job, _ in batch)
         for job, lease in batch:
             started = time.monotonic()
             result = SlotResult(job, lease)
@@ -1223,11 +1240,15 @@ class RepositoryWorker(threading.Thread):
                     raise LeaseLost("the lease expired before the ingest started")
                 if staging is None:
                     # A big tarball compresses on all cores but one: small publishes beside it keep a core.
-                    big = job.size > svc.settings.small_publish_bytes
-                    staging = self.repo.staging(workers=max(1, (os.cpu_count() or 2) - 1) if big else None)
+                    staging = self.repo.staging(
+                        workers=max(1, (os.cpu_count() or 2) - 1) if big_run else None
+                    )
                     staging.clock = svc.clock
                 with open(job.spool, "rb") as raw:
-                    reader = LeasedReader(raw, svc.leases, lease, svc.stopping.is_set)
+                    give_way = self.slots.small_in_progress if big_run and self.slots is not None else None
+                    reader = LeasedReader(
+                        raw, svc.leases, lease, svc.stopping.is_set, give_way or (lambda: False)
+                    )
                     entries = _with_publisher(
                         tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels),
                         job.identity,

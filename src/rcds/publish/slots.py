@@ -12,6 +12,9 @@ Fairness: with two slots or more, big tarballs (over ``small_publish_bytes``) ne
 slot, so a small publish starts at once however many big ones are queued; big ones start in queue order
 whenever a slot is free, so they make progress.
 
+A big ingest also gives way while small publishes are ingested or grafted: it pauses a millisecond at each
+read of its tarball, so that the interpreter lock (the slots are threads) goes to the small ones.
+
 Leases: a slot refreshes its lease as it reads the tarball (at most every third of ``lease_seconds``),
 so an ingest that makes no progress for ``lease_seconds`` loses it; the worker refreshes it once more
 right before the graft and refuses the staged tree if it is lost (the job is retried as after an error).
@@ -31,6 +34,12 @@ from ..cvmfs.writer import StagedTree, StagingTransaction
 from .leases import Lease, Leases
 from .state import Job
 
+# A big ingest pauses this long at each read (64 KiB of tarball) while small publishes are in progress:
+# the slots are threads of one process, and its Python work (tar headers, catalog rows) would otherwise
+# hold the interpreter lock the small ones need.
+GIVE_WAY_SECONDS = 0.001
+SMALL_ARRIVAL_SECONDS = 0.5  # how long a small upload just queued counts as in progress (until dispatched)
+
 
 class LeaseLost(Exception):
     """The ingest's lease expired (it made no progress for ``lease_seconds``)."""
@@ -40,10 +49,16 @@ class LeasedReader:
     """A tarball being ingested that keeps its lease alive while it is read."""
 
     def __init__(
-        self, raw: BinaryIO, leases: Leases, lease: Lease, cancelled: Callable[[], bool] = lambda: False
+        self,
+        raw: BinaryIO,
+        leases: Leases,
+        lease: Lease,
+        cancelled: Callable[[], bool] = lambda: False,
+        give_way: Callable[[], bool] = lambda: False,
     ) -> None:
         self._raw = raw
         self._cancelled = cancelled
+        self._give_way = give_way
         self._leases = leases
         self._token = lease.token
         self._every = lease.ttl / 3
@@ -61,10 +76,14 @@ class LeasedReader:
 
     def read(self, n: int = -1) -> bytes:
         self.keep()
+        if self._give_way():
+            time.sleep(GIVE_WAY_SECONDS)
         return self._raw.read(n)
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         self.keep()
+        if self._give_way():
+            time.sleep(GIVE_WAY_SECONDS)
         return self._raw.readinto(buffer)  # type: ignore[attr-defined,no-any-return]
 
 
@@ -96,6 +115,8 @@ class IngestSlots:
     small_bytes: int
     on_done: Callable[[], None]  # wakes the worker
     running: list[_Running] = field(default_factory=list)
+    grafting_small: int = 0  # set by the worker while it grafts small publishes
+    small_arrived: float = 0.0  # monotonic time of the last small upload queued (it waits for dispatch)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
 
@@ -112,6 +133,14 @@ class IngestSlots:
         """Ingests running or finished and not yet taken by the worker."""
         with self._lock:
             return bool(self.running)
+
+    def small_in_progress(self) -> bool:
+        """Small publishes queued a moment ago, being ingested or grafted: big ingests give way
+        (``LeasedReader``)."""
+        if self.grafting_small or time.monotonic() - self.small_arrived < SMALL_ARRIVAL_SECONDS:
+            return True
+        with self._lock:
+            return any(all(j.size <= self.small_bytes for j in r.jobs) for r in self.running)
 
     def fits(self, job: Job) -> bool:
         """Whether ``job`` may take a free slot now (the last one is kept for small publishes)."""
