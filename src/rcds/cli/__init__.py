@@ -23,6 +23,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "wait": ("client", "wait"),
     "get": ("client", "get"),
     "cache": ("client", "cache"),
+    "push": ("push", "push"),
     "serve": ("server", "serve"),
     "repo": ("server", "repo"),
     "cleanup": ("server", "cleanup"),

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, Protocol, cast
 
 from .catalog import Chunk
 from .chunking import ChunkParams, iter_chunks
@@ -35,7 +35,8 @@ class ContentIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        # Several writers at once (staged ingests, a transaction, GC): WAL, and waiting for each other.
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS pieces (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
@@ -54,7 +55,7 @@ class ContentIndex:
         """Persist the entries recorded since the last flush (after their objects are durable)."""
         with self._lock:
             if self._pending:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 self.db.executemany("INSERT OR REPLACE INTO pieces (key, value) VALUES (?, ?)", self._pending)
                 self.db.execute("COMMIT")
                 self._pending.clear()
@@ -90,7 +91,7 @@ class ContentIndex:
 
     def _remove_listed(self, table: str) -> int:
         """Delete entries naming an object in ``table``; the caller holds ``_lock``."""
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE")
         try:
             removed = self.db.execute(
                 f"DELETE FROM pieces WHERE length(value) = 20 AND value IN (SELECT digest FROM {table})"
@@ -193,8 +194,19 @@ class _Done(Future[tuple[ContentHash, int]]):
         self.set_result(value)
 
 
+class FileCache(Protocol):
+    """What a caller remembers of files it ingested before (``rcds push``'s stat cache): ``get`` returns
+    the stored content of an unchanged file (its objects are in the store), ``put`` is told of every
+    other file ingested, with its pending result."""
+
+    def get(self, path: Path | str, size: int) -> StoredContent | None: ...
+    def put(self, path: Path | str, size: int, pending: PendingContent) -> None: ...
+
+
 class ContentWriter:
     """Stores file content as objects; use one per transaction, then ``close``."""
+
+    file_cache: FileCache | None = None  # consulted by ``add_file`` before it reads a file
 
     def __init__(
         self,
@@ -299,6 +311,23 @@ class ContentWriter:
     def add_file(self, path: Path | str, size: int | None = None) -> PendingContent:
         """Ingest a file on disk. Large files are hashed first: unchanged ones skip chunking entirely."""
         size = os.path.getsize(path) if size is None else size
+        if self.file_cache is not None:
+            known = self.file_cache.get(path, size)
+            if known is not None:
+                with self._stats_lock:
+                    self.stats.files += 1
+                    self.stats.bytes_in += size
+                if known.hash is not None:
+                    return PendingContent(size, _Done((known.hash, 0)), [], None, self)
+                return PendingContent(
+                    size, None, [(c.offset, c.size, _Done((c.hash, 0))) for c in known.chunks], None, self
+                )
+            pending = self._add_file(path, size)
+            self.file_cache.put(path, size, pending)
+            return pending
+        return self._add_file(path, size)
+
+    def _add_file(self, path: Path | str, size: int) -> PendingContent:
         if size > self.params.min_size and self.index is not None:
             h = hashlib.sha256()
             with open(path, "rb") as f:

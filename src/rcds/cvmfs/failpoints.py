@@ -4,7 +4,8 @@
 or a power cut for everything not yet fsynced) when it reaches that point.
 ``RCDS_FAILPOINT=<name>:enospc`` instead raises ``OSError(ENOSPC)`` there, as a full disk would;
 ``<name>:eio`` raises ``OSError(EIO)``, a failing disk; ``<name>:error`` raises ``FailpointError``, an error
-that is nobody's environment (as a bug would be).
+that is nobody's environment (as a bug would be); ``<name>:sleep=<seconds>`` stalls there (a stuck disk or
+a stalled ingest).
 ``RCDS_FAILPOINT_FILE=<path>`` reads the setting from that file at every point instead (missing or empty:
 none), so that a test can fill and free the "disk" of a running server.
 Unset, ``hit`` costs one or two dictionary lookups.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 ENV = "RCDS_FAILPOINT"
 FILE_ENV = "RCDS_FAILPOINT_FILE"
@@ -43,3 +45,5 @@ def hit(name: str) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
     if point == f"{name}:error":
         raise FailpointError(f"failpoint {name}")
+    if point.startswith(f"{name}:sleep="):
+        time.sleep(float(point.split("=", 1)[1]))

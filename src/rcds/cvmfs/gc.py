@@ -38,10 +38,11 @@ marked is skipped with its whole subtree: a new revision costs only the catalogs
 catalogs, and catalogs already planned through another root) and list the candidates in post-order: a
 catalog's objects, then its nested catalogs' subtrees, then the catalog itself.
 
-*Sweep* (under the repository's writer lock, ``Repository.lock``): the writer deduplicates by skipping an
-object that exists, so an object planned for deletion may have been reused by a revision published since
-the mark began. Every transaction holds that lock from start to commit, so once GC holds it no publish is
-in flight. Under the lock, GC first repairs what a crashed publish may have left (``Repository.recover``),
+*Sweep* (under the repository's ingest lock, exclusive, then its writer lock, ``Repository.lock``): the
+writer deduplicates by skipping an object that exists, so an object planned for deletion may have been
+reused by a revision published since the mark began. Every transaction holds the writer lock from start to
+commit, and every staged ingest (built outside the writer lock, grafted later) holds the ingest lock shared
+from its start until its graft is committed or dropped, so once GC holds both no publish is in flight. Under the lock, GC first repairs what a crashed publish may have left (``Repository.recover``),
 then marks *incrementally*: every root catalog now in the reflog that was not in the snapshot (publishes
 since the mark began), and the preserved revisions recomputed from the manifest as it is now. The planned
 candidates are re-checked against the preserved set as they are deleted, so nothing that a newly
@@ -203,8 +204,12 @@ class Stratum0:
     def manifest(self) -> Manifest:
         return self.repo.manifest()
 
-    def lock(self) -> AbstractContextManager[None]:
-        return self.repo.lock()
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        # Staged ingests first (they hold it shared until their graft is committed, which needs the
+        # writer lock: taking the writer lock first could deadlock with a committer).
+        with self.repo.ingest_lock(exclusive=True), self.repo.lock():
+            yield
 
     def recover(self) -> list[str]:
         return self.repo.recover()

@@ -41,9 +41,10 @@ from .store import WHITELIST as WHITELIST
 from .whitelist import Whitelist
 
 if TYPE_CHECKING:
-    from .writer import Transaction
+    from .writer import StagingTransaction, Transaction
 
 DEFAULT_TTL = 15  # seconds: user code must appear fast (the CVMFS default is 240)
+INGEST_LOCK = "ingest.lock"  # in <storage>/.rcds/: staged ingests (shared) against the GC sweep
 REFLOG_CHECKSUM = "reflog.chksum"  # in <storage>/.rcds/, as cvmfs_server keeps it in its spool
 WHITELIST_WARN = dt.timedelta(days=7)
 EXTERNAL_WHITELIST_WARN = dt.timedelta(days=2)
@@ -274,12 +275,15 @@ class Repository:
         one; the manifest is re-signed (same revision and root catalog) so that ``Y`` matches it.
         """
         done: list[str] = []
-        self.store.clean_staging()
-        txn_dir = self.private / "txn"
-        if txn_dir.is_dir():
-            for d in txn_dir.iterdir():
-                shutil.rmtree(d, ignore_errors=True)
-                done.append(f"removed scratch {d.name}")
+        # Staged ingests (``StagingTransaction``) write temp files and scratch outside the writer lock:
+        # clean only when none is alive (a crash's leftovers wait for a quiet moment, they are harmless).
+        with contextlib.suppress(RepositoryError), self.ingest_lock(exclusive=True, blocking=False):
+            self.store.clean_staging()
+            txn_dir = self.private / "txn"
+            if txn_dir.is_dir():
+                for d in txn_dir.iterdir():
+                    shutil.rmtree(d, ignore_errors=True)
+                    done.append(f"removed scratch {d.name}")
         if self.store.exists(REFLOG):
             manifest = self.manifest()
             actual = ContentHash.of(self.store.get(REFLOG))
@@ -382,10 +386,32 @@ class Repository:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def ingest_lock(self, exclusive: bool, blocking: bool = True) -> Iterator[None]:
+        """The lock between staged ingests (shared, each for its whole life: build, then until its graft
+        is committed or dropped) and garbage collection's sweep (exclusive). A staged ingest runs outside
+        the writer lock and reuses objects that exist, so a sweep must not run while one is alive."""
+        fd = os.open(self.private / INGEST_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+                fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                raise RepositoryError(f"{self.fqrn} has ingests in progress") from exc
+            yield
+        finally:
+            os.close(fd)
+
     def transaction(self) -> Transaction:
         from .writer import Transaction
 
         return Transaction(self)
+
+    def staging(self, workers: int | None = None) -> StagingTransaction:
+        """A staged ingest: builds one subtree without the writer lock, for ``Transaction.graft``."""
+        from .writer import StagingTransaction
+
+        return StagingTransaction(self, workers)
 
     def write_status(self, **fields: str) -> None:
         path = self.storage / STATUS_JSON

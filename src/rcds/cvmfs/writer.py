@@ -112,17 +112,21 @@ class Transaction:
         try:
             repo.recover()
             self.base = repo.manifest()
-            self.work = repo.private / "txn" / secrets.token_hex(6)
-            self.work.mkdir(parents=True)
-            self.index = ContentIndex(repo.private / "content-index.db")
-            self.content = ContentWriter(repo.store, self.index, repo.config.chunk_params, workers)
-            self.open: dict[str, _OpenCatalog] = {}
-            self._seq = itertools.count()
-            self.clock = time.time
+            self._open_work(workers)
             self._load("", self.base.root_catalog, None)
         except BaseException:
             self._release()
             raise
+
+    def _open_work(self, workers: int | None) -> None:
+        repo = self.repo
+        self.work = repo.private / "txn" / secrets.token_hex(6)
+        self.work.mkdir(parents=True)
+        self.index = ContentIndex(repo.private / "content-index.db")
+        self.content = ContentWriter(repo.store, self.index, repo.config.chunk_params, workers)
+        self.open: dict[str, _OpenCatalog] = {}
+        self._seq = itertools.count()
+        self.clock = time.time
 
     # --- context management ----------------------------------------------------------------------
 
@@ -140,6 +144,13 @@ class Transaction:
 
     def _release(self) -> None:
         self._closed = True
+        self._close_work()
+        self._lock.__exit__(None, None, None)
+
+    def _close_work(self) -> None:
+        if getattr(self, "_work_closed", False):
+            return
+        self._work_closed = True
         for oc in getattr(self, "open", {}).values():
             oc.cat.close()
         if hasattr(self, "content"):
@@ -148,7 +159,6 @@ class Transaction:
             self.index.close()
         if hasattr(self, "work"):
             shutil.rmtree(self.work, ignore_errors=True)
-        self._lock.__exit__(None, None, None)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -391,6 +401,26 @@ class Transaction:
         self._touch_dir(parent, +1)
         return len(nodes)
 
+    def graft(self, staged: StagedTree) -> None:
+        """Put a staged subtree (``StagingTransaction.stage``) at its path, replacing whatever was there.
+
+        Short: one mountpoint row, one nested catalog reference and the counters; the staged catalogs
+        and objects are already stored.
+        """
+        self._check_open()
+        path = staged.path
+        if self.exists(path):
+            self.remove(path)
+        parent = parent_path(path)
+        if not self.exists(parent):
+            self.mkdir(parent)
+        holder = self._catalog_for(parent)
+        holder.cat.insert(path, staged.mount_row)
+        holder.cat.set_nested(path, staged.root_hash, staged.root_size)
+        holder.child_delta = add_counts(holder.child_delta, staged.totals)
+        self._mark_dirty(holder)
+        self._touch_dir(parent, +1)
+
     def write_file(self, path: str, data: bytes, mtime: int, mode: int = 0o644) -> None:
         """Create or replace the regular file ``path`` (its parent directory must exist).
 
@@ -433,6 +463,22 @@ class Transaction:
         from .tree import entries_from_directory
 
         return self.add_tree(path, entries_from_directory(source), nested)
+
+    def graft_catalog(self, path: str, catalog_hash: ContentHash, size: int) -> None:
+        """``graft`` for a subtree built elsewhere (a gateway publisher's): its catalog ``catalog_hash``,
+        rooted at ``path``, and everything below it are already in the store."""
+        path = normalize_path(path)
+        cat = self.repo.open_catalog(catalog_hash)
+        try:
+            root_row = cat.lookup(path, with_chunks=False) if path else None
+            totals = (cat.counters() or Counters()).totals()
+            prefix = cat.root_prefix
+        finally:
+            cat.close()
+        if prefix != path or root_row is None or not root_row.is_dir:
+            raise TransactionError(f"catalog {catalog_hash.hex} is not rooted at {path or '/'}")
+        mount_row = replace(root_row, flags=(root_row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
+        self.graft(StagedTree(path, catalog_hash, size, mount_row, totals, 0, IngestStats()))
 
     def _collect(self, entries: Iterable[TreeEntry], now: int) -> dict[str, _Node]:
         nodes: dict[str, _Node] = {}
@@ -690,6 +736,102 @@ class Transaction:
                 parent.child_delta, add_counts(counters.totals(), oc.old_totals, -1)
             )
         return h, size
+
+
+@dataclass(frozen=True)
+class StagedTree:
+    """A subtree built by ``StagingTransaction.stage``: its catalogs and objects are stored, nothing
+    references them yet. ``Transaction.graft`` puts it in a revision."""
+
+    path: str  # normalized, absolute in the repository ("/sw/cid")
+    root_hash: ContentHash  # the subtree's nested catalog
+    root_size: int
+    mount_row: Dirent  # the row for the parent catalog (flagged as a nested mountpoint)
+    totals: dict[str, int]  # the nested catalog's counters, itself and below
+    entries: int
+    stats: IngestStats
+
+
+class StagingTransaction(Transaction):
+    """Builds subtrees for a later ``Transaction.graft``, without the repository's writer lock.
+
+    It starts from an empty private root catalog, ingests each tree as ``add_tree`` does (a nested
+    catalog at its path, more at ``.cvmfscatalog`` markers), and ``stage`` finalizes only the catalogs at
+    and below that path; several trees (at paths that do not contain each other) share one staging, its
+    content writer and index. ``seal`` makes the objects durable, records them in the content index and
+    frees the working state. It holds the repository's ingest lock (shared) until it is closed, so
+    garbage collection cannot sweep an object it reused before the graft is committed: close it
+    (``abort``, or leave the ``with`` block) only after that commit, or when the staged trees are given up.
+    """
+
+    def __init__(self, repo: Repository, workers: int | None = None) -> None:
+        self.repo = repo
+        self._lock = repo.ingest_lock(exclusive=False)
+        self._lock.__enter__()
+        self._closed = False
+        self.staged: list[StagedTree] = []
+        try:
+            self._open_work(workers)
+            root = Catalog.create(self._work_file(), "", _dir_row("", 0o755, self._now()))
+            zero = dict.fromkeys(COUNTER_KINDS, 0)
+            self.open[""] = _OpenCatalog("", root, None, zero, None, dict(zero), 0)
+        except BaseException:
+            self._release()
+            raise
+
+    def __enter__(self) -> StagingTransaction:
+        return self
+
+    def stage(self, path: str, entries: Iterable[TreeEntry]) -> StagedTree:
+        """Ingest ``entries`` as the tree at ``path`` and store its catalogs.
+
+        A tarball's fault (``TreeError``, or the entries' own error) is raised before the tree's catalogs
+        are written (at most a parent directory was added to the private root): the staging can go on with
+        the next tree. Another error may leave it half-changed: ``abort`` it.
+        """
+        self._check_open()
+        if getattr(self, "_work_closed", False):
+            raise TransactionError("the staging is sealed")
+        path = normalize_path(path)
+        if any(path == t.path or path.startswith(t.path + "/") or t.path.startswith(path + "/")
+               for t in self.staged):  # fmt: skip
+            raise TransactionError(f"{path} overlaps a tree staged before")
+        before = replace(self.content.stats)
+        count = self.add_tree(path, entries, nested=True)
+        failpoints.hit("staged-ingest")
+        # No sync here: the staged catalogs are named by nothing until the graft's commit, which syncs
+        # the store (objects and these catalogs alike) before it writes the catalog that names them.
+        timestamp = self._now()
+        below = [oc for oc in self.open.values() if oc.mount == path or oc.mount.startswith(path + "/")]
+        root_hash, root_size = ContentHash(bytes(20)), 0
+        for oc in sorted(below, key=lambda oc: -_depth(oc.mount)):
+            h, size = self._finalize(oc, timestamp, 1)
+            if oc.mount == path:
+                root_hash, root_size = h, size
+        for oc in below:  # finalized (and closed): only the private parents stay open
+            del self.open[oc.mount]
+        mount_row = self._catalog_for(parent_path(path)).cat.lookup(path, with_chunks=False)
+        assert mount_row is not None and mount_row.is_nested_mountpoint
+        after = self.content.stats
+        stats = IngestStats(
+            *(getattr(after, f) - getattr(before, f) for f in IngestStats.__dataclass_fields__)
+        )
+        tree = StagedTree(path, root_hash, root_size, mount_row, self._totals_of(root_hash), count, stats)
+        self.staged.append(tree)
+        return tree
+
+    def seal(self) -> None:
+        """After the last ``stage``: objects durable, then the content index updated (so that no later
+        ingest dedups against an object a crash lost); memory and threads go. The ingest lock stays."""
+        self._check_open()
+        if getattr(self, "_work_closed", False):
+            return
+        self.repo.store.sync()
+        self.index.flush()
+        self._close_work()
+
+    def commit(self, tag: str | None = None, description: str = "") -> CommitResult:
+        raise TransactionError("a staged tree is published by Transaction.graft, not committed")
 
 
 def _recount_hardlinks(cat: Catalog) -> None:

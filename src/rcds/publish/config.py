@@ -16,6 +16,7 @@ The full list of keys, with defaults, is in the README ("Configuration").
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -147,6 +148,18 @@ class StatusSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """``[gateway]``: the CVMFS-gateway-compatible API (``/api/v1``, docs/gateway.md)."""
+
+    enabled: bool = False  # serve /api/v1 leases and payloads (default: when key_files are given)
+    key_files: tuple[Path, ...] = ()  # files of ``plain_text <key id> <secret>`` lines
+    # key id -> the lease paths it may take ("<repo>/<path>", "<repo>/" for the whole repository)
+    key_paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    admin_keys: tuple[str, ...] = ()
+    max_lease_time: float = 7200.0  # seconds a lease lives without a refresh (the stock default)
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     data_dir: Path
     repositories: tuple[RepositorySettings, ...]
@@ -164,6 +177,13 @@ class ServiceSettings:
     limits: IngestLimits = field(default_factory=IngestLimits)
     batch_max_jobs: int = 100
     batch_max_bytes: int = 512 * MiB
+    # Publishes ingested at once per repository, each under a lease on its own path (0: by CPU count).
+    # 1 is the serialized design of before: one transaction ingests a whole batch under the writer lock.
+    ingest_slots: int = 0
+    # An ingest that makes no progress for this long loses its lease; its result is refused at graft.
+    lease_seconds: float = 120.0
+    # Tarballs up to this size are small: with two slots or more one slot is kept for them alone.
+    small_publish_bytes: int = 64 * MiB
     publish_attempts: int = 3
     retry_delay: float = 5.0  # seconds before the first retry; doubles with each attempt
     # Longest wait between tries of a job waiting for the storage (full disk...): how soon publishing
@@ -182,6 +202,12 @@ class ServiceSettings:
     create_missing: bool = True  # create local repositories on first start
     embedded: bool = False
     status: StatusSettings = field(default_factory=StatusSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+
+    @property
+    def slots(self) -> int:
+        """``ingest_slots``, or by CPU count (2 to 8: a small publish always has a slot of its own)."""
+        return self.ingest_slots or min(8, max(2, os.cpu_count() or 1))
 
     @property
     def local_repositories(self) -> tuple[RepositorySettings, ...]:
@@ -374,6 +400,19 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         )
     st.done()
 
+    gw = TomlTable(r.subtable("gateway"), "gateway.")
+    key_files = tuple(resolve(f) for f in gw.texts("key_files", []))
+    gateway = GatewaySettings(
+        enabled=gw.flag("enabled", bool(key_files)),
+        key_files=key_files,
+        key_paths={str(k): _key_paths(str(k), v) for k, v in gw.subtable("key_paths").items()},
+        admin_keys=tuple(gw.texts("admin_keys", [])),
+        max_lease_time=gw.number("max_lease_time", 7200.0),
+    )
+    if gateway.max_lease_time <= 0:
+        raise ConfigError("gateway.max_lease_time must be positive")
+    gw.done()
+
     settings = ServiceSettings(
         data_dir=data_dir,
         repositories=tuple(repos),
@@ -391,6 +430,9 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         limits=limits,
         batch_max_jobs=batch_max_jobs,
         batch_max_bytes=batch_max_bytes,
+        ingest_slots=r.integer("ingest_slots", 0),
+        lease_seconds=r.number("lease_seconds", 120.0),
+        small_publish_bytes=r.integer("small_publish_bytes", 64 * MiB),
         publish_attempts=r.integer("publish_attempts", 3),
         retry_delay=r.number("retry_delay", 5.0),
         max_retry_delay=r.number("max_retry_delay", 60.0),
@@ -403,12 +445,15 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         max_connections=max_connections,
         create_missing=r.flag("create_missing", True),
         status=status,
+        gateway=gateway,
     )
     r.done()
     if settings.maxdays <= 0 or settings.gc_horizon_days < 0 or not 0 <= settings.gcstarthour <= 23:
         raise ConfigError("maxdays must be positive, gc_horizon_days not negative, gcstarthour 0-23")
     if settings.retry_delay <= 0 or settings.max_retry_delay < settings.retry_delay:
         raise ConfigError("retry_delay must be positive and max_retry_delay at least retry_delay")
+    if settings.ingest_slots < 0 or settings.lease_seconds <= 0 or settings.small_publish_bytes < 0:
+        raise ConfigError("ingest_slots and small_publish_bytes must not be negative, lease_seconds positive")
     if not settings.prefix or "/" in settings.prefix:
         raise ConfigError("prefix must be one path component")
     return settings
@@ -443,6 +488,13 @@ def _group_settings(group: str, spec: Any) -> GroupSettings:
     issuers = tuple(gr.texts("issuers"))
     gr.done()
     return GroupSettings(group, tuple(dns), tuple(tokens), issuers)
+
+
+def _key_paths(key_id: str, spec: Any) -> tuple[str, ...]:
+    paths = [spec] if isinstance(spec, str) else spec
+    if not isinstance(paths, list) or not all(isinstance(p, str) and "/" in p for p in paths):
+        raise ConfigError(f'gateway.key_paths.{key_id}: a list of "<repository>/<path>" strings')
+    return tuple(paths)
 
 
 def _listener(spec: str, tls: bool) -> Listener:

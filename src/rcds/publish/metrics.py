@@ -73,6 +73,37 @@ class ServiceMetrics:
             "rcds_gc_freed_bytes", "Bytes freed by garbage collection", ["repository"], registry=r
         )
 
+        # Leases on sub-paths and ingest slots (``rcds.publish.leases``, ``rcds.publish.slots``).
+        self.leases_held = Gauge(
+            "rcds_leases_held", "Leases held now (ingests and external writers)", registry=r
+        )
+        self.lease_waiting = Gauge(
+            "rcds_lease_waiting_jobs", "Queued jobs whose path is leased by someone else (left queued)",
+            ["repository"], registry=r,
+        )  # fmt: skip
+        self.leases_expired = Counter(
+            "rcds_leases_expired", "Leases that expired (their holder made no progress)", ["repository"],
+            registry=r,
+        )  # fmt: skip
+        self.graft_seconds = Histogram(
+            "rcds_graft_seconds", "One revision grafting staged ingests (the writer lock held)", ["repository"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r,
+        )  # fmt: skip
+
+        # The CVMFS-gateway API (``rcds.publish.gateway``).
+        self.gateway_payload_bytes = Counter(
+            "rcds_gateway_payload_bytes", "Object bytes received in gateway payloads (re-hashed, stored)",
+            ["repository"], registry=r,
+        )  # fmt: skip
+        self.gateway_commits = Counter(
+            "rcds_gateway_commits", "Gateway commits by outcome (ok, refused)", ["repository", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.gateway_commit_seconds = Histogram(
+            "rcds_gateway_commit_seconds", "A gateway commit: checks, then the graft", ["repository"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r,
+        )  # fmt: skip
+
         # Notifications (``rcds.publish.notify``, ``rcds.web.notifications``; the replicas' subscribers).
         self.notification_subscribers = Gauge(
             "rcds_notification_subscribers", "Notification streams open to this server", registry=r
@@ -108,6 +139,9 @@ class ServiceMetrics:
     def watch_queue(self, depth: Callable[[], int], waiting: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
         self.waiting.set_function(lambda: float(waiting()))
+
+    def watch_leases(self, held: Callable[[], int]) -> None:
+        self.leases_held.set_function(lambda: float(held()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,24 +38,26 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from ..cvmfs.catalog import NESTED_MARKER
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.repository import Repository, RepositoryError
 from ..cvmfs.store import PRIVATE_DIR, fsync_path
 from ..cvmfs.tree import EntryKind, TreeEntry
-from ..cvmfs.writer import Transaction, TreeError
+from ..cvmfs.writer import StagingTransaction, Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
 from .cid import cid_group
 from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
 from .lastuse import server_name, write_records
+from .leases import Busy, Lease, Leases
 from .metrics import ServiceMetrics
 from .namespace import RULE, Namespace, NamespaceConflict, find_collisions, log_collisions, top_name
 from .notify import NotificationHub
 from .presence import PUBLISHER_FILE, Presence, PresenceIndex, scan_published_cids
+from .slots import IngestSlots, LeasedReader, LeaseLost, SlotResult
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, Job, StateDB
 from .status import ReplicaState, StatusHistory
 from .transient import environment_wait
@@ -158,6 +160,7 @@ class PublishService:
         self.repositories: dict[str, Repository] = {}
         self.workers: list[RepositoryWorker] = []
         self.state: StateDB | None = None
+        self.leases: Leases | None = None  # on sub-paths of the local repositories (``leases``, ``slots``)
         self.running = False
         self.stopping = threading.Event()
         self._wake = threading.Condition()
@@ -193,6 +196,11 @@ class PublishService:
         s = self.settings
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.state = StateDB(s.queue_dir / "state.db")
+        self.leases = Leases(
+            s.queue_dir / "state.db",
+            process=f"{self.server_name}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            on_expire=lambda lease: self.metrics.leases_expired.labels(lease.repository).inc(),
+        )
         for rs in s.local_repositories:
             self.repositories[rs.name] = self._open_repository(rs)
         for rs in s.repositories:
@@ -203,6 +211,7 @@ class PublishService:
         self.open()
         self._recover_jobs()
         self.metrics.watch_queue(self.queued_count, self.waiting_count)
+        self.metrics.watch_leases(lambda: len(self.leases.list()) if self.leases is not None else 0)
         try:  # the status page's charts: nice to have, never a reason not to start (a full disk...)
             self.status_history = StatusHistory(s.queue_dir / "status.db")
             self.sample_status()  # a first point at once; then every [status] sample_seconds
@@ -268,6 +277,8 @@ class PublishService:
 
     def close(self) -> None:
         """Close what ``open`` opened (for a service that was never started)."""
+        if self.leases is not None:
+            self.leases.close()
         if self.state is not None:
             self.state.close()
 
@@ -289,6 +300,10 @@ class PublishService:
             if thread is not None:
                 thread.join(5)
         self.flush_touches()
+        for w in self.workers:
+            w.close_slots()
+        if self.leases is not None:
+            self.leases.close()
         if self.state is not None:
             self.state.close()
         if self.status_history is not None:
@@ -330,6 +345,8 @@ class PublishService:
             else:
                 requeue.append(job.id)
         self.state.reset_to_queued(requeue)
+        if self.leases is not None:  # the previous process's ingests are gone; their jobs are requeued
+            self.leases.release_other_processes()
         # Jobs that waited for the storage (a full disk) try again at once: a restart is often how an
         # operator says it is fixed.
         woken = self.state.wake_waiting()
@@ -437,6 +454,10 @@ class PublishService:
             spool.discard()
             return Outcome(self.presence.find(cid))
         self.metrics.bytes_uploaded.inc(spool.size)
+        if spool.size <= self.settings.small_publish_bytes:
+            for worker in self.workers:
+                if worker.slots is not None:
+                    worker.slots.small_arrived = time.monotonic()
         log.info("queued", extra=fields(cid=cid, job=job_id, bytes=spool.size, identity=identity))
         self._notify()
         return Outcome(None)
@@ -620,6 +641,11 @@ class PublishService:
             return
         worker.accepting.clear()
         try:
+            # Ingests in flight are grafted (or given up) first: they hold the repository's ingest lock,
+            # which garbage collection waits for.
+            while worker.slots is not None and worker.slots.busy and worker.is_alive():
+                self._notify()
+                time.sleep(0.05)
             with worker.busy:
                 yield
         finally:
@@ -779,6 +805,8 @@ class PublishService:
                 except Exception as exc:  # a full disk, say: a missing sample must not stop what follows
                     log.debug("status sample failed", extra=fields(error=str(exc)))
             try:
+                if self.leases is not None:
+                    self.leases.expire_due()
                 for rs in self.settings.repositories:
                     if rs.name not in self.repositories or not self.cleanup_lock.locked():
                         self.refresh_presence(rs.name)
@@ -798,7 +826,12 @@ class PublishService:
 
 
 class RepositoryWorker(threading.Thread):
-    """Publishes queued jobs into one repository, one revision per batch."""
+    """Publishes queued jobs into one repository, one revision per batch.
+
+    With ``ingest_slots`` above 1 (the default) it dispatches jobs to ingest slots (``slots``), each
+    under a lease on the CID's path, and grafts the finished ones in one revision per batch; with 1 it
+    ingests a whole batch in one transaction under the writer lock (the design before leases).
+    """
 
     def __init__(self, service: PublishService, name: str, repo: Repository) -> None:
         super().__init__(name=f"pub-{name}", daemon=True)
@@ -819,17 +852,41 @@ class RepositoryWorker(threading.Thread):
         # State database writes that failed (the database shares the full disk), replayed in order before
         # anything else: without them a job would stay "publishing" until the next restart.
         self._pending_writes: list[Callable[[], object]] = []
+        self._stuck = False
+        settings = service.settings
+        self.slots = (
+            IngestSlots(settings.slots, settings.small_publish_bytes, service._notify)
+            if settings.slots > 1
+            else None
+        )
+
+    def close_slots(self) -> None:
+        """At stop, after the worker: ingests still running give up (``LeasedReader`` sees the service
+        stopping), their jobs go back to the queue and their leases are released."""
+        if self.slots is None:
+            return
+        self.slots.close()
+        left = self.slots.take_finished(1 << 30)
+        while left:
+            for r in left:
+                self._finish_slot(r)
+            if self.service.state is not None:
+                with contextlib.suppress(Exception):  # else the next start requeues them
+                    self.service.state.reset_to_queued([r.job.id for r in left])
+            left = self.slots.take_finished(1 << 30)
 
     def run(self) -> None:
         svc = self.service
         assert svc.state is not None
         while not svc.stopping.is_set():
             seen = svc.generation
+            self._stuck = False  # due jobs that no slot can take now: wait for a wake-up, do not poll
             pause = self._resume_at - time.monotonic()
             if pause > 0:  # the storage failed: the next try waits for the backoff
                 svc.stopping.wait(min(pause, 1.0))
                 continue
-            if not self.accepting.is_set() or self._locked_elsewhere():
+            ingesting = self.slots is not None and self.slots.busy
+            if (not self.accepting.is_set() and not ingesting) or self._locked_elsewhere():
                 svc.wait_for_work(seen, 1.0)
                 continue
             try:
@@ -837,20 +894,14 @@ class RepositoryWorker(threading.Thread):
                     self._pending_writes[0]()
                     self._pending_writes.pop(0)
                 with self.busy:
-                    if not self.accepting.is_set():
-                        continue
-                    if time.monotonic() > self._next_resign_check:
-                        self._next_resign_check = time.monotonic() + 3600
-                        svc.resign_if_due(self.repo)
-                    jobs = svc.state.claim(
-                        self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes
-                    )
-                    if jobs:
-                        self.publish(jobs)
-                        continue
-                    if time.monotonic() > self._next_share_check:  # idle: last-use records due?
-                        self._next_share_check = time.monotonic() + min(60.0, svc.settings.share_seconds / 2)
-                        self.publish([])
+                    if self.slots is not None:
+                        finished = self.slots.take_finished(svc.settings.batch_max_jobs)
+                        if finished:
+                            self.publish([r.job for r in finished], {r.job.id: r for r in finished})
+                            continue
+                    if not self.accepting.is_set():  # paused: only the ingests in flight are grafted
+                        self._stuck = True
+                    elif self._claim_and_publish():
                         continue
             except (
                 Exception
@@ -864,12 +915,35 @@ class RepositoryWorker(threading.Thread):
                 continue
             retry_at = svc.state.next_retry_at()
             timeout = 1.0 if retry_at is None else max(0.05, min(1.0, retry_at - time.time()))
+            if self._stuck and (retry_at is None or retry_at <= time.time()):
+                timeout = 1.0  # new uploads and finished ingests wake the worker
             svc.wait_for_work(seen, timeout)
         # Stopping: one last go at state writes still owed (else the next start sorts those jobs out).
         with contextlib.suppress(Exception):
             while self._pending_writes:
                 self._pending_writes[0]()
                 self._pending_writes.pop(0)
+
+    def _claim_and_publish(self) -> bool:
+        """Under ``busy``: start ingests in free slots (or, with one slot, publish a claimed batch here),
+        or write the last-use records due. Whether to go round again at once."""
+        svc = self.service
+        assert svc.state is not None
+        if time.monotonic() > self._next_resign_check:
+            self._next_resign_check = time.monotonic() + 3600
+            svc.resign_if_due(self.repo)
+        if self.slots is not None:
+            self._stuck = not self._dispatch()
+        else:
+            jobs = svc.state.claim(self.repo_name, svc.settings.batch_max_jobs, svc.settings.batch_max_bytes)
+            if jobs:
+                self.publish(jobs)
+                return True
+        if time.monotonic() > self._next_share_check:  # idle: last-use records due?
+            self._next_share_check = time.monotonic() + min(60.0, svc.settings.share_seconds / 2)
+            self.publish([])
+            return True
+        return False
 
     @property
     def storage_waiting(self) -> bool:
@@ -889,14 +963,38 @@ class RepositoryWorker(threading.Thread):
             )
             return True
 
-    def publish(self, jobs: list[Job]) -> None:
-        """One revision: the jobs, plus the last-use (ts/) records that are due. Nothing to do, no revision."""
+    def publish(self, jobs: list[Job], staged: dict[int, SlotResult] | None = None) -> None:
+        """One revision: the jobs, plus the last-use (ts/) records that are due. Nothing to do, no revision.
+
+        ``staged``: the jobs' finished ingests (by job id), grafted instead of ingested here; their
+        leases are released and their staged trees dropped once the revision is committed or given up.
+        """
+        try:
+            self._publish(jobs, staged or {})
+        finally:
+            for r in (staged or {}).values():
+                self._finish_slot(r)
+
+    def _publish(self, jobs: list[Job], staged: dict[int, SlotResult]) -> None:
+        small = bool(staged) and all(
+            r.job.size <= self.service.settings.small_publish_bytes for r in staged.values()
+        )
+        if small and self.slots is not None:
+            self.slots.grafting_small += 1
+        try:
+            self._publish_revision(jobs, staged)
+        finally:
+            if small and self.slots is not None:
+                self.slots.grafting_small -= 1
+
+    def _publish_revision(self, jobs: list[Job], staged: dict[int, SlotResult]) -> None:
         svc = self.service
         state = svc.state
         assert state is not None
         m = svc.metrics
         started = time.monotonic()
-        m.publishing.labels(self.repo_name).set(len(jobs))
+        if not staged:  # ingested here (a slot counts its own job while it runs)
+            m.publishing.labels(self.repo_name).set(len(jobs))
         done: list[tuple[Job, int, int]] = []  # job, entries, bytes
         settled: set[int] = set()  # jobs already failed (rejected) or found published
         shares: dict[str, float] = {}
@@ -909,8 +1007,9 @@ class RepositoryWorker(threading.Thread):
                 top = f"/{svc.prefix}"
                 if not txn.exists(top):
                     txn.mkdir(top, nested=True)
+                graft_started = time.monotonic()
                 for job in jobs:
-                    outcome = self._add_job(txn, job)
+                    outcome = self._add_job(txn, job, staged.get(job.id))
                     if outcome is None:
                         settled.add(job.id)
                     else:
@@ -922,6 +1021,8 @@ class RepositoryWorker(threading.Thread):
                 # shared, so it is tried again only when its time has moved by share_seconds.
                 ts_skipped = len(write_records(txn, shares, svc.server_name).skipped)
                 result = txn.commit()
+                if staged:
+                    m.graft_seconds.labels(self.repo_name).observe(time.monotonic() - graft_started)
         except Exception as exc:
             # Nothing of this revision is live (the transaction aborted): every job not settled goes back
             # to the queue. If the storage failed (a full disk...) it waits, keeping its spool file, for
@@ -941,7 +1042,8 @@ class RepositoryWorker(threading.Thread):
             self._write_state(functools.partial(state.unshare, shares))
             return
         finally:
-            m.publishing.labels(self.repo_name).set(0)
+            if not staged:
+                m.publishing.labels(self.repo_name).set(0)
         self._storage_works()
         svc.known_revision[self.repo_name] = result.revision
         svc.announce(self.repo_name)  # the manifest is live: tell the replicas first, then the bookkeeping
@@ -982,11 +1084,24 @@ class RepositoryWorker(threading.Thread):
             ),
         )  # fmt: skip
 
-    def _add_job(self, txn: Transaction, job: Job) -> tuple[int, int] | None:
+    def _add_job(self, txn: Transaction, job: Job, slot: SlotResult | None = None) -> tuple[int, int] | None:
         """Add one CID to the open transaction. None if the job is settled without it: rejected tarball or
-        namespace conflict (failed with the reason), or the CID itself found published meanwhile."""
+        namespace conflict (failed with the reason), the CID itself found published meanwhile, or (with
+        ``slot``, its staged ingest) an ingest that failed or lost its lease (retried)."""
         svc = self.service
         assert svc.state is not None
+        if slot is not None and slot.staged is None:
+            self._settle_failed_ingest(slot)
+            return None
+        if slot is not None and (svc.leases is None or svc.leases.refresh(slot.lease.token) is None):
+            # It stalled past lease_seconds: its path may be someone else's now. Retried as after an error.
+            svc.metrics.failures.labels("lease").inc()
+            self._write_state(functools.partial(self._retry_or_fail, job, "lease expired before the graft"))
+            log.warning(
+                "staged ingest refused: lease expired",
+                extra=fields(cid=job.cid, repository=self.repo_name, path=slot.lease.path),
+            )
+            return None
         path = f"/{svc.prefix}/{job.cid}"
         group = cid_group(job.cid)
         group_path = f"/{svc.prefix}/{group}" if group else None
@@ -1020,6 +1135,9 @@ class RepositoryWorker(threading.Thread):
         try:
             if group_path is not None and new_group:
                 txn.mkdir(group_path, nested=True)
+            if slot is not None and slot.staged is not None:
+                txn.graft(slot.staged)
+                return slot.staged.entries, slot.staged.stats.bytes_in
             before = txn.content.stats.bytes_in
             with open(job.spool, "rb") as f:
                 entries = _with_publisher(
@@ -1036,6 +1154,178 @@ class RepositoryWorker(threading.Thread):
             Path(job.spool).unlink(missing_ok=True)
             log.warning("publish rejected", extra=fields(cid=job.cid, reason=str(exc), identity=job.identity))
             return None
+
+    # --- ingest slots ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> bool:
+        """Start queued jobs in free slots, each under a lease on its path: a big or retried job alone, else
+        a run of small ones within the batch budget. Small ones are never left waiting behind big ones
+        (``IngestSlots.fits``). A job whose path is leased elsewhere stays queued. Whether any started."""
+        svc, slots = self.service, self.slots
+        s = svc.settings
+        assert svc.state is not None and slots is not None
+        waiting = 0
+        free_before = slots.free
+        candidates = svc.state.queued(limit=s.batch_max_jobs + 64) if slots.free > 0 else []
+        batch: list[tuple[Job, Lease]] = []
+        total = 0
+        for job in candidates:
+            if slots.free <= 0:
+                break
+            alone = job.size > s.small_publish_bytes or bool(job.attempts or job.waits)
+            if batch and (alone or len(batch) >= s.batch_max_jobs or total + job.size > s.batch_max_bytes):
+                self._start(batch)
+                batch, total = [], 0
+                if slots.free <= 0:
+                    break
+            if not slots.fits(job):
+                continue
+            took = self._take(job)
+            if isinstance(took, Busy):
+                waiting += 1
+                continue
+            if took is None:
+                continue
+            if alone:
+                self._start([took])
+            else:
+                batch.append(took)
+                total += job.size
+        if batch:
+            self._start(batch)
+        svc.metrics.lease_waiting.labels(self.repo_name).set(waiting)
+        return slots.free < free_before
+
+    def _take(self, job: Job) -> tuple[Job, Lease] | Busy | None:
+        """Lease the job's path and claim it: Busy if the path is leased elsewhere, None if the job is
+        no longer queued."""
+        svc = self.service
+        assert svc.state is not None and svc.leases is not None
+        got = svc.leases.acquire(
+            self.repo_name, f"{svc.prefix}/{job.cid}", f"job {job.id} ({job.cid})", svc.settings.lease_seconds
+        )
+        if isinstance(got, Busy):
+            log.info(
+                "lease busy, job stays queued",
+                extra=fields(cid=job.cid, repository=self.repo_name, holder=got.holder,
+                             path=got.path, time_remaining=round(got.time_remaining, 1)),
+            )  # fmt: skip
+            return got
+        if not svc.state.claim_job(job.id, self.repo_name):  # another repository's worker took it
+            svc.leases.release(got.token)
+            return None
+        return dataclasses.replace(job, state=PUBLISHING, repository=self.repo_name), got
+
+    def _start(self, batch: list[tuple[Job, Lease]]) -> None:
+        assert self.slots is not None
+        self.service.metrics.publishing.labels(self.repo_name).inc(len(batch))
+        self.slots.start(
+            [j for j, _ in batch], [lease for _, lease in batch], functools.partial(self._ingest, batch)
+        )
+
+    def _ingest(self, batch: list[tuple[Job, Lease]]) -> list[SlotResult]:
+        """In a slot's thread: build the jobs' staged trees, one after the other, in one staging (sealed at
+        the end). Never raises; touches no state."""
+        svc = self.service
+        assert svc.leases is not None
+        results: list[SlotResult] = []
+        staging: StagingTransaction | None = None
+        big_run = any(job.size > svc.settings.small_publish_bytes for job, _ in batch)
+        for job, lease in batch:
+            started = time.monotonic()
+            result = SlotResult(job, lease)
+            results.append(result)
+            try:
+                if svc.leases.refresh(lease.token) is None:  # it waited for the jobs before it in its slot
+                    raise LeaseLost("the lease expired before the ingest started")
+                if staging is None:
+                    # A big tarball compresses on all cores but one: small publishes beside it keep a core.
+                    staging = self.repo.staging(
+                        workers=max(1, (os.cpu_count() or 2) - 1) if big_run else None
+                    )
+                    staging.clock = svc.clock
+                with open(job.spool, "rb") as raw:
+                    give_way = self.slots.small_in_progress if big_run and self.slots is not None else None
+                    reader = LeasedReader(
+                        raw, svc.leases, lease, svc.stopping.is_set, give_way or (lambda: False)
+                    )
+                    entries = _with_publisher(
+                        tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels),
+                        job.identity,
+                        int(svc.clock()),
+                    )
+                    result.staged = staging.stage(f"/{svc.prefix}/{job.cid}", entries)
+                result.staging = staging
+            except (IngestError, TreeError) as exc:
+                result.rejected = str(exc)  # raised before any catalog changed: the staging goes on
+            except Exception as exc:
+                result.error = exc
+                if staging is not None:  # it may be half-changed: the next job gets a new one
+                    self._drop_staging(staging, results)
+                    staging = None
+            result.seconds = time.monotonic() - started
+        if staging is not None:
+            try:
+                staging.seal()
+            except Exception as exc:
+                self._drop_staging(staging, results, exc)
+        for r in results:
+            if r.staged is not None:
+                log.info(
+                    "staged", extra=fields(cid=r.job.cid, repository=self.repo_name, files=r.staged.entries,
+                                           bytes=r.staged.stats.bytes_in, seconds=round(r.seconds, 3)),
+                )  # fmt: skip
+        return results
+
+    @staticmethod
+    def _drop_staging(
+        staging: StagingTransaction, results: list[SlotResult], error: BaseException | None = None
+    ) -> None:
+        """Give up a staging and the trees staged in it (their jobs are retried)."""
+        staging.abort()
+        for r in results:
+            if r.staging is staging:
+                r.staging, r.staged = None, None
+                r.error = r.error or error or RuntimeError("its staging failed with a later tarball")
+
+    def _settle_failed_ingest(self, slot: SlotResult) -> None:
+        """A slot's ingest that produced nothing: the tarball's fault fails the job, others retry it."""
+        svc, job = self.service, slot.job
+        assert svc.state is not None
+        if slot.rejected is not None:
+            reason = f"rejected: {slot.rejected}"
+            self._write_state(functools.partial(svc.state.mark_failed, job.id, reason))
+            svc.metrics.failures.labels("rejected").inc()
+            Path(job.spool).unlink(missing_ok=True)
+            log.warning(
+                "publish rejected", extra=fields(cid=job.cid, reason=slot.rejected, identity=job.identity)
+            )
+            return
+        exc = slot.error
+        assert exc is not None
+        wait = environment_wait(exc)
+        if wait is not None:
+            self._storage_failed(wait, exc, 1)
+            self._write_state(functools.partial(self._wait, job, wait))
+            return
+        if isinstance(exc, LeaseLost):
+            svc.metrics.failures.labels("lease").inc()
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "ingest failed", extra=fields(cid=job.cid, repository=self.repo_name, reason=reason),
+            exc_info=None if isinstance(exc, LeaseLost) else exc,
+        )  # fmt: skip
+        self._write_state(functools.partial(self._retry_or_fail, job, reason))
+
+    def _finish_slot(self, slot: SlotResult) -> None:
+        """After the commit that grafted the staged tree or gave it up: drop it, release the lease."""
+        svc = self.service
+        svc.metrics.publishing.labels(self.repo_name).dec()
+        if slot.staging is not None:
+            slot.staging.abort()
+        if svc.leases is not None:
+            with contextlib.suppress(Exception):  # a failed release leaves a lease that expires anyway
+                svc.leases.release(slot.lease.token)
 
     def _is_own_root(self, txn: Transaction, cid: str) -> bool:
         """Whether this CID itself is published here: its directory holds a ``.publisher`` and its top-level

@@ -193,6 +193,29 @@ class StateDB:
             )
         return jobs
 
+    def queued(self, limit: int, now: float | None = None) -> list[Job]:
+        """Queued jobs due now, in the order ``claim`` takes them (new ones in order, then retries)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? AND not_before <= ? "
+                "ORDER BY not_before, id LIMIT ?",
+                (QUEUED, now, limit),
+            ).fetchall()
+        return [Job(*r) for r in rows]
+
+    def claim_job(self, job_id: int, repository: str, now: float | None = None) -> bool:
+        """Move one queued job to ``publishing`` (an ingest slot took it); False if it is not queued."""
+        now = time.time() if now is None else now
+        with self._txn() as db:
+            return (
+                db.execute(
+                    "UPDATE jobs SET state = ?, started = ?, repository = ? WHERE id = ? AND state = ?",
+                    (PUBLISHING, now, repository, job_id, QUEUED),
+                ).rowcount
+                == 1
+            )
+
     def queued_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()[0])

@@ -496,6 +496,15 @@ class StatusCollector:
             if svc is not None:
                 worker = next((w for w in svc.workers if w.repo_name == name), None)
                 out["storage_waiting"] = bool(worker is not None and worker.storage_waiting)
+                if svc.leases is not None:  # the paths written now (holders may name people: not shown)
+                    out["leases"] = [
+                        {
+                            "path": x.path,
+                            "held": round(now - x.acquired, 1),
+                            "expires_in": round(x.expires - now, 1),
+                        }
+                        for x in svc.leases.list(name)
+                    ]
             done_today = False
             if svc is not None and svc.state is not None:
                 done_today = svc.state.last_cleanup_day(name) == time.strftime(

@@ -23,7 +23,10 @@ from ..publish.auth import (
     server_ssl_context,
 )
 from ..publish.config import ServiceSettings
+from ..publish.gateway import Gateway, state_db
+from ..publish.leases import Leases
 from ..publish.service import PublishService
+from .gateway import GatewayApi
 from .limits import (
     ConnectionCap,
     LogThrottle,
@@ -61,7 +64,24 @@ def make_app(service: PublishService, throttle: LogThrottle | None = None) -> we
     StatusPages(service, authenticator).add_routes(app)  # /status, /status.json, /status/cid
     add_repository_routes(app, {r.name: r.storage for r in service.settings.repositories})
     add_notification_routes(app, service)
+    if service.settings.gateway.enabled:
+        a = service.settings.auth
+        tokens = (
+            TokenVerifier({iss: (loc or None) for iss, loc in a.issuers.items()}, list(a.audiences), "")
+            if a.issuers
+            else None
+        )
+        GatewayApi(make_gateway(service), str(service.spool_dir), tokens).add_routes(app)
     return app
+
+
+def make_gateway(service: PublishService) -> Gateway:
+    """The CVMFS-gateway service over the local repositories (leases in the service's state file)."""
+    s = service.settings
+    leases = service.leases if service.leases is not None else Leases(state_db(s.queue_dir))
+    return Gateway(
+        s.gateway, service.repositories, leases, s.limits, service.announce, s.prefix, service.metrics
+    )
 
 
 def make_ssl_context(settings: ServiceSettings) -> ssl.SSLContext | None:

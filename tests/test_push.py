@@ -1,0 +1,174 @@
+"""``rcds push`` (the real command) into a real ``rcds serve``'s gateway: only missing objects travel."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pki import TokenIssuer
+from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.repository import Repository
+from server import RcdsServer
+
+REPO = "push.rcds.test"
+ISSUER = "https://tokens.rcds.test"
+AUDIENCE = "https://push.rcds.test"
+
+
+@pytest.fixture(scope="module")
+def issuer() -> TokenIssuer:
+    return TokenIssuer(ISSUER, audience=AUDIENCE, subject="carol-7")
+
+
+@pytest.fixture
+def server(tmp_path: Path, issuer: TokenIssuer) -> Iterator[RcdsServer]:
+    keyfile = tmp_path / "gateway.keys"
+    keyfile.write_text("plain_text alice alice-secret\nplain_text bob bob-secret\n")
+    for who in ("alice", "bob"):
+        (tmp_path / f"{who}.key").write_text(f"plain_text {who} {who}-secret\n")
+    config = f"""
+[auth]
+gridmapfile = ""
+audiences = ["{AUDIENCE}"]
+[auth.issuers]
+"{ISSUER}" = "{issuer.write_jwks(tmp_path / "issuer.jwks")}"
+[gateway]
+key_files = ["{keyfile}"]
+[gateway.key_paths]
+alice = ["{REPO}/users/alice"]
+bob = ["{REPO}/users/bob"]
+"""
+    srv = RcdsServer(tmp_path, extra_config=config, repos=(REPO,)).start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def rcds_push(
+    server: RcdsServer, who: str, source: Path, target: str, token: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``who``'s key, or with ``token`` no key: the token found by WLCG discovery ($BEARER_TOKEN)."""
+    home = server.root / f"home-{who}"
+    credentials = ["--key", str(server.root / f"{who}.key")] if token is None else []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEARER_TOKEN")}
+    return subprocess.run(
+        [sys.executable, "-m", "rcds.cli", "push", str(source), target, "--server", server.url,
+         *credentials, "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**env, "XDG_CACHE_HOME": str(home), "XDG_RUNTIME_DIR": str(home),
+             **({"BEARER_TOKEN": token} if token else {})},
+    )  # fmt: skip
+
+
+def pushed(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
+
+
+def read(server: RcdsServer, path: str) -> bytes:
+    key = Repository(server.storage(REPO)).public_key_path
+    with RepositoryReader.open(f"{server.url}/cvmfs/{REPO}", key) as reader:
+        return reader.read(path)
+
+
+def test_push_twice_sends_only_the_changed_file(server: RcdsServer, tmp_path: Path) -> None:
+    tree = tmp_path / "analysis"
+    (tree / "lib").mkdir(parents=True)
+    big = os.urandom(300_000)  # incompressible: its object is about this size
+    (tree / "lib" / "big.bin").write_bytes(big)
+    (tree / "run.sh").write_text("#!/bin/sh\necho one\n")
+    first = pushed(rcds_push(server, "alice", tree, f"{REPO}:/users/alice/analysis"))
+    assert first["bytes_sent"] > len(big)
+    assert read(server, "/users/alice/analysis/lib/big.bin") == big
+
+    (tree / "run.sh").write_text("#!/bin/sh\necho two\n")
+    second = pushed(rcds_push(server, "alice", tree, f"{REPO}:/users/alice/analysis"))
+    # The changed script's object and the new catalog; not the 300 kB file again.
+    assert second["objects_sent"] == 2, second
+    assert second["files_unchanged"] == 1, second  # big.bin was not even read again
+    assert second["bytes_sent"] < 20_000, second
+    assert second["revision"] == first["revision"] + 1
+    assert read(server, "/users/alice/analysis/run.sh") == b"#!/bin/sh\necho two\n"
+    assert read(server, "/users/alice/analysis/lib/big.bin") == big
+    check = subprocess.run([sys.executable, "-m", "rcds.cli", "repo", "check", str(server.storage(REPO))],
+                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_push_of_a_tarball(server: RcdsServer, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("pkg/README")
+        data = b"from a tarball\n"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tarball = tmp_path / "pkg.tar.gz"
+    tarball.write_bytes(buf.getvalue())
+    pushed(rcds_push(server, "bob", tarball, f"{REPO}:/users/bob"))
+    assert read(server, "/users/bob/pkg/README") == b"from a tarball\n"
+
+
+def test_push_into_another_users_path_is_refused(server: RcdsServer, tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_text("x\n")
+    before = Repository(server.storage(REPO)).manifest().revision
+    proc = rcds_push(server, "bob", tree, f"{REPO}:/users/alice")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "may not lease" in proc.stderr
+    assert Repository(server.storage(REPO)).manifest().revision == before
+
+
+def test_push_with_a_token_goes_where_its_scope_says(
+    server: RcdsServer, tmp_path: Path, issuer: TokenIssuer
+) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_text("carol's\n")
+    token = issuer.make_token({"scope": "storage.create:/users/carol"})
+    pushed(rcds_push(server, "carol", tree, f"{REPO}:/users/carol/work", token=token))
+    assert read(server, "/users/carol/work/f") == b"carol's\n"
+    refused = rcds_push(server, "carol", tree, f"{REPO}:/users/alice", token=token)
+    assert refused.returncode == 5 and "storage.create" in refused.stderr, refused.stderr
+
+
+def test_an_interrupted_push_resumes(server: RcdsServer, tmp_path: Path) -> None:
+    """Stopped after its first pack: the next run keeps the lease and sends only what did not arrive."""
+    from rcds.client.push import GatewayKey, push
+
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for i in range(6):
+        (tree / f"f{i}.bin").write_bytes(os.urandom(50_000))
+    key = GatewayKey.load(server.root / "alice.key")
+    work = tmp_path / "work"
+
+    def stop_after_first_pack(line: str) -> None:
+        if line.startswith("sent "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        push(
+            tree, f"{REPO}:/users/alice/many", server.url, key, work, stop_after_first_pack, pack_bytes=60_000
+        )
+    (lease_file,) = work.glob("*/lease")
+    token = lease_file.read_text().strip()
+    lines: list[str] = []
+    result = push(tree, f"{REPO}:/users/alice/many", server.url, key, work, lines.append, pack_bytes=60_000)
+    assert 0 < result.objects_sent < result.objects, result
+    assert result.bytes_sent < 6 * 50_000
+    assert not lease_file.exists()
+    assert f"reusing lease {token[:8]}" in "\n".join(lines), lines
+    for i in range(6):
+        assert read(server, f"/users/alice/many/f{i}.bin") == (tree / f"f{i}.bin").read_bytes()
