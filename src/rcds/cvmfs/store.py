@@ -8,8 +8,7 @@ directory later without the writer changing.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import functools
 import itertools
 import os
 import secrets
@@ -75,7 +74,12 @@ class ObjectStore(ABC):
         return True
 
 
+@functools.cache
 def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs``, looked up on the first sync (ctypes and the lookup cost a command's start-up)."""
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if not name:
         return None
@@ -87,7 +91,6 @@ def _load_syncfs() -> Callable[[int], int] | None:
     return cast(Callable[[int], int], fn)
 
 
-_SYNCFS = _load_syncfs()
 _TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL: safe across the ingest threads
 
 
@@ -173,10 +176,11 @@ class LocalStore(ObjectStore):
                 yield f"{rel}/{f}"
 
     def sync(self) -> None:
-        if _SYNCFS is not None:
+        syncfs = _load_syncfs()
+        if syncfs is not None:
             fd = os.open(self.root, os.O_RDONLY)
             try:
-                if _SYNCFS(fd) == 0:
+                if syncfs(fd) == 0:
                     return
             finally:
                 os.close(fd)
