@@ -226,6 +226,7 @@ def print_rows(title: str, steps: tuple[str, ...], rows: dict[str, list[dict[str
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median wall time (the lower one of an even count: of two runs, the faster)."""
     return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
 
 

@@ -243,9 +243,12 @@ class ContentWriter:
         self.store = store
         self.index = index
         self.params = params or ChunkParams()
-        self.pool = ThreadPoolExecutor(
-            max_workers=workers or os.cpu_count() or 2, thread_name_prefix="rcds-ingest"
-        )
+        workers = workers or os.cpu_count() or 2
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rcds-ingest")
+        # Batches of small files waiting or running: enough to keep every worker busy, few enough that a
+        # fast tar stream does not park tens of MiB of small files in the queue (the byte budget alone
+        # would let ~96 one-MiB batches wait).
+        self._batch_slots = threading.Semaphore(2 * workers + 2)
         self._budget = threading.Semaphore(max(1, max_inflight // READ_BLOCK))
         self._stats_lock = threading.Lock()
         self.stats = IngestStats()
@@ -255,7 +258,9 @@ class ContentWriter:
     # --- pieces ----------------------------------------------------------------------------------
 
     def _acquire(self, nbytes: int) -> int:
-        blocks = min(self._max_inflight_blocks, max(1, nbytes // READ_BLOCK))
+        # Rounded up: a batch of small files holding 1.9 MiB counts as two blocks, not one (rounding
+        # down let ~96 near-1-MiB batches of a fast tar stream sit in memory at once).
+        blocks = min(self._max_inflight_blocks, max(1, -(-nbytes // READ_BLOCK)))
         for _ in range(blocks):
             self._budget.acquire()
         return blocks
@@ -345,6 +350,7 @@ class ContentWriter:
         finally:
             batch.items.clear()  # the pending results keep the batch: not its bytes
             self._release(blocks)
+            self._batch_slots.release()
 
     def _add_to_batch(self, item: str | bytes, size: int) -> PendingContent:
         batch = self._batch
@@ -361,6 +367,7 @@ class ContentWriter:
         if not batch.items:
             return
         self._batch = _Batch()
+        self._batch_slots.acquire()
         blocks = self._acquire(batch.nbytes)
         batch.future = self.pool.submit(self._store_batch, batch, blocks)
 
