@@ -184,13 +184,56 @@ def rcds_ingest_main(storage: Path, tar: Path, path: str) -> None:
         txn.commit()
 
 
+def stock_sync(swissknife: str, env: dict[str, str], storage: Path, scratch_dir: Path) -> dict[str, float]:
+    """``cvmfs_server publish``'s commands for the changes in ``scratch_dir``: sync, tag_edit, sign.
+
+    ``scratch_dir`` is both the union and its upper layer: over an empty repository (or one whose other
+    directories are not touched) the union shows exactly the scratch area, so no overlayfs mount is needed.
+    """
+    keys = storage / ".rcds" / "keys" / INGEST_FQRN
+    tmp, rdonly = storage.parent / "spool-tmp", storage.parent / "rdonly"
+    tmp.mkdir(exist_ok=True)
+    rdonly.mkdir(exist_ok=True)
+    (storage / "data" / "txn").mkdir(exist_ok=True)
+    upstream, stratum0, manifest = (
+        f"local,{storage}/data/txn,{storage}",
+        f"file://{storage}",
+        tmp / "manifest",
+    )
+    Path(f"/var/spool/cvmfs/{INGEST_FQRN}").mkdir(parents=True, exist_ok=True)
+    chunking = ["-p", "-l", str(4 << 20), "-a", str(8 << 20), "-h", str(16 << 20)]  # cvmfs_server's defaults
+    steps = [
+        [swissknife, "sync", "-u", str(scratch_dir), "-s", str(scratch_dir), "-c", str(rdonly), "-t", str(tmp),
+         "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest), "-e", "sha1",
+         "-Z", "default", "-N", INGEST_FQRN, "-K", f"{keys}.pub", "-f", "overlayfs", *chunking],
+        [swissknife, "tag_edit", "-r", upstream, "-w", stratum0, "-t", str(tmp), "-m", str(manifest),
+         "-p", f"{keys}.pub", "-f", INGEST_FQRN, "-e", "sha1", "-x"],
+        [swissknife, "sign", "-c", f"{keys}.crt", "-k", f"{keys}.key", "-n", INGEST_FQRN, "-u", stratum0,
+         "-m", str(manifest), "-t", str(tmp), "-r", upstream, "-R", str(storage / ".rcds" / "reflog.chksum")],
+    ]  # fmt: skip
+    runs = [timed(cmd, env, storage.parent) for cmd in steps]
+    return {
+        "seconds": sum(r["seconds"] for r in runs),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+    }
+
+
+def _say(name: str, step: str, r: dict[str, float]) -> None:
+    print(
+        f"[stock] {name} {step}: {r['seconds']:.2f} s, {r['cpu_seconds']:.1f} CPU s, {r['peak_rss_mib']:.0f} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def ingest_side_by_side(
     swissknife: str, env: dict[str, str], tree: Path, tar: Path, scratch: Path, repeat: int
 ) -> dict[str, list[dict[str, float]]]:
-    """First ingest and re-ingest of ``tar`` by stock and rcds, alternating, each on a fresh ext4."""
+    """First ingest and re-ingest by stock and rcds, of ``tar`` and of the directory ``tree``, alternating,
+    each on a fresh ext4."""
     rows: dict[str, list[dict[str, float]]] = {}
     size = 4 * tar.stat().st_size + (1 << 30)
-    rcds_env = dict(env)
     for _ in range(repeat):
         for name in ("stock", "rcds"):
             with fresh_filesystem(scratch, size) as fs:
@@ -202,10 +245,29 @@ def ingest_side_by_side(
                     else:
                         cmd = [sys.executable, str(Path(__file__).resolve()), "--rcds-ingest",
                                str(storage), str(tar), path]  # fmt: skip
-                        r = timed(cmd, rcds_env, fs)
+                        r = timed(cmd, env, fs)
                     rows.setdefault(f"{name} {step}", []).append(r)
-                    print(f"[stock] {name} {step}: {r['seconds']:.2f} s, {r['cpu_seconds']:.1f} CPU s, "
-                          f"{r['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+                    _say(name, step, r)
+            with fresh_filesystem(scratch, size + tar.stat().st_size) as fs:
+                storage, source = fs / "repo", fs / "scratch"
+                Repository.create(INGEST_FQRN, storage)
+                # the tree on the same file system, as in a cvmfs_server scratch area (copy not timed)
+                (source / TREE1).parent.mkdir(parents=True)
+                subprocess.run(["cp", "-a", str(tree), str(source / TREE1)], check=True)
+                (source / TREE1 / ".cvmfscatalog").touch()  # its own catalog, as rcds's add_directory does
+                for step, path in (("dir ingest", TREE1), ("dir re-ingest", TREE2)):
+                    if path == TREE2:  # the same tree under a new path: what is in the scratch area now
+                        (source / TREE2).parent.mkdir(parents=True)
+                        (source / TREE1).rename(source / TREE2)
+                        shutil.rmtree(source / TREE1.split("/")[0])
+                    if name == "stock":
+                        r = stock_sync(swissknife, env, storage, source)
+                    else:
+                        cmd = [sys.executable, "-m", "rcds.cli", "repo", "add", "--storage", str(storage),
+                               "/" + path, str(source / path)]  # fmt: skip
+                        r = timed(cmd, env, fs)
+                    rows.setdefault(f"{name} {step}", []).append(r)
+                    _say(name, step, r)
     return rows
 
 
@@ -273,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tar = ensure_tar(Path(info.root), workdir, spec.key)
         rows = ingest_side_by_side(swissknife, env, Path(info.root), tar, scratch, args.repeat)
-        print_rows(f"ingest of the tree as a tar, stock cvmfs_swissknife against rcds core: {header}",
-                   ("tar ingest", "tar re-ingest"), rows)  # fmt: skip
+        print_rows(f"ingest of the tree (a tar; a directory), stock cvmfs_swissknife against rcds core: {header}",
+                   ("tar ingest", "tar re-ingest", "dir ingest", "dir re-ingest"), rows)  # fmt: skip
         result["ingest"] = rows
     if not args.no_snapshot:
         rows = snapshot_side_by_side(
