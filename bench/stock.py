@@ -255,6 +255,7 @@ def ingest_side_by_side(
                 (source / TREE1).parent.mkdir(parents=True)
                 subprocess.run(["cp", "-a", str(tree), str(source / TREE1)], check=True)
                 (source / TREE1 / ".cvmfscatalog").touch()  # its own catalog, as rcds's add_directory does
+                os.sync()  # the copy written back now: else rcds's commit (syncfs) would wait for it
                 for step, path in (("dir ingest", TREE1), ("dir re-ingest", TREE2)):
                     if path == TREE2:  # the same tree under a new path: what is in the scratch area now
                         (source / TREE2).parent.mkdir(parents=True)
