@@ -59,6 +59,7 @@ RAW_PIECE = 8 * MIB
 RAW_BATCH = 256 * MIB
 
 TARGET_RATIO = 0.7
+TARGET_RATIO_SMALL_FILES = 0.8  # issue 19: 20,000 small files at >= 0.8 of the raw limit
 TARGET_SPEEDUP = 5.0
 TARGET_RSS_MIB = 300.0
 
@@ -927,6 +928,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure the small files and the binaries on their own (hard-linked sub-trees)",
     )
+    parser.add_argument(
+        "--small-files",
+        action="store_true",
+        help="measure only the small files (the tree outside lib/ and bin/, a hard-linked sub-tree); "
+        f"target ingest/raw >= {TARGET_RATIO_SMALL_FILES}",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=("first", "republish"), help=argparse.SUPPRESS)
     parser.add_argument("--storage", type=Path, help=argparse.SUPPRESS)
@@ -957,6 +964,11 @@ def main(argv: list[str] | None = None) -> int:
         f"tree {'reused' if reused else f'generated in {info.generate_seconds:.1f} s'}: "
         f"{info.text_files} text files, {info.binaries} binaries, {_fmt_bytes(info.total_bytes)}"
     )
+    target_ratio = TARGET_RATIO
+    if args.small_files:
+        tree = kind_subtree(info, "small-files", workdir)
+        target_ratio = TARGET_RATIO_SMALL_FILES
+        say(f"small files only ({tree.name})")
 
     files = content_files(tree)
     warm_s, warm_bytes = warm_cache(files)
@@ -964,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = measure(tree, workdir, workers, args.repeat, args.keep, say)
     raw, first, again = measured["raw_limit"], measured["first_ingest"], measured["republish"]
     by_kind: dict[str, dict[str, Any]] = {}
-    if args.by_kind:
+    if args.by_kind and not args.small_files:
         for kind in KINDS:
             sub = kind_subtree(info, kind, workdir)
             say(f"{kind} only ({sub.name})")
@@ -983,6 +995,7 @@ def main(argv: list[str] | None = None) -> int:
         "tree": {**asdict(info), "reused_from_cache": reused, "bytes_read_warm": warm_bytes},
         "rcds": _rcds_version(),
         "repeat": args.repeat,
+        "small_files_only": args.small_files,
         "machine": {
             "cpus": workers,
             "python": platform.python_version(),
@@ -1010,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
             "compression_ratio": first["compression_ratio"],
             "max_other_load_cpus": other_load,
             "targets_met": {
-                "ratio>=0.7": ratio >= TARGET_RATIO,
+                f"ratio>={target_ratio:g}": ratio >= target_ratio,
                 "speedup>=5": speedup >= TARGET_SPEEDUP,
                 "rss<300MiB": peak_rss < TARGET_RSS_MIB,
             },
@@ -1023,10 +1036,15 @@ def main(argv: list[str] | None = None) -> int:
     fb, fr = first["breakdown_seconds"], again["breakdown_seconds"]
     ok = {True: "ok", False: "MISSED"}
     fs, rs = first["stats"], again["stats"]
-    lines = [
-        f"rcds ingest benchmark: {_fmt_bytes(info.total_bytes)} in {fs['files']} files "
+    what = (
+        f"{_fmt_bytes(fs['bytes_in'])} in {fs['files']} files (small files only: the tree outside lib/ and bin/)"
+        if args.small_files
+        else f"{_fmt_bytes(info.total_bytes)} in {fs['files']} files "
         f"({info.text_files} text, {info.binaries} binaries), {info.directories} dirs, "
-        f"{info.symlinks} symlinks, {info.hardlinks} hard links; {workers} CPUs; warm page cache"
+        f"{info.symlinks} symlinks, {info.hardlinks} hard links"
+    )
+    lines = [
+        f"rcds ingest benchmark: {what}; {workers} CPUs; warm page cache"
         + (f"; fastest of {args.repeat} runs" if args.repeat > 1 else ""),
         f"{'phase':<14}{'seconds':>9}{'MB/s':>9}{'vs raw':>10}{'CPU s':>8}{'RSS MiB':>10}{'other':>8}",
         row(
@@ -1078,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{ka['speedup']:.1f}x faster; peak RSS {kf['peak_rss_mib']:.0f} MiB"
         )
     lines.append(
-        f"targets: ingest/raw {ratio:.2f} >= {TARGET_RATIO} {ok[ratio >= TARGET_RATIO]}; "
+        f"targets: ingest/raw {ratio:.2f} >= {target_ratio:g} {ok[ratio >= target_ratio]}; "
         f"re-publish speed-up {speedup:.1f}x >= {TARGET_SPEEDUP:g}x {ok[speedup >= TARGET_SPEEDUP]}; "
         f"peak RSS {peak_rss:.0f} MiB < {TARGET_RSS_MIB:g} MiB {ok[peak_rss < TARGET_RSS_MIB]}"
     )

@@ -1,7 +1,18 @@
 #!/usr/bin/env python3
-"""Side by side with the stock CVMFS tools: a stratum 1 snapshot, initial and with nothing new.
+"""Side by side with the stock CVMFS tools: first ingest and re-ingest of a tar, a stratum 1 snapshot.
 
-The same repository (the ``get.py`` repository of the ``ingest.py`` tree, published once with rcds) is
+**Ingest** (root only: each run writes to a fresh loop-mounted ext4 image, because on a file system where
+many files were just deleted, creating files costs several times the CPU; skipped with a message when
+not root): the ``ingest.py`` tree as an uncompressed tar, once into an empty repository at
+``bench1/tree``, then again at ``bench2/tree`` (re-ingest). Stock = what ``cvmfs_server ingest``
+runs: ``cvmfs_swissknife ingest -T <tar> -B <path> -C true`` (a nested catalog) into ``local,`` upstream
+storage, then ``tag_edit -x`` and ``sign``, each under ``/usr/bin/time`` (wall and CPU summed, peak RSS
+the largest). rcds = ``bench/stock.py --rcds-ingest`` in a fresh interpreter: one transaction with
+``add_tree(tar_entries(...))`` and ``commit`` (interpreter start-up and imports included). Both start
+from the same empty repository made by rcds (``Repository.create``, not timed), whose keys stock signs
+with.
+
+**Snapshot**: the same repository (the ``get.py`` repository of the ``ingest.py`` tree, published once with rcds) is
 served by ``rcds.web.repo_http`` on 127.0.0.1; ``cvmfs_swissknife pull`` and ``rcds replicate`` each
 snapshot it into a fresh directory, then again with nothing new. Each is a whole command run under
 ``/usr/bin/time`` (wall seconds, CPU seconds, peak RSS of that command alone), alternating stock and rcds
@@ -12,19 +23,22 @@ the same objects.
 
 The stock tools are looked up in ``$RCDS_CVMFS_BIN`` (also put on ``LD_LIBRARY_PATH``, for a build tree),
 then on ``PATH``; without them the script says so and exits 0. Nothing of CVMFS is part of rcds.
-Ingest (``cvmfs_server publish``) and reads through a ``cvmfs2`` mount need a configured stratum 0 and
-FUSE, and are not measured here yet.
+Not measured here yet: a directory through ``swissknife sync`` (needs an overlayfs union as
+``cvmfs_server publish`` sets up), reads through a ``cvmfs2`` mount and ``cvmfs_shrinkwrap`` (see
+``shrinkwrap.py --stock-shrinkwrap``) against ``rcds get``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +49,12 @@ from rcds.cvmfs.repository import Repository
 
 MB = 1_000_000
 TIME = "/usr/bin/time"
+
+
+INGEST_FQRN = "ingest.bench.local"
+# Two top-level directories: a second `swissknife ingest` below a directory the first one created (sw/a,
+# then sw/b) aborts here (catalog_rw.cc:171 AddEntry assertion, CVMFS 2.12).
+TREE1, TREE2 = "bench1/tree", "bench2/tree"
 
 
 def find_swissknife() -> tuple[str, dict[str, str]] | None:
@@ -83,13 +103,210 @@ def objects(storage: Path) -> set[str]:
     }
 
 
+@contextlib.contextmanager
+def fresh_filesystem(where: Path, size_bytes: int) -> Iterator[Path]:
+    """A new ext4 file system on a sparse loop image under ``where``, mounted; removed afterwards."""
+    image, mount = where / "fs.img", where / "fs"
+    with open(image, "wb") as f:
+        f.truncate(size_bytes)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mount.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        image.unlink()
+
+
+def ensure_tar(tree: Path, workdir: Path, key: str) -> Path:
+    """The tree as an uncompressed tar (GNU tar, sorted names, cached)."""
+    tar = workdir / f"tree-{key}.tar"
+    if not tar.is_file():
+        part = tar.with_suffix(".part")
+        subprocess.run(["tar", "--sort=name", "-C", str(tree), "-cf", str(part), "."], check=True)
+        part.rename(tar)
+    return tar
+
+
+def root_hash(storage: Path) -> str:
+    """The root catalog hash of a repository's (signed) manifest: its ``C`` line."""
+    for line in (storage / ".cvmfspublished").read_bytes().split(b"\n"):
+        if line.startswith(b"C"):
+            return line[1:].decode()
+        if line == b"--":
+            break
+    raise ValueError(f"no root catalog in {storage}/.cvmfspublished")
+
+
+def stock_ingest(
+    swissknife: str, env: dict[str, str], storage: Path, tar: Path, path: str
+) -> dict[str, float]:
+    """``cvmfs_server ingest``'s three commands: ingest, tag_edit (auto-tag handling), sign."""
+    keys = storage / ".rcds" / "keys" / INGEST_FQRN
+    tmp, rdonly = storage.parent / "spool-tmp", storage.parent / "rdonly"
+    tmp.mkdir(exist_ok=True)
+    rdonly.mkdir(exist_ok=True)
+    (storage / "data" / "txn").mkdir(exist_ok=True)
+    upstream, stratum0, manifest = (
+        f"local,{storage}/data/txn,{storage}",
+        f"file://{storage}",
+        tmp / "manifest",
+    )
+    # swissknife ingest keeps publish statistics here (it aborts if it cannot create them)
+    Path(f"/var/spool/cvmfs/{INGEST_FQRN}").mkdir(parents=True, exist_ok=True)
+    steps = [
+        [swissknife, "ingest", "-u", f"/cvmfs/{INGEST_FQRN}", "-c", str(rdonly), "-t", str(tmp),
+         "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest),
+         "-K", f"{keys}.pub", "-N", INGEST_FQRN, "-U", "0", "-G", "0", "-T", str(tar), "-B", path, "-C", "true"],
+        [swissknife, "tag_edit", "-r", upstream, "-w", stratum0, "-t", str(tmp), "-m", str(manifest),
+         "-p", f"{keys}.pub", "-f", INGEST_FQRN, "-e", "sha1", "-x"],
+        [swissknife, "sign", "-c", f"{keys}.crt", "-k", f"{keys}.key", "-n", INGEST_FQRN, "-u", stratum0,
+         "-m", str(manifest), "-t", str(tmp), "-r", upstream, "-R", str(storage / ".rcds" / "reflog.chksum")],
+    ]  # fmt: skip
+    runs = [timed(cmd, env, storage.parent) for cmd in steps]
+    return {
+        "seconds": sum(r["seconds"] for r in runs),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "ingest_seconds": runs[0]["seconds"],
+    }
+
+
+def rcds_ingest_main(storage: Path, tar: Path, path: str) -> None:
+    """``--rcds-ingest``: one transaction adding the tar at ``path`` (what the timed command runs)."""
+    from rcds.cvmfs.repository import Repository
+    from rcds.ingest.tarstream import tar_entries
+
+    repo = Repository(storage)
+    with open(tar, "rb") as f, repo.transaction() as txn:
+        txn.add_tree("/" + path, tar_entries(f))
+        txn.commit()
+
+
+def stock_sync(swissknife: str, env: dict[str, str], storage: Path, scratch_dir: Path) -> dict[str, float]:
+    """``cvmfs_server publish``'s commands for the changes in ``scratch_dir``: sync, tag_edit, sign.
+
+    ``scratch_dir`` is both the union and its upper layer: over an empty repository (or one whose other
+    directories are not touched) the union shows exactly the scratch area, so no overlayfs mount is needed.
+    """
+    keys = storage / ".rcds" / "keys" / INGEST_FQRN
+    tmp, rdonly = storage.parent / "spool-tmp", storage.parent / "rdonly"
+    tmp.mkdir(exist_ok=True)
+    rdonly.mkdir(exist_ok=True)
+    (storage / "data" / "txn").mkdir(exist_ok=True)
+    upstream, stratum0, manifest = (
+        f"local,{storage}/data/txn,{storage}",
+        f"file://{storage}",
+        tmp / "manifest",
+    )
+    Path(f"/var/spool/cvmfs/{INGEST_FQRN}").mkdir(parents=True, exist_ok=True)
+    chunking = ["-p", "-l", str(4 << 20), "-a", str(8 << 20), "-h", str(16 << 20)]  # cvmfs_server's defaults
+    steps = [
+        [swissknife, "sync", "-u", str(scratch_dir), "-s", str(scratch_dir), "-c", str(rdonly), "-t", str(tmp),
+         "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest), "-e", "sha1",
+         "-Z", "default", "-N", INGEST_FQRN, "-K", f"{keys}.pub", "-f", "overlayfs", *chunking],
+        [swissknife, "tag_edit", "-r", upstream, "-w", stratum0, "-t", str(tmp), "-m", str(manifest),
+         "-p", f"{keys}.pub", "-f", INGEST_FQRN, "-e", "sha1", "-x"],
+        [swissknife, "sign", "-c", f"{keys}.crt", "-k", f"{keys}.key", "-n", INGEST_FQRN, "-u", stratum0,
+         "-m", str(manifest), "-t", str(tmp), "-r", upstream, "-R", str(storage / ".rcds" / "reflog.chksum")],
+    ]  # fmt: skip
+    runs = [timed(cmd, env, storage.parent) for cmd in steps]
+    return {
+        "seconds": sum(r["seconds"] for r in runs),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+    }
+
+
+def _say(name: str, step: str, r: dict[str, float]) -> None:
+    print(
+        f"[stock] {name} {step}: {r['seconds']:.2f} s, {r['cpu_seconds']:.1f} CPU s, {r['peak_rss_mib']:.0f} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def ingest_side_by_side(
+    swissknife: str, env: dict[str, str], tree: Path, tar: Path, scratch: Path, repeat: int
+) -> dict[str, list[dict[str, float]]]:
+    """First ingest and re-ingest by stock and rcds, of ``tar`` and of the directory ``tree``, alternating,
+    each on a fresh ext4."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    size = 4 * tar.stat().st_size + (1 << 30)
+    for _ in range(repeat):
+        for name in ("stock", "rcds"):
+            with fresh_filesystem(scratch, size) as fs:
+                storage = fs / "repo"
+                Repository.create(INGEST_FQRN, storage)
+                for step, path in (("tar ingest", TREE1), ("tar re-ingest", TREE2)):
+                    if name == "stock":
+                        r = stock_ingest(swissknife, env, storage, tar, path)
+                    else:
+                        cmd = [sys.executable, str(Path(__file__).resolve()), "--rcds-ingest",
+                               str(storage), str(tar), path]  # fmt: skip
+                        r = timed(cmd, env, fs)
+                    rows.setdefault(f"{name} {step}", []).append(r)
+                    _say(name, step, r)
+            with fresh_filesystem(scratch, size + tar.stat().st_size) as fs:
+                storage, source = fs / "repo", fs / "scratch"
+                Repository.create(INGEST_FQRN, storage)
+                # the tree on the same file system, as in a cvmfs_server scratch area (copy not timed)
+                (source / TREE1).parent.mkdir(parents=True)
+                subprocess.run(["cp", "-a", str(tree), str(source / TREE1)], check=True)
+                (source / TREE1 / ".cvmfscatalog").touch()  # its own catalog, as rcds's add_directory does
+                os.sync()  # the copy written back now: else rcds's commit (syncfs) would wait for it
+                for step, path in (("dir ingest", TREE1), ("dir re-ingest", TREE2)):
+                    if path == TREE2:  # the same tree under a new path: what is in the scratch area now
+                        (source / TREE2).parent.mkdir(parents=True)
+                        (source / TREE1).rename(source / TREE2)
+                        shutil.rmtree(source / TREE1.split("/")[0])
+                    if name == "stock":
+                        r = stock_sync(swissknife, env, storage, source)
+                    else:
+                        cmd = [sys.executable, "-m", "rcds.cli", "repo", "add", "--storage", str(storage),
+                               "/" + path, str(source / path)]  # fmt: skip
+                        r = timed(cmd, env, fs)
+                    rows.setdefault(f"{name} {step}", []).append(r)
+                    _say(name, step, r)
+    return rows
+
+
+def print_rows(title: str, steps: tuple[str, ...], rows: dict[str, list[dict[str, float]]]) -> None:
+    """Median of each step's runs per tool, with stock time / rcds time (and the same for CPU)."""
+    print(title)
+    print(f"{'step':<26}{'seconds':>9}{'CPU s':>8}{'RSS MiB':>9}{'stock/rcds':>12}{'CPU ratio':>11}")
+    for step in steps:
+        med = {n: _median(rows[f"{n} {step}"]) for n in ("stock", "rcds")}
+        for name in ("stock", "rcds"):
+            r = med[name]
+            ratio = med["stock"]["seconds"] / r["seconds"]
+            cpu = med["stock"]["cpu_seconds"] / r["cpu_seconds"] if r["cpu_seconds"] else 0.0
+            print(
+                f"{name + ' ' + step:<26}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}"
+                f"{r['peak_rss_mib']:>9.0f}{ratio:>12.2f}{cpu:>11.2f}"
+            )
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median wall time (the lower one of an even count: of two runs, the faster)."""
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size-gib", type=float, default=0.1, help="tree size (default 0.1)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rcds-bench"))
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=8, help="download threads of both tools (default 8)")
+    parser.add_argument("--no-ingest", action="store_true", help="skip the ingest comparison")
+    parser.add_argument("--no-snapshot", action="store_true", help="skip the snapshot comparison")
+    parser.add_argument("--rcds-ingest", nargs=3, metavar=("STORAGE", "TAR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rcds_ingest:
+        storage, tar, path = args.rcds_ingest
+        rcds_ingest_main(Path(storage), Path(tar), path)
+        return 0
     tool = find_swissknife()
     if tool is None:
         print(
@@ -103,12 +320,46 @@ def main(argv: list[str] | None = None) -> int:
     workdir: Path = args.workdir.resolve()
     spec = ingest_bench.TreeSpec(args.size_gib)
     info, _ = ingest_bench.ensure_tree(spec, workdir)
-    storage = get_bench.ensure_repo(Path(info.root), spec.key, workdir)
-    key = Repository(storage).public_key_path
-    fqrn = get_bench.FQRN
     scratch = workdir / "stock-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    result: dict[str, Any] = {
+        "benchmark": "rcds-stock",
+        "size_bytes": info.total_bytes,
+        "repeat": args.repeat,
+    }
+    header = f"{info.total_bytes / MB:.0f} MB tree; {os.cpu_count()} CPUs; median of {args.repeat}"
+    if args.no_ingest:
+        pass
+    elif os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        print("ingest: needs root and mkfs.ext4 (a fresh loop-mounted ext4 per run): skipped")
+    else:
+        tar = ensure_tar(Path(info.root), workdir, spec.key)
+        rows = ingest_side_by_side(swissknife, env, Path(info.root), tar, scratch, args.repeat)
+        print_rows(f"ingest of the tree (a tar; a directory), stock cvmfs_swissknife against rcds core: {header}",
+                   ("tar ingest", "tar re-ingest", "dir ingest", "dir re-ingest"), rows)  # fmt: skip
+        result["ingest"] = rows
+    if not args.no_snapshot:
+        rows = snapshot_side_by_side(
+            swissknife, env, info, spec.key, workdir, scratch, args.jobs, args.repeat
+        )
+        print_rows(f"stratum 1 snapshot, stock cvmfs_swissknife pull against rcds replicate: {header}",
+                   ("initial", "nothing new"), rows)  # fmt: skip
+        result["snapshot"] = rows
+    (workdir / "stock-result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def snapshot_side_by_side(
+    swissknife: str, env: dict[str, str], info: Any, key_name: str, workdir: Path, scratch: Path, jobs: int,
+    repeat: int,
+) -> dict[str, list[dict[str, float]]]:  # fmt: skip
+    """``swissknife pull`` and ``rcds replicate`` of the served repository, initial and nothing new."""
+    storage = get_bench.ensure_repo(Path(info.root), key_name, workdir)
+    key = Repository(storage).public_key_path
+    fqrn = get_bench.FQRN
     server = get_bench.RepoServer(storage)
     rows: dict[str, list[dict[str, float]]] = {}
 
@@ -116,17 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         return [
             swissknife, "pull", "-u", server.url, "-w", server.url, "-m", fqrn, "-k", str(key),
             "-r", f"local,{replica}/data/txn,{replica}", "-x", str(replica / "data" / "txn"),
-            "-n", str(args.jobs), "-p",
+            "-n", str(jobs), "-p",
         ]  # fmt: skip
 
     def rcds(replica: Path) -> list[str]:
         return [
             sys.executable, "-m", "rcds.cli", "replicate", server.url, "--storage", str(replica),
-            "--key", str(key), "--fqrn", fqrn, "--jobs", str(args.jobs),
+            "--key", str(key), "--fqrn", fqrn, "--jobs", str(jobs),
         ]  # fmt: skip
 
     try:
-        for i in range(args.repeat):
+        for i in range(repeat):
             for name, command in (("stock", stock), ("rcds", rcds)):
                 replica = scratch / f"{name}-{i}"
                 if name == "stock":
@@ -139,26 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         server.close()
-    best = {step: min(runs, key=lambda r: r["seconds"]) for step, runs in rows.items()}
-    n = len(objects(scratch / "rcds-0"))
-    print(
-        f"stratum 1 snapshot, stock cvmfs_swissknife pull against rcds replicate: {info.total_bytes / MB:.0f} MB "
-        f"tree, {n} objects, served by repo_http on 127.0.0.1; {os.cpu_count()} CPUs; best of {args.repeat}"
-    )
-    print(f"{'step':<22}{'seconds':>9}{'CPU s':>8}{'RSS MiB':>9}{'stock/rcds':>12}")
-    for step in ("initial", "nothing new"):
-        for name in ("stock", "rcds"):
-            r = best[f"{name} {step}"]
-            ratio = best[f"stock {step}"]["seconds"] / r["seconds"] if name == "rcds" else 1.0
-            print(
-                f"{name + ' ' + step:<22}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}"
-                f"{r['peak_rss_mib']:>9.0f}{ratio:>12.2f}"
-            )
-    result: dict[str, Any] = {"benchmark": "rcds-stock", "objects": n, "runs": rows, "best": best}
-    (workdir / "stock-result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    shutil.rmtree(scratch, ignore_errors=True)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

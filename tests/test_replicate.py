@@ -675,3 +675,33 @@ def test_watch_rides_out_a_source_that_is_down(
 def test_date_stamp_is_date_utc_in_the_c_locale() -> None:
     assert date_utc(1_728_043_200) == "Fri Oct  4 12:00:00 UTC 2024"
     assert date_utc(1_729_166_400) == "Thu Oct 17 12:00:00 UTC 2024"
+
+
+# What a cron job polling many repositories pays per call is mostly imports: the no-op path must not load
+# these (cryptography: ~25 ms, verifying goes through rcds.cvmfs.pkcs1; ctypes: syncfs is looked up on
+# the first sync; the rest belong to the server and HTTPS paths).
+_HEAVY_MODULES = ("cryptography", "aiohttp", "numpy", "httpx", "ctypes")
+_NO_OP_COMMAND = f"""
+import sys
+from rcds.cli import main
+try:
+    main(["replicate", *sys.argv[1:]])
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("loaded:", sorted({{m.split(".")[0] for m in sys.modules}} & set({_HEAVY_MODULES!r})))
+"""
+
+
+def test_a_snapshot_with_nothing_new_as_a_command_imports_no_heavy_module(
+    source: Repository, servers: Callable[[dict[str, Path]], Server], tmp_path: Path
+) -> None:
+    server = servers({FQRN: source.storage})
+    replica = tmp_path / "replica"
+    snapshot(server.url(), replica, public_keys=[source.public_key_path])
+    command = [server.url(), "--storage", str(replica), "--key", str(source.public_key_path)]
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_OP_COMMAND, *command], capture_output=True, text=True, check=True
+    )
+    assert "up to date" in done.stdout
+    assert done.stdout.splitlines()[-1] == "loaded: []"

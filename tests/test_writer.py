@@ -835,3 +835,59 @@ def test_file_names_that_are_not_utf8_are_published_as_raw_bytes(
     reader = open_reader(repo)
     assert reader.read(os.fsdecode(b"/cid/caf\xe9.txt")) == b"latin-1 name"
     check(reader)
+
+
+def test_hundreds_of_small_files_read_back_and_each_content_is_stored_once(
+    repo: Repository, tmp_path: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    # More files than one background batch holds (BATCH_FILES), with duplicates inside and across
+    # batches, files from disk and from streams, and an empty file.
+    contents = [f"content {i % 50}\n".encode() * (i % 5 + 1) for i in range(300)]  # 50 distinct
+    spec: dict[str, object] = {f"d{i // 100}": {} for i in range(300)}
+    for i, data in enumerate(contents):
+        directory = spec[f"d{i // 100}"]
+        assert isinstance(directory, dict)
+        directory[f"f{i}.txt"] = data
+    spec["empty"] = b""
+    src = tree_dir(tmp_path, spec)
+    streamed = [
+        TreeEntry(f"s{i}", EntryKind.FILE, size=len(data), stream=io.BytesIO(data))
+        for i, data in enumerate(contents[:100])
+    ]
+    before = _data_objects(repo)
+    with repo.transaction() as txn:
+        txn.add_directory("/disk", src)
+        txn.add_tree("/streams", [TreeEntry("", EntryKind.DIRECTORY), *streamed])
+        result = txn.commit()
+    assert result.stats.files == 300 + 1 + 100
+    # One object per distinct content, plus the empty one (the file, the markers). The count of writes
+    # may be higher: two threads storing the same new content at once both write it (harmless renames).
+    assert len(_data_objects(repo) - before) == len(set(contents)) + 1 == 51
+    assert result.stats.objects_written >= 50
+    reader = open_reader(repo)
+    for i, data in enumerate(contents):
+        assert reader.read(f"/disk/d{i // 100}/f{i}.txt") == data
+    for i, data in enumerate(contents[:100]):
+        assert reader.read(f"/streams/s{i}") == data
+    assert reader.read("/disk/empty") == b""
+    with repo.transaction() as txn:
+        txn.add_directory("/again", src)
+        again = txn.commit()
+    assert again.stats.objects_written == 0
+    assert again.stats.pieces_from_index == 301
+
+
+def test_a_file_that_cannot_be_read_fails_the_add_and_leaves_the_old_tree(
+    repo: Repository, tmp_path: Path
+) -> None:
+    publish(repo, "/cid", tree_dir(tmp_path, {"old.txt": b"old"}))
+    entries = [
+        TreeEntry("", EntryKind.DIRECTORY),
+        TreeEntry("fine.txt", EntryKind.FILE, size=4, stream=io.BytesIO(b"fine")),
+        TreeEntry("gone.txt", EntryKind.FILE, size=5, source=tmp_path / "vanished.txt"),
+    ]
+    with repo.transaction() as txn:
+        with pytest.raises(FileNotFoundError, match=r"vanished\.txt"):
+            txn.add_tree("/cid", entries)
+        assert txn.exists("/cid/old.txt")
+        assert not txn.exists("/cid/fine.txt")

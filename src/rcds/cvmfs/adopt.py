@@ -283,7 +283,9 @@ def _check_server_conf(conf: dict[str, str], storage: Path, report: AdoptReport)
 
 
 def _same_key(a: signing.PublicKey, b: signing.PublicKey) -> bool:
-    return a.public_numbers() == b.public_numbers()
+    # By the numbers: one side may be cryptography's key, the other pkcs1's (signing verifies with pkcs1).
+    x, y = a.public_numbers(), b.public_numbers()
+    return (x.n, x.e) == (y.n, y.e)
 
 
 def _check_keys(

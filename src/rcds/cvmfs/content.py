@@ -26,7 +26,10 @@ from .objects import compress
 from .store import ObjectStore
 
 READ_BLOCK = 1 << 20
-INLINE_LOOKUP_MAX = 256 << 10
+# Whole (unchunked) files are stored in batches, one pool task per batch: a future, a queue hand-off and
+# an index query per file cost as much as deflating a small file. A batch closes at whichever comes first.
+BATCH_FILES = 64
+BATCH_BYTES = 1 << 20
 
 
 class ContentIndex:
@@ -46,6 +49,15 @@ class ContentIndex:
         with self._lock:
             row = self.db.execute("SELECT value FROM pieces WHERE key = ?", (key,)).fetchone()
         return bytes(row[0]) if row else None
+
+    def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The entries of those ``keys`` the index has (one query for a batch of small files)."""
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        with self._lock:
+            rows = self.db.execute(f"SELECT key, value FROM pieces WHERE key IN ({marks})", keys).fetchall()
+        return {bytes(k): bytes(v) for k, v in rows}
 
     def put(self, key: bytes, value: bytes) -> None:
         with self._lock:
@@ -135,6 +147,18 @@ class IngestStats:
     pieces_from_index: int = 0
 
 
+_Stored = tuple[ContentHash, int]  # an object's hash, compressed bytes newly written (0: it existed)
+
+
+class _Batch:
+    """Whole files stored by one pool task: each a path to read there, or bytes read already."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str | bytes, int]] = []
+        self.nbytes = 0
+        self.future: Future[list[_Stored | BaseException]] | None = None
+
+
 class PendingContent:
     """The future result of ingesting one file."""
 
@@ -145,17 +169,29 @@ class PendingContent:
         pieces: list[tuple[int, int, Future[tuple[ContentHash, int]]]],
         index_key: bytes | None,
         writer: ContentWriter,
+        batch: _Batch | None = None,
+        slot: int = 0,
     ) -> None:
         self.size = size
         self._whole = whole
         self._pieces = pieces
         self._index_key = index_key
         self._writer = writer
+        self._batch = batch
+        self._slot = slot
         self._result: StoredContent | None = None
 
     def result(self) -> StoredContent:
         if self._result is None:
-            if self._whole is not None:
+            if self._batch is not None:
+                if self._batch.future is None:
+                    self._writer._submit_batch()
+                assert self._batch.future is not None
+                outcome = self._batch.future.result()[self._slot]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                self._result = StoredContent(self.size, outcome[0], [], outcome[1])
+            elif self._whole is not None:
                 h, written = self._whole.result()
                 self._result = StoredContent(self.size, h, [], written)
             else:
@@ -219,18 +255,24 @@ class ContentWriter:
         self.store = store
         self.index = index
         self.params = params or ChunkParams()
-        self.pool = ThreadPoolExecutor(
-            max_workers=workers or os.cpu_count() or 2, thread_name_prefix="rcds-ingest"
-        )
+        workers = workers or os.cpu_count() or 2
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rcds-ingest")
+        # Batches of small files waiting or running: enough to keep every worker busy, few enough that a
+        # fast tar stream does not park tens of MiB of small files in the queue (the byte budget alone
+        # would let ~96 one-MiB batches wait).
+        self._batch_slots = threading.Semaphore(2 * workers + 2)
         self._budget = threading.Semaphore(max(1, max_inflight // READ_BLOCK))
         self._stats_lock = threading.Lock()
         self.stats = IngestStats()
         self._max_inflight_blocks = max(1, max_inflight // READ_BLOCK)
+        self._batch = _Batch()
 
     # --- pieces ----------------------------------------------------------------------------------
 
     def _acquire(self, nbytes: int) -> int:
-        blocks = min(self._max_inflight_blocks, max(1, nbytes // READ_BLOCK))
+        # Rounded up: a batch of small files holding 1.9 MiB counts as two blocks, not one (rounding
+        # down let ~96 near-1-MiB batches of a fast tar stream sit in memory at once).
+        blocks = min(self._max_inflight_blocks, max(1, -(-nbytes // READ_BLOCK)))
         for _ in range(blocks):
             self._budget.acquire()
         return blocks
@@ -262,17 +304,84 @@ class ContentWriter:
                 key, known = self._lookup(data, suffix)
                 if known is not None:
                     return known, 0
-            stored, h = compress(data)
-            written = self.store.put_object(h.object_name(suffix), stored)
-            if key is not None and self.index is not None:
-                self.index.put(key, h.digest)
-            with self._stats_lock:
-                if written:
-                    self.stats.objects_written += 1
-                    self.stats.bytes_written += len(stored)
-            return h, len(stored) if written else 0
+            return self._compress_and_put(data, suffix, key)
         finally:
             self._release(blocks)
+
+    def _compress_and_put(self, data: bytes | memoryview, suffix: Suffix, key: bytes | None) -> _Stored:
+        """Deflate, name and store one piece the index did not know; record it under ``key``."""
+        stored, h = compress(data)
+        written = self.store.put_object(h.object_name(suffix), stored)
+        if key is not None and self.index is not None:
+            self.index.put(key, h.digest)
+        if written:
+            with self._stats_lock:
+                self.stats.objects_written += 1
+                self.stats.bytes_written += len(stored)
+        return h, len(stored) if written else 0
+
+    def _store_batch(self, batch: _Batch, blocks: int) -> list[_Stored | BaseException]:
+        """Pool task: read, look up (one index query) and store the whole files of a batch.
+
+        A file that fails (vanished, shorter than listed, a full disk) gets its own exception, raised by
+        its ``PendingContent.result()``; the other files of the batch are stored as usual.
+        """
+        try:
+            datas: list[bytes | BaseException] = []
+            for item, size in batch.items:
+                try:
+                    datas.append(item if isinstance(item, bytes) else _read_file(item, size))
+                except (OSError, EOFError) as exc:
+                    datas.append(exc)
+            keys: list[bytes | None] = [None] * len(datas)
+            known: dict[bytes, bytes] = {}
+            if self.index is not None:
+                suffix = Suffix.NONE.value.encode()
+                for i, data in enumerate(datas):
+                    if not isinstance(data, BaseException):
+                        keys[i] = hashlib.sha256(data).digest() + suffix
+                known = self.index.get_many([k for k in keys if k is not None])
+            out: list[_Stored | BaseException] = []
+            for data, key in zip(datas, keys, strict=True):
+                if isinstance(data, BaseException):
+                    out.append(data)
+                    continue
+                hit = known.get(key) if key is not None else None
+                if hit is not None:
+                    h = ContentHash(hit[:20])
+                    if self.store.exists(h.object_name(Suffix.NONE)):
+                        with self._stats_lock:
+                            self.stats.pieces_from_index += 1
+                        out.append((h, 0))
+                        continue
+                try:
+                    out.append(self._compress_and_put(data, Suffix.NONE, key))
+                except Exception as exc:  # handed to the file's own result()
+                    out.append(exc)
+            return out
+        finally:
+            batch.items.clear()  # the pending results keep the batch: not its bytes
+            self._release(blocks)
+            self._batch_slots.release()
+
+    def _add_to_batch(self, item: str | bytes, size: int) -> PendingContent:
+        batch = self._batch
+        batch.items.append((item, size))
+        batch.nbytes += size
+        pending = PendingContent(size, None, [], None, self, batch, len(batch.items) - 1)
+        if len(batch.items) >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
+            self._submit_batch()
+        return pending
+
+    def _submit_batch(self) -> None:
+        """Hand the open batch to the pool (also when a result of it is wanted before it is full)."""
+        batch = self._batch
+        if not batch.items:
+            return
+        self._batch = _Batch()
+        self._batch_slots.acquire()
+        blocks = self._acquire(batch.nbytes)
+        batch.future = self.pool.submit(self._store_batch, batch, blocks)
 
     def _submit(self, data: bytes, suffix: Suffix) -> Future[tuple[ContentHash, int]]:
         blocks = self._acquire(len(data))
@@ -286,16 +395,7 @@ class ContentWriter:
             self.stats.files += 1
             self.stats.bytes_in += size
         if size <= self.params.min_size:
-            data = _read_exact(stream, size)
-            if size <= INLINE_LOOKUP_MAX:
-                # Small files: a hash and an index probe cost less here than a trip through the pool.
-                key, known = self._lookup(data, Suffix.NONE)
-                if known is not None:
-                    return PendingContent(size, _Done((known, 0)), [], None, self)
-                blocks = self._acquire(len(data))
-                fut = self.pool.submit(self._store_piece, data, Suffix.NONE, blocks, key)
-                return PendingContent(size, fut, [], None, self)
-            return PendingContent(size, self._submit(data, Suffix.NONE), [], None, self)
+            return self._add_to_batch(_read_exact(stream, size), size)
         limited = cast(BinaryIO, _Limited(stream, size))
         pieces: list[tuple[int, int, Future[tuple[ContentHash, int]]]] = []
         offset = 0
@@ -350,8 +450,13 @@ class ContentWriter:
             if pending._whole is None:
                 pending._index_key = key
             return pending
-        with open(path, "rb") as f:
-            return self.add_stream(f, size)
+        if size > self.params.min_size:  # chunked, without an index to skip it
+            with open(path, "rb") as f:
+                return self.add_stream(f, size)
+        with self._stats_lock:
+            self.stats.files += 1
+            self.stats.bytes_in += size
+        return self._add_to_batch(os.fspath(path), size)  # read by the pool task
 
     def _param_tuple(self) -> tuple[int, int, int]:
         return self.params.min_size, self.params.avg_size, self.params.max_size
@@ -362,6 +467,7 @@ class ContentWriter:
         return h
 
     def close(self) -> None:
+        self._submit_batch()
         self.pool.shutdown(wait=True)
 
 
@@ -375,6 +481,26 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
         parts.append(block)
         remaining -= len(block)
     return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def _read_file(path: str, size: int) -> bytes:
+    """The first ``size`` bytes of the file at ``path`` (EOFError if it is shorter)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size)
+        if len(data) < size:
+            parts = [data]
+            got = len(data)
+            while got < size:
+                block = os.read(fd, size - got)
+                if not block:
+                    raise EOFError(f"{path}: ended {size - got} bytes early")
+                parts.append(block)
+                got += len(block)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
 
 
 class _Limited:

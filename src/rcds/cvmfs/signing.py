@@ -15,21 +15,23 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import pkcs1
 
-try:
+if TYPE_CHECKING:
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-except ImportError:  # a bare python3 (the job client): it only verifies, and pkcs1 reads its keys
-    HAVE_CRYPTOGRAPHY = False
-else:
-    HAVE_CRYPTOGRAPHY = True
+
+# Verifying (manifests, whitelists, what every reader and replica does) reads keys and certificates with
+# ``pkcs1`` whether or not ``cryptography`` is installed: importing ``cryptography`` costs ~25 ms, most of
+# a no-op snapshot or a `wait` poll run as a command. Signing, key generation and X.509 building import it
+# when they are called. A bare python3 (the job client) has only the verifying half.
+HAVE_CRYPTOGRAPHY = importlib.util.find_spec("cryptography") is not None
+NO_CRYPTOGRAPHY = "signing and key generation need the 'cryptography' package"
 
 KEY_BITS = 2048
 # DER prefix of DigestInfo for SHA-1 (RFC 8017 section 9.2, note 1).
@@ -55,10 +57,18 @@ class PublicKey(Protocol):
 
 
 def generate_key() -> rsa.RSAPrivateKey:
+    try:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     return rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
 
 
 def private_key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    try:
+        from cryptography.hazmat.primitives import serialization
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
@@ -68,10 +78,19 @@ def private_key_pem(key: rsa.RSAPrivateKey) -> bytes:
 
 def public_key_pem(key: rsa.RSAPublicKey) -> bytes:
     """SubjectPublicKeyInfo PEM (``-----BEGIN PUBLIC KEY-----``), what clients read from ``<fqrn>.pub``."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_private_key(data: bytes) -> rsa.RSAPrivateKey:
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise SignatureError("only RSA keys are supported")
@@ -79,19 +98,11 @@ def load_private_key(data: bytes) -> rsa.RSAPrivateKey:
 
 
 def load_public_key(data: bytes) -> PublicKey:
-    if not HAVE_CRYPTOGRAPHY:
-        try:
-            return pkcs1.load_public_key(data)
-        except pkcs1.NotRsaKey as exc:
-            raise SignatureError("only RSA public keys are supported") from exc
-    key: object
-    if b"BEGIN CERTIFICATE" in data:
-        key = x509.load_pem_x509_certificate(data).public_key()
-    else:
-        key = serialization.load_pem_public_key(data)
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise SignatureError("only RSA public keys are supported")
-    return key
+    """The RSA key of a PEM public key or certificate (what verifying needs: modulus and exponent)."""
+    try:
+        return pkcs1.load_public_key(data)
+    except pkcs1.NotRsaKey as exc:
+        raise SignatureError("only RSA public keys are supported") from exc
 
 
 def load_public_keys(paths: list[Path]) -> list[PublicKey]:
@@ -100,6 +111,12 @@ def load_public_keys(paths: list[Path]) -> list[PublicKey]:
 
 def make_certificate(key: rsa.RSAPrivateKey, fqrn: str, days: int = 3650) -> x509.Certificate:
     """Self-signed publisher certificate, CN = fqrn. Clients do not check its validity period."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509.oid import NameOID
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, fqrn)])
     now = dt.datetime.now(dt.timezone.utc)
     return (
@@ -115,10 +132,18 @@ def make_certificate(key: rsa.RSAPrivateKey, fqrn: str, days: int = 3650) -> x50
 
 
 def certificate_pem(cert: x509.Certificate) -> bytes:
+    try:
+        from cryptography.hazmat.primitives import serialization
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def load_certificate(pem: bytes) -> x509.Certificate:
+    try:
+        from cryptography import x509
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError as exc:
@@ -127,6 +152,10 @@ def load_certificate(pem: bytes) -> x509.Certificate:
 
 def certificate_fingerprint(cert: x509.Certificate) -> str:
     """SHA-1 of the DER encoding, uppercase hex bytes joined by ``:`` (the whitelist form)."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+    except ImportError as exc:  # a bare python3 (the job client) only verifies
+        raise SignatureError(NO_CRYPTOGRAPHY) from exc
     return _der_fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
@@ -137,28 +166,21 @@ def _der_fingerprint(der: bytes) -> str:
 
 def pem_certificate_fingerprint(pem: bytes) -> str:
     """``certificate_fingerprint`` of a PEM certificate."""
-    if not HAVE_CRYPTOGRAPHY:
-        try:
-            return _der_fingerprint(pkcs1.certificate_der(pem))
-        except ValueError as exc:
-            raise SignatureError(f"invalid certificate: {exc}") from exc
-    return certificate_fingerprint(load_certificate(pem))
+    try:
+        return _der_fingerprint(pkcs1.certificate_der(pem))
+    except ValueError as exc:
+        raise SignatureError(f"invalid certificate: {exc}") from exc
 
 
 def certificate_public_key(pem: bytes) -> PublicKey:
     """The RSA key of a PEM certificate (the publisher's, which signs the manifest)."""
-    if not HAVE_CRYPTOGRAPHY:
-        try:
-            der = pkcs1.certificate_der(pem)
-            return pkcs1.certificate_public_key(der)
-        except pkcs1.NotRsaKey as exc:
-            raise SignatureError("certificate key is not RSA") from exc
-        except ValueError as exc:
-            raise SignatureError(f"invalid certificate: {exc}") from exc
-    key = load_certificate(pem).public_key()
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise SignatureError("certificate key is not RSA")
-    return key
+    try:
+        der = pkcs1.certificate_der(pem)
+        return pkcs1.certificate_public_key(der)
+    except pkcs1.NotRsaKey as exc:
+        raise SignatureError("certificate key is not RSA") from exc
+    except ValueError as exc:
+        raise SignatureError(f"invalid certificate: {exc}") from exc
 
 
 def parse_fingerprint(line: str) -> str | None:

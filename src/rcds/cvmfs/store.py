@@ -8,8 +8,8 @@ directory later without the writer changing.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import functools
+import itertools
 import os
 import secrets
 from abc import ABC, abstractmethod
@@ -74,7 +74,12 @@ class ObjectStore(ABC):
         return True
 
 
+@functools.cache
 def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs``, looked up on the first sync (ctypes and the lookup cost a command's start-up)."""
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if not name:
         return None
@@ -86,7 +91,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
     return cast(Callable[[int], int], fn)
 
 
-_SYNCFS = _load_syncfs()
+_TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL: safe across the ingest threads
 
 
 class LocalStore(ObjectStore):
@@ -95,6 +100,9 @@ class LocalStore(ObjectStore):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.staging = self.root / PRIVATE_DIR / "tmp"
+        # Plain strings for the per-object paths: pathlib costs microseconds per object, which adds up
+        # over tens of thousands of small files.
+        self._root_prefix = os.path.join(self.root, "")
 
     def initialize(self) -> None:
         for i in range(256):
@@ -103,12 +111,15 @@ class LocalStore(ObjectStore):
         (self.root / PRIVATE_DIR).chmod(0o700)
 
     def path(self, key: str) -> Path:
+        return Path(self._file(key))
+
+    def _file(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/") or key.startswith(PRIVATE_DIR):
             raise ValueError(f"bad object key {key!r}")
-        return self.root / key
+        return self._root_prefix + key
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self.path(key))
+        return os.path.exists(self._file(key))
 
     def get(self, key: str) -> bytes:
         try:
@@ -123,9 +134,15 @@ class LocalStore(ObjectStore):
             raise ObjectMissing(key) from exc
 
     def put(self, key: str, data: bytes | memoryview) -> None:
-        target = self.path(key)
-        tmp = self.staging / f"{secrets.token_hex(8)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        target = self._file(key)
+        # Unique within this process by the counter, across processes by the pid in the prefix; a name
+        # left by a crashed process of the same pid is skipped by O_EXCL.
+        tmp = f"{self.staging}/{os.getpid()}-{next(_TEMP_NUMBERS)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            tmp = os.path.join(self.staging, f"{secrets.token_hex(8)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -136,7 +153,7 @@ class LocalStore(ObjectStore):
         try:
             os.replace(tmp, target)
         except FileNotFoundError:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(tmp, target)
 
     def put_durable(self, key: str, data: bytes) -> None:
@@ -159,10 +176,11 @@ class LocalStore(ObjectStore):
                 yield f"{rel}/{f}"
 
     def sync(self) -> None:
-        if _SYNCFS is not None:
+        syncfs = _load_syncfs()
+        if syncfs is not None:
             fd = os.open(self.root, os.O_RDONLY)
             try:
-                if _SYNCFS(fd) == 0:
+                if syncfs(fd) == 0:
                     return
             finally:
                 os.close(fd)

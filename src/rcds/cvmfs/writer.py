@@ -379,12 +379,6 @@ class Transaction:
             raise TransactionError("cannot replace the repository root; add trees below it")
         now = self._now()
         nodes = self._collect(entries, now)
-        if self.exists(path):
-            self.remove(path)
-        parent = parent_path(path)
-        if not self.exists(parent):
-            self.mkdir(parent)
-        holder = self._catalog_for(parent)
         root_node = nodes[""]
         if not root_node.dirent.is_dir:
             raise TreeError("the root of a tree must be a directory")
@@ -396,7 +390,15 @@ class Transaction:
         }
         if nested or NESTED_MARKER in nodes:  # a marker at the tree's top nests the tree like any other
             boundaries.add("")
+        # Content first (small files are read and stored in the background): a file that cannot be read
+        # fails the call before the old tree at ``path`` is touched.
         self._finish_nodes(nodes, boundaries)
+        if self.exists(path):
+            self.remove(path)
+        parent = parent_path(path)
+        if not self.exists(parent):
+            self.mkdir(parent)
+        holder = self._catalog_for(parent)
         self._write_nodes(path, nodes, boundaries, holder)
         self._touch_dir(parent, +1)
         return len(nodes)
