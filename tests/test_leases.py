@@ -171,6 +171,16 @@ def log_events(srv: RcdsServer, event: str) -> list[dict[str, object]]:
     return out
 
 
+def no_leases_left(srv: RcdsServer, timeout: float = 10) -> None:
+    """Every lease is released (a publish's lease goes right after its job is marked published)."""
+    leases = Leases(state_db(srv))
+    deadline = time.monotonic() + timeout
+    while leases.list():
+        assert time.monotonic() < deadline, (leases.list(), srv.log()[-3000:])
+        time.sleep(0.05)
+    leases.close()
+
+
 def small(cid: str) -> bytes:
     return make_tarball({"run.sh": f"#!/bin/sh\necho {cid}\n", "lib/data.txt": cid * 50})
 
@@ -229,7 +239,7 @@ def test_small_publishes_overtake_a_big_one(solo: RcdsServer, tmp_path: Path) ->
     small_revisions = {solo.status(c)["revision"] for c in cids}
     assert max(small_revisions) < doc["revision"]
     assert len(small_revisions) < 20  # group commit: the grafts of finished ingests share revisions
-    assert Leases(state_db(solo)).list() == []
+    no_leases_left(solo)
 
 
 def test_a_leased_path_keeps_its_job_queued(solo: RcdsServer) -> None:
@@ -251,7 +261,7 @@ def test_a_leased_path_keeps_its_job_queued(solo: RcdsServer) -> None:
     assert isinstance(other, Busy) and 590 < other.time_remaining <= 600 and other.path == "sw/g"
     assert external.release(lease.token) is not None
     assert solo.wait_state("g/x")["state"] == "published"
-    assert external.list() == []
+    no_leases_left(solo)
 
 
 def test_an_ingest_that_stalls_past_its_lease_is_refused_then_retried(tmp_path: Path) -> None:
@@ -273,7 +283,7 @@ def test_an_ingest_that_stalls_past_its_lease_is_refused_then_retried(tmp_path: 
         expired = log_events(srv, "lease expired")
         assert expired and expired[0]["path"] == "sw/slow", srv.log()[-3000:]
         assert 'rcds_leases_expired_total{repository="solo.rcds.test"}' in srv.client.get("/metrics").text
-        assert Leases(state_db(srv)).list() == []
+        no_leases_left(srv)
     finally:
         srv.close()
 
@@ -292,15 +302,15 @@ def test_killed_with_leases_held_everything_acknowledged_publishes(tmp_path: Pat
         while len(observer.list()) < 2:  # both slots ingest (stalled), the rest is queued
             assert time.monotonic() < deadline, srv.log()[-3000:]
             time.sleep(0.05)
-        held_before = observer.list()
         srv.kill()
-        assert {x.path for x in observer.list()} == {x.path for x in held_before}  # left behind
+        left_behind = observer.list()
+        assert len(left_behind) >= 2, left_behind
         stall.write_text("")
         srv.start()
         for c in cids:
             assert srv.wait_state(c)["state"] == "published", c
-        assert observer.list() == []
+        no_leases_left(srv)
         released = log_events(srv, "lease released")
-        assert {x.path for x in held_before} <= {str(e["path"]) for e in released if e.get("reason")}
+        assert {x.path for x in left_behind} <= {str(e["path"]) for e in released if e.get("reason")}
     finally:
         srv.close()

@@ -3,8 +3,11 @@
 * An upload is streamed into a spool file, fsynced and recorded as a queued job in the state database
   before the caller is told ``OK`` (``accept``). Acknowledged work survives crashes and restarts.
 * One worker thread per local repository pulls queued jobs (the free worker takes the next work, so CIDs
-  go to the least busy repository) and publishes *all* jobs waiting at that moment in one revision (group
-  commit), up to a job and byte budget. A tarball that is rejected fails alone; the others still publish.
+  go to the least busy repository). It ingests them in ``ingest_slots`` slots at once, each job under a
+  lease on its own path (``leases``, ``slots``: staged without the writer lock), and grafts every ingest
+  finished since its last revision into the next one (group commit, up to a job and byte budget); with
+  one slot it publishes *all* jobs waiting at that moment in one transaction, as before leases. A tarball
+  that is rejected fails alone; the others still publish.
 * ``exists`` answers from the presence index: only CIDs in a live, signed revision are ``PRESENT``. The
   index covers replicas of other servers' repositories too, and follows revisions made outside this
   process (housekeeping thread).
