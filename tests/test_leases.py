@@ -250,9 +250,11 @@ def test_a_leased_path_keeps_its_job_queued(solo: RcdsServer) -> None:
     assert solo.publish("g/x", small("g/x")).text == "OK\n"
     assert solo.publish("h", small("h")).text == "OK\n"
     assert solo.wait_state("h")["state"] == "published"
-    time.sleep(0.5)  # the worker had every chance to take g/x
+    deadline = time.monotonic() + 10  # the worker looks at g/x, finds its path leased, leaves it queued
+    while not (busy := log_events(solo, "lease busy, job stays queued")):
+        assert time.monotonic() < deadline, solo.log()[-3000:]
+        time.sleep(0.05)
     assert solo.status("g/x")["state"] == "queued"
-    busy = log_events(solo, "lease busy, job stays queued")
     assert busy and busy[0]["cid"] == "g/x" and busy[0]["path"] == "sw/g", busy
     assert 'rcds_lease_waiting_jobs{repository="solo.rcds.test"} 1.0' in solo.client.get("/metrics").text
     (repo,) = solo.client.get("/status.json").json()["repositories"]
