@@ -19,9 +19,9 @@ from ..cvmfs.gc import GcReport, ProgressFn
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
-from ..cvmfs.store import PRIVATE_DIR
 from ..cvmfs.writer import TransactionError
 from ..publish.config import ServiceSettings
+from ..storage import PRIVATE_DIR
 
 
 @click.command("serve")

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from ..storage import ObjectStore
 from .catalog import Chunk
 from .chunking import ChunkParams, iter_chunks
 from .hashes import ContentHash, Suffix
 from .objects import compress
-from .store import ObjectStore
 
 READ_BLOCK = 1 << 20
 INLINE_LOOKUP_MAX = 256 << 10
@@ -208,7 +208,7 @@ class ContentWriter:
         self.index = index
         self.params = params or ChunkParams()
         self.pool = ThreadPoolExecutor(
-            max_workers=workers or os.cpu_count() or 2, thread_name_prefix="rcds-ingest"
+            max_workers=workers or store.parallelism or os.cpu_count() or 2, thread_name_prefix="rcds-ingest"
         )
         self._budget = threading.Semaphore(max(1, max_inflight // READ_BLOCK))
         self._stats_lock = threading.Lock()

@@ -43,11 +43,12 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..cvmfs.catalog import NESTED_MARKER
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.repository import Repository, RepositoryError
-from ..cvmfs.store import PRIVATE_DIR, fsync_path
 from ..cvmfs.tree import EntryKind, TreeEntry
 from ..cvmfs.writer import Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
+from ..storage import PRIVATE_DIR
+from ..storage.local import fsync_path
 from .cid import cid_group
 from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
