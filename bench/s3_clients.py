@@ -47,6 +47,7 @@ def _timed(label: str, n: int, fn: Callable[[], object], out: dict[str, float]) 
 
 def bench_boto3(server: S3Server, bucket: str, keys: list[str], payload: bytes) -> dict[str, float]:
     import boto3
+    import botocore.handlers
     from botocore.config import Config
 
     client = boto3.client(
@@ -63,6 +64,7 @@ def bench_boto3(server: S3Server, bucket: str, keys: list[str], payload: bytes) 
         ),
     )
     client.meta.events.register("before-call.s3.DeleteObjects", _md5_header)
+    client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)  # as rcds does
     out: dict[str, float] = {}
     with ThreadPoolExecutor(PARALLEL) as pool:
         _timed(
@@ -118,6 +120,7 @@ def bench_obstore(server: S3Server, bucket: str, keys: list[str], payload: bytes
 
 
 def bench_aiobotocore(server: S3Server, bucket: str, keys: list[str], payload: bytes) -> dict[str, float]:
+    import botocore.handlers
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
@@ -137,6 +140,7 @@ def bench_aiobotocore(server: S3Server, bucket: str, keys: list[str], payload: b
             ),
         ) as client:
             client.meta.events.register("before-call.s3.DeleteObjects", _md5_header)
+            client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
             gate = asyncio.Semaphore(PARALLEL)
 
             async def each(fn: Callable[[str], Any]) -> None:

@@ -45,6 +45,7 @@ from .reflog import Reflog, RefType
 from .whitelist import Whitelist
 
 if TYPE_CHECKING:
+    from .reader import RepositoryReader
     from .writer import Transaction
 
 DEFAULT_TTL = 15  # seconds: user code must appear fast (the CVMFS default is 240)
@@ -302,6 +303,14 @@ class Repository:
         """
         done: list[str] = []
         self.store.clean_staging()
+        # Scratch copies (history, reflog) a killed writer left; on local storage the store's staging
+        # is this same directory, with a bucket it is not.
+        scratch = self.private / "tmp"
+        if scratch.is_dir():
+            for f in scratch.iterdir():
+                if f.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
         txn_dir = self.private / "txn"
         if txn_dir.is_dir():
             for d in txn_dir.iterdir():
@@ -393,6 +402,21 @@ class Repository:
         else:
             Reflog.create(path, self.fqrn).close()
         return path
+
+    def reader(
+        self, cache_dir: Path | None = None, check_whitelist_expiry: bool = True, strict: bool = True
+    ) -> RepositoryReader:
+        """A verifying reader of the published tree, straight from the store (a bucket too)."""
+        from .reader import RepositoryReader
+        from .sources import LocalSource, Source
+        from .storesource import StoreSource
+
+        source: Source = (
+            LocalSource(self.storage) if isinstance(self.store, LocalStore) else StoreSource(self.store)
+        )
+        return RepositoryReader(
+            source, self.public_keys(), self.fqrn, cache_dir, check_whitelist_expiry, strict
+        )
 
     # --- locking and transactions ----------------------------------------------------------------
 

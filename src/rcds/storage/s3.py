@@ -130,6 +130,7 @@ class S3Store(ObjectStore):
     def _make_client(self) -> Any:
         try:
             import boto3
+            import botocore.handlers
             from botocore.config import Config
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise StorageError(
@@ -149,6 +150,10 @@ class S3Store(ObjectStore):
         )
         client = session.client("s3", endpoint_url=s.endpoint_url, config=config)
         client.meta.events.register("before-call.s3.DeleteObjects", _add_content_md5)
+        # No "Expect: 100-continue" on PUTs: a round trip more for every small object, and after an empty
+        # body the MinIO gateway of juicefs answers out of step (the next request on the connection times
+        # out).
+        client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
         return client
 
     @property
