@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from s3server import S3Server, run_s3_server  # noqa: E402
+from s3server import S3Server, run_s3_server
 
 PARALLEL = 16
 SIZE = 4096
@@ -74,7 +74,10 @@ def bench_boto3(server: S3Server, bucket: str, keys: list[str], payload: bytes) 
             out,
         )
         _timed(
-            "head/s", len(keys), lambda: list(pool.map(lambda k: client.head_object(Bucket=bucket, Key=k), keys)), out
+            "head/s",
+            len(keys),
+            lambda: list(pool.map(lambda k: client.head_object(Bucket=bucket, Key=k), keys)),
+            out,
         )
         _timed(
             "get/s",
@@ -106,13 +109,15 @@ def bench_obstore(server: S3Server, bucket: str, keys: list[str], payload: bytes
     )
     out: dict[str, float] = {}
     with ThreadPoolExecutor(PARALLEL) as pool:
-        _timed("put/s", len(keys), lambda: list(pool.map(lambda k: obstore.put(store, k, payload), keys)), out)
-        _timed("head/s", len(keys), lambda: list(pool.map(lambda k: obstore.head(store, k), keys)), out)
         _timed(
-            "get/s", len(keys), lambda: list(pool.map(lambda k: obstore.get(store, k).bytes(), keys)), out
+            "put/s", len(keys), lambda: list(pool.map(lambda k: obstore.put(store, k, payload), keys)), out
         )
+        _timed("head/s", len(keys), lambda: list(pool.map(lambda k: obstore.head(store, k), keys)), out)
+        _timed("get/s", len(keys), lambda: list(pool.map(lambda k: obstore.get(store, k).bytes(), keys)), out)
         try:
-            _timed("delete/s", len(keys), lambda: list(pool.map(lambda k: obstore.delete(store, k), keys)), out)
+            _timed(
+                "delete/s", len(keys), lambda: list(pool.map(lambda k: obstore.delete(store, k), keys)), out
+            )
         except Exception as exc:  # juicefs's DeleteObjects reply lacks <Key>: object_store rejects it
             print(f"obstore delete failed: {str(exc).splitlines()[0]}", flush=True)
             out["delete/s"] = 0.0
@@ -181,10 +186,17 @@ def main() -> None:
     payload = bytes(range(256)) * (SIZE // 256)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp, run_s3_server(Path(tmp) / "s3") as server:
-        for name, fn in (("boto3", bench_boto3), ("obstore", bench_obstore), ("aiobotocore", bench_aiobotocore)):
+        for name, fn in (
+            ("boto3", bench_boto3),
+            ("obstore", bench_obstore),
+            ("aiobotocore", bench_aiobotocore),
+        ):
             bucket = f"bench-{name}"
             server.create_bucket(bucket)
-            keys = [f"repo/data/{i % 256:02x}/{hashlib.sha1(str(i).encode()).hexdigest()}" for i in range(args.objects)]
+            keys = [
+                f"repo/data/{i % 256:02x}/{hashlib.sha1(str(i).encode()).hexdigest()}"
+                for i in range(args.objects)
+            ]
             results[name] = fn(server, bucket, keys, payload)
             print(name, results[name], flush=True)
     print(json.dumps(results, indent=2))
