@@ -190,6 +190,10 @@ class S3Store(ObjectStore):
                 if (throttled or status in RETRY_STATUS) and attempt <= self.settings.retries:
                     delay = self._backoff(op, key, attempt, delay, throttled, code or str(status))
                     continue
+                if throttled:
+                    raise StorageError(
+                        f"bucket {self.bucket}: {op} {key} throttled ({code or status}) after {attempt} attempts"
+                    ) from exc
                 raise StorageError(self._reason(op, key, code, status, exc)) from exc
             except BotoCoreError as exc:  # connection refused or reset, timeouts, DNS
                 if attempt <= self.settings.retries:
