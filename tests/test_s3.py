@@ -6,7 +6,9 @@ naming the bucket), and what the server lacks (conditional writes, detected)."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import secrets
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from rcds.cvmfs.repository import MANIFEST, Repository
 from rcds.storage import StorageError
 from rcds.storage.s3 import DATA_CACHE_CONTROL, ROOT_CACHE_CONTROL, S3Settings, S3Store
 from s3server import S3Server
+from server import RcdsServer, make_tarball
 
 TREE = {"hello.txt": b"hello from a bucket\n" * 50, "big.bin": bytes(range(256)) * 2000, "d": {"x": b"x\n"}}
 
@@ -288,3 +291,65 @@ def test_delete_many_removes_exactly_the_given_keys_in_batches_of_1000(batched: 
     batched.delete_many(iter(doomed))
     assert requests == [1000, 3]
     assert sorted(batched.iter_keys("data/")) == sorted(keys[1003:])
+
+
+# --- the publish service on a bucket --------------------------------------------------------------
+
+S3_REPO = "s3.rcds.test"
+CODE = {"run.sh": "#!/bin/sh\necho hello\n", "lib/util.py": "X = 1\n"}
+
+
+def s3_service(tmp_path: Path, server: S3Server, public: bool = False) -> RcdsServer:
+    """``rcds serve`` with one repository whose storage is a bucket (``storage = "s3://..."``)."""
+    (tmp_path / "srv").mkdir()
+    srv = RcdsServer(tmp_path / "srv", repos=())
+    subpath = f"srv-{secrets.token_hex(4)}"
+    host = server.endpoint.removeprefix("http://")
+    lines = [
+        "[[repository]]",
+        f'name = "{S3_REPO}"',
+        f'storage = "s3://{S3_BUCKET}/{subpath}"',
+        "[repository.s3]",
+        f'endpoint = "{host}"',
+        "https = false",
+    ]
+    if public:
+        lines.append(f'public_url = "{server.endpoint}/{S3_BUCKET}/{subpath}/{S3_REPO}"')
+    with srv.config_path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    srv.bucket_prefix = f"{subpath}/{S3_REPO}"  # type: ignore[attr-defined]
+    return srv
+
+
+@pytest.mark.parametrize("public", [False, True], ids=["streamed", "redirected"])
+def test_rcds_serve_publishes_into_a_bucket_and_serves_it(
+    s3_server: S3Server, tmp_path: Path, public: bool
+) -> None:
+    srv = s3_service(tmp_path, s3_server, public).start()
+    try:
+        data = make_tarball(CODE)
+        cid = f"myexp/{hashlib.sha256(data).hexdigest()}"
+        assert srv.publish(cid, data).text == "OK\n"
+        doc = srv.wait_state(cid)
+        assert doc["state"] == "published", (doc, srv.log())
+        key = srv.storage(S3_REPO) / ".rcds" / "keys" / f"{S3_REPO}.pub"
+        assert not (srv.storage(S3_REPO) / MANIFEST).exists()  # the state directory holds no public file
+        bucket = f"{s3_server.endpoint}/{S3_BUCKET}/{srv.bucket_prefix}"  # type: ignore[attr-defined]
+        # rcds's reader, like a CVMFS client without CVMFS_FOLLOW_REDIRECTS, does not follow redirects.
+        urls = [bucket] if public else [f"{srv.url}/cvmfs/{S3_REPO}", bucket]
+        for url in urls:  # through rcds serve, and the bucket itself
+            with RepositoryReader.open(url, key, cache_dir=tmp_path / f"c{len(url)}") as reader:
+                assert reader.revision == doc["revision"]
+                assert reader.read(f"/sw/{cid}/run.sh") == CODE["run.sh"].encode()
+                assert reader.read(f"/sw/{cid}/lib/util.py") == b"X = 1\n"
+                assert check_repository(reader).issues == []
+        reply = httpx.get(f"{srv.url}/cvmfs/{S3_REPO}/{MANIFEST}", follow_redirects=True)
+        if public:
+            assert reply.history and reply.history[0].status_code == 302
+            assert reply.history[0].headers["location"] == f"{bucket}/{MANIFEST}"
+            assert reply.content == httpx.get(f"{bucket}/{MANIFEST}").content
+        else:
+            assert not reply.history and reply.headers["cache-control"] == "max-age=61"
+        assert httpx.get(f"{srv.url}/cvmfs/{S3_REPO}/data/00/{'0' * 40}").status_code == 404
+    finally:
+        srv.close()

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..storage import MANIFEST as MANIFEST  # the root files' names, re-exported for existing importers
 from ..storage import MASTER_REPLICA as MASTER_REPLICA
-from ..storage import PRIVATE_DIR, ObjectMissing, ObjectStore, open_store
+from ..storage import PRIVATE_DIR, ObjectMissing, ObjectStore, store_from_settings
 from ..storage import REFLOG as REFLOG
 from ..storage import STATUS_JSON as STATUS_JSON
 from ..storage import WHITELIST as WHITELIST
@@ -455,10 +455,8 @@ class Repository:
 def _open_configured_store(storage: Path, settings: dict[str, object]) -> ObjectStore:
     if not settings:
         return LocalStore(storage)
-    options = dict(settings)
-    url = str(options.pop("url", ""))
     try:
-        return open_store(url, **options)
+        return store_from_settings(settings)
     except ValueError as exc:
         raise RepositoryError(f"{storage}: bad store settings: {exc}") from exc
 

@@ -300,11 +300,16 @@ class PublishService:
             if not self.settings.create_missing:
                 raise FileNotFoundError(f"repository {rs.name}: no repository in {rs.storage}")
             log.info("create repository", extra=fields(repository=rs.name, storage=str(rs.storage)))
-            repo = Repository.create(rs.name, rs.storage)
+            repo = Repository.create(rs.name, rs.storage, store=rs.store or None)
         else:
             repo = Repository(rs.storage)
             if repo.fqrn != rs.name:
                 raise ValueError(f"{rs.storage} holds {repo.fqrn}, not {rs.name}")
+            if rs.store and repo.config.store.get("url") != rs.store["url"]:
+                raise ValueError(
+                    f"{rs.storage} keeps {rs.name} in {repo.config.store.get('url') or 'itself'},"
+                    f" not {rs.store['url']} as configured"
+                )
         self.resign_if_due(repo)
         return repo
 

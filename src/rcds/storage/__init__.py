@@ -12,8 +12,9 @@ private directory.
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 PRIVATE_DIR = ".rcds"  # never served: keys, state, staging
@@ -31,7 +32,17 @@ class ObjectMissing(KeyError):
 
 
 class StorageError(OSError):
-    """The store failed (after its retries): the message names the store (e.g. the bucket) and why."""
+    """The store failed (after its retries): the message names the store (e.g. the bucket) and why.
+
+    An ``EIO`` to the publish service (rcds.publish.transient): its jobs wait for the storage and are
+    retried, as on a failing disk, rather than failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ConditionFailed(StorageError):
@@ -44,6 +55,8 @@ class ObjectStore(ABC):
     # How many puts a writer should keep in flight: None = one per core (a local disk is CPU-bound); a
     # remote store is latency-bound and wants more.
     parallelism: int | None = None
+    # Where HTTP clients can read the keys directly (a public bucket's URL), for a server to redirect to.
+    public_url: str = ""
 
     @property
     @abstractmethod
@@ -123,3 +136,9 @@ def open_store(location: Any, **options: Any) -> ObjectStore:
     from .local import LocalStore
 
     return LocalStore(Path(location))
+
+
+def store_from_settings(settings: Mapping[str, object]) -> ObjectStore:
+    """The store of a repository's ``store`` settings: ``{"url": "s3://bucket/alias", **S3 options}``."""
+    options = dict(settings)
+    return open_store(str(options.pop("url", "")), **options)

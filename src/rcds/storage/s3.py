@@ -122,6 +122,7 @@ class S3Store(ObjectStore):
         self.settings = settings
         self.bucket = settings.bucket
         self.parallelism = settings.parallelism
+        self.public_url = settings.public_url.rstrip("/")
         self._base = f"{settings.prefix}/" if settings.prefix else ""
         self._client = client or self._make_client()
         self._conditional: bool | None = None

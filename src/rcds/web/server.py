@@ -24,6 +24,7 @@ from ..publish.auth import (
 )
 from ..publish.config import ServiceSettings
 from ..publish.service import PublishService
+from ..storage import store_from_settings
 from .limits import (
     ConnectionCap,
     LogThrottle,
@@ -59,7 +60,13 @@ def make_app(service: PublishService, throttle: LogThrottle | None = None) -> we
     app = web.Application(client_max_size=1 << 20)  # bodies are streamed, never read whole
     PubApi(service, authenticator, authorizer, throttle).add_routes(app)
     StatusPages(service, authenticator).add_routes(app)  # /status, /status.json, /status/cid
-    add_repository_routes(app, {r.name: r.storage for r in service.settings.repositories})
+    add_repository_routes(
+        app,
+        {
+            r.name: store_from_settings(r.store) if r.store else r.storage
+            for r in service.settings.repositories
+        },
+    )
     add_notification_routes(app, service)
     return app
 
