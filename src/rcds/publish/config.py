@@ -233,8 +233,9 @@ def _s3_store(name: str, url: str, table: TomlTable) -> dict[str, Any]:
     for key in ("parallelism", "retries"):
         if table.has(key):
             store[key] = table.integer(key, 0)
-    if table.has("https"):
-        store["https"] = table.flag("https", True)
+    for key in ("https", "peek_before_put"):
+        if table.has(key):
+            store[key] = table.flag(key, True)
     if table.has("timeout"):
         store["timeout"] = table.number("timeout", 60.0)
     if store.get("addressing", "path") not in ("path", "virtual"):

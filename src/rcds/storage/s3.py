@@ -69,6 +69,10 @@ class S3Settings:
     retries: int = 5
     timeout: float = 60.0
     public_url: str = ""  # where clients read the bucket anonymously (serving may redirect there)
+    # HEAD before each content-addressed PUT, skipping objects present (CVMFS_S3_PEEK_BEFORE_PUT). The
+    # writer's content index already skips what the repository holds, so the HEAD nearly always misses;
+    # off, an object the index did not know is written again (same bytes: harmless, one request less).
+    peek_before_put: bool = True
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> S3Settings:
@@ -267,6 +271,12 @@ class S3Store(ObjectStore):
                 **conditions,
             ),
         )
+
+    def put_object(self, key: str, data: bytes | memoryview) -> bool:
+        if self.settings.peek_before_put:
+            return super().put_object(key, data)
+        self.put(key, data)
+        return True
 
     def put_durable(self, key: str, data: bytes) -> None:
         self.put(key, data)  # durable once acknowledged
