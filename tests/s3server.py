@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ def _free_port() -> int:
 
 
 def juicefs_binary() -> str | None:
-    return shutil.which("juicefs")
+    """``juicefs`` from the test extra: beside this Python (a venv's bin/, not always on PATH), else PATH."""
+    beside = Path(sys.executable).parent / "juicefs"
+    return str(beside) if beside.is_file() else shutil.which("juicefs")
 
 
 @dataclass
