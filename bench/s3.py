@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,16 @@ def main() -> None:
             local = Repository.create(FQRN, work / "local")
             remote = Repository.create(FQRN, work / "s3state", store=store)
 
+            # The server's own ceiling on this machine now: bare PUTs of small objects, 16 in flight.
+            probe = remote.store
+            keys = [f"ceiling/{i:05d}" for i in range(2000)]
+            with ThreadPoolExecutor(16) as pool:
+                t0 = time.perf_counter()
+                list(pool.map(lambda k: probe.put(k, b"x" * 4096), keys))
+                result["server_put_per_s"] = round(len(keys) / (time.perf_counter() - t0), 1)
+            probe.delete_many(keys)
+            say(f"s3 server: {result['server_put_per_s']} bare 4 KiB PUT/s")
+
             for name, repo in (("local", local), ("s3", remote)):
                 seconds, objects = publish_tree(repo, "/tree", tree)
                 result[f"tree_{name}_s"] = round(seconds, 2)
@@ -112,6 +123,11 @@ def main() -> None:
                 result["tree_objects"] = objects
                 say(f"{name}: tree in {seconds:.1f} s ({objects} objects)")
             result["tree_ratio_s3_to_local"] = round(result["tree_local_s"] / result["tree_s3_s"], 3)
+            # objects written per second on S3 against the bare PUT rate: how much of the server rcds uses
+            result["tree_s3_objects_per_s"] = round(result["tree_objects"] / result["tree_s3_s"], 1)
+            result["tree_s3_share_of_server"] = round(
+                result["tree_s3_objects_per_s"] / result["server_put_per_s"], 2
+            )
 
             for name, repo in (("local", local), ("s3", remote)):
                 times = small_publishes(repo, work / f"small-{name}", args.small)

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import FQRN, S3_BUCKET, s3_store, write_tree
 from rcds.cvmfs.checker import check_repository
+from rcds.cvmfs.hashes import Suffix
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import MANIFEST, Repository
 from rcds.storage import StorageError
@@ -353,3 +354,39 @@ def test_rcds_serve_publishes_into_a_bucket_and_serves_it(
         assert httpx.get(f"{srv.url}/cvmfs/{S3_REPO}/data/00/{'0' * 40}").status_code == 404
     finally:
         srv.close()
+
+
+def test_rcds_replicate_pulls_a_stratum_1_from_the_bucket_endpoint(
+    s3_repo: Repository, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A stock-style stratum 1 reads the bucket anonymously over HTTP (.cvmfs_master_replica is there)."""
+    publish(s3_repo, "/cid1", write_tree(tmp_path / "one", TREE))
+    replica = tmp_path / "replica"
+
+    def pull() -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "rcds.cli", "replicate", bucket_url(s3_server, s3_repo),
+             "--storage", str(replica), "--key", str(s3_repo.public_key_path), "--fqrn", FQRN],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+
+    pull()
+    publish(s3_repo, "/cid2", write_tree(tmp_path / "two", {"two.txt": b"second\n"}))
+    pull()
+    assert (replica / MANIFEST).read_bytes() == s3_repo.store.get(MANIFEST)
+    with RepositoryReader.open(
+        replica, s3_repo.public_key_path, fqrn=FQRN, cache_dir=tmp_path / "c"
+    ) as reader:
+        assert reader.revision == 2
+        assert reader.read("/cid1/big.bin") == TREE["big.bin"]
+        assert reader.read("/cid2/two.txt") == b"second\n"
+        assert check_repository(reader).issues == []
+    # every object of the bucket's data/ is in the replica, byte for byte (of the history databases,
+    # a stratum 1 takes only the current one)
+    history = s3_repo.manifest().history
+    assert history is not None
+    current_history = history.object_name(Suffix.HISTORY)
+    for key in s3_repo.store.iter_keys("data/"):
+        if not key.endswith("H") or key == current_history:
+            assert (replica / key).read_bytes() == s3_repo.store.get(key)
