@@ -12,6 +12,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -300,12 +301,14 @@ S3_REPO = "s3.rcds.test"
 CODE = {"run.sh": "#!/bin/sh\necho hello\n", "lib/util.py": "X = 1\n"}
 
 
-def s3_service(tmp_path: Path, server: S3Server, public: bool = False) -> RcdsServer:
+def s3_service(
+    tmp_path: Path, server: S3Server, public: bool = False, endpoint: str = "", top_config: str = ""
+) -> RcdsServer:
     """``rcds serve`` with one repository whose storage is a bucket (``storage = "s3://..."``)."""
     (tmp_path / "srv").mkdir()
-    srv = RcdsServer(tmp_path / "srv", repos=())
+    srv = RcdsServer(tmp_path / "srv", repos=(), top_config=top_config)
     subpath = f"srv-{secrets.token_hex(4)}"
-    host = server.endpoint.removeprefix("http://")
+    host = (endpoint or server.endpoint).removeprefix("http://")
     lines = [
         "[[repository]]",
         f'name = "{S3_REPO}"',
@@ -314,6 +317,8 @@ def s3_service(tmp_path: Path, server: S3Server, public: bool = False) -> RcdsSe
         f'endpoint = "{host}"',
         "https = false",
     ]
+    if endpoint:
+        lines.append("retries = 1")
     if public:
         lines.append(f'public_url = "{server.endpoint}/{S3_BUCKET}/{subpath}/{S3_REPO}"')
     with srv.config_path.open("a") as f:
@@ -390,3 +395,70 @@ def test_rcds_replicate_pulls_a_stratum_1_from_the_bucket_endpoint(
     for key in s3_repo.store.iter_keys("data/"):
         if not key.endswith("H") or key == current_history:
             assert (replica / key).read_bytes() == s3_repo.store.get(key)
+
+
+def test_a_throttled_bucket_makes_the_service_wait_and_publish_when_it_recovers(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """Throttling that outlasts the store's retries is a storage failure to the service: the acknowledged
+    job waits (its reason names the bucket), its retry budget untouched, and publishes once the bucket
+    answers again, without a restart."""
+    proxy = ThrottlingProxy(s3_server.endpoint, fail=0)
+    fast = "retry_delay = 0.05\nmax_retry_delay = 0.4\npublish_attempts = 2"
+    with proxy as endpoint:
+        srv = s3_service(tmp_path, s3_server, endpoint=endpoint, top_config=fast).start()
+        try:
+            proxy.remaining = 10**9  # the bucket throttles every request from now on
+            data = make_tarball(CODE)
+            cid = f"myexp/{hashlib.sha256(data).hexdigest()}"
+            assert srv.publish(cid, data).text == "OK\n"
+            deadline = time.monotonic() + 60
+            while (doc := srv.status(cid)).get("waits", 0) < 3:
+                assert doc["state"] in ("queued", "publishing"), doc
+                assert time.monotonic() < deadline, (doc, srv.log()[-3000:])
+                time.sleep(0.1)
+            assert doc["reason"].startswith("waiting for storage: StorageError: bucket rcds-tests:"), doc
+            assert "throttled" in doc["reason"] and "attempts" not in doc
+            proxy.remaining = 0
+            assert srv.wait_state(cid, timeout=60)["state"] == "published"
+            bucket = f"{s3_server.endpoint}/{S3_BUCKET}/{srv.bucket_prefix}"  # type: ignore[attr-defined]
+            key = srv.storage(S3_REPO) / ".rcds" / "keys" / f"{S3_REPO}.pub"
+            with RepositoryReader.open(bucket, key, cache_dir=tmp_path / "c") as reader:
+                assert reader.revision == 1
+                assert reader.read(f"/sw/{cid}/run.sh") == CODE["run.sh"].encode()
+        finally:
+            srv.close()
+
+
+def test_the_configuration_of_a_bucket_repository(tmp_path: Path) -> None:
+    from rcds.publish.config import ConfigError, settings_from_dict
+
+    def repo(**extra: object) -> dict[str, object]:
+        return {"repository": [{"name": "a.example.org", **extra}]}
+
+    rs = settings_from_dict(
+        repo(storage="s3://bkt/sub", s3={"endpoint": "h:9000", "https": False, "retries": 2}), tmp_path
+    ).repositories[0]
+    assert rs.store == {
+        "url": "s3://bkt/sub/a.example.org",
+        "endpoint": "h:9000",
+        "https": False,
+        "retries": 2,
+    }
+    assert rs.storage == tmp_path / "rcds-data" / "a.example.org"  # the private state, local
+    rs = settings_from_dict(repo(storage="s3://bkt/a.example.org", state="st"), tmp_path).repositories[0]
+    assert (rs.store, rs.storage) == ({"url": "s3://bkt/a.example.org"}, tmp_path / "st")
+    assert settings_from_dict(repo(storage="s3://bkt"), tmp_path).repositories[0].store["url"] == (
+        "s3://bkt/a.example.org"
+    )
+    for bad, message in [
+        (repo(storage="s3:///x"), "names no bucket"),
+        (repo(storage="s3://bkt", s3={"addressing": "dns"}), "'path' or 'virtual'"),
+        (repo(storage="s3://bkt", s3={"endpont": "x"}), "s3.endpont"),
+        (
+            repo(storage="s3://bkt", local=False, upstream="http://x/cvmfs/a.example.org", public_key="k"),
+            "stratum 0",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            settings_from_dict(bad, tmp_path)
