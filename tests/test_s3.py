@@ -338,6 +338,7 @@ def test_rcds_serve_publishes_into_a_bucket_and_serves_it(
         assert srv.publish(cid, data).text == "OK\n"
         doc = srv.wait_state(cid)
         assert doc["state"] == "published", (doc, srv.log())
+        assert srv.api("exists", cid=cid).text == f"PRESENT:/cvmfs/{S3_REPO}/sw/{cid}\n"
         key = srv.storage(S3_REPO) / ".rcds" / "keys" / f"{S3_REPO}.pub"
         assert not (srv.storage(S3_REPO) / MANIFEST).exists()  # the state directory holds no public file
         bucket = f"{s3_server.endpoint}/{S3_BUCKET}/{srv.bucket_prefix}"  # type: ignore[attr-defined]
@@ -357,6 +358,9 @@ def test_rcds_serve_publishes_into_a_bucket_and_serves_it(
         else:
             assert not reply.history and reply.headers["cache-control"] == "max-age=61"
         assert httpx.get(f"{srv.url}/cvmfs/{S3_REPO}/data/00/{'0' * 40}").status_code == 404
+        srv.stop()
+        srv.start()  # the presence index is rebuilt from the bucket's live revision
+        assert srv.api("exists", cid=cid).text == f"PRESENT:/cvmfs/{S3_REPO}/sw/{cid}\n"
     finally:
         srv.close()
 

@@ -47,8 +47,8 @@ from ..cvmfs.tree import EntryKind, TreeEntry
 from ..cvmfs.writer import Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
-from ..storage import PRIVATE_DIR
-from ..storage.local import fsync_path
+from ..storage import PRIVATE_DIR, ObjectMissing, ObjectStore
+from ..storage.local import LocalStore, fsync_path
 from .cid import cid_group
 from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
@@ -235,14 +235,19 @@ class PublishService:
         Covers revisions made outside this process (``rcds cleanup``, ``rcds repo``) and replicas of other
         servers' repositories, which change under us. Returns True if the index changed.
         """
-        storage = self.storage(name)
-        manifest_file = storage / ".cvmfspublished"
-        if not manifest_file.exists():
-            return False
+        storage: Path | ObjectStore = self.storage(name)
+        repo = self.repositories.get(name)
+        if repo is not None and not isinstance(repo.store, LocalStore):
+            storage = repo.store  # a repository in a bucket
         try:
-            manifest = manifest_file.read_bytes()
+            if isinstance(storage, ObjectStore):
+                manifest = storage.get(".cvmfspublished")
+            else:
+                if not (storage / ".cvmfspublished").exists():
+                    return False
+                manifest = (storage / ".cvmfspublished").read_bytes()
             revision = Manifest.parse(manifest)[0].revision
-        except (OSError, ManifestError):
+        except (OSError, ManifestError, ObjectMissing):
             return False
         if not force and self.known_revision.get(name) == revision:
             return False
