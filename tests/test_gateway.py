@@ -26,7 +26,7 @@ import pytest
 from pki import TokenIssuer
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
-from rcds.cvmfs.store import LocalStore
+from rcds.storage.local import LocalStore
 from server import RcdsServer
 
 REPO = "gw.rcds.test"

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from rcds.cvmfs.reader import ReaderError, RepositoryReader
 from rcds.cvmfs.reflog import Reflog, RefType
 from rcds.cvmfs.repository import Repository
 from rcds.cvmfs.writer import CommitResult
+from rcds.storage.local import LocalStore
 
 DAY = 86400
 SHARED = b"a file both /sw/a and /sw/c contain\n" * 20
@@ -153,31 +155,52 @@ def revision_objects(reader: RepositoryReader, root: ContentHash) -> set[str]:
     return keys
 
 
-def data_listing(storage: Path) -> dict[str, int]:
-    """Object name -> stored size of every object in the repository."""
-    return {
-        p.relative_to(storage).as_posix(): p.stat().st_size
-        for p in (storage / "data").rglob("*")
-        if p.is_file()
-    }
+def data_listing(repo: Repository) -> dict[str, int]:
+    """Object name -> stored size of every object in the repository (its store: a directory or a bucket)."""
+    return {key: repo.store.size(key) for key in repo.store.iter_keys("data/")}
 
 
-def full_listing(storage: Path) -> dict[str, str]:
-    """Every file of the storage (public and private) -> SHA-1 of its bytes."""
-    return {
-        p.relative_to(storage).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(storage.rglob("*"))
+def full_listing(repo: Repository) -> dict[str, str]:
+    """Every file of the storage (public and private, and the bucket's objects) -> SHA-1 of its bytes."""
+    listing = {
+        p.relative_to(repo.storage).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(repo.storage.rglob("*"))
         if p.is_file()
     }
+    if not isinstance(repo.store, LocalStore):
+        listing |= {f"s3:{k}": hashlib.sha1(repo.store.get(k)).hexdigest() for k in repo.store.iter_keys("")}
+    return listing
+
+
+def clone_repository(repo: Repository, dest: Path) -> Repository:
+    """An independent copy (private state, and the public files under a new prefix of the same bucket)."""
+    shutil.copytree(repo.storage, dest, symlinks=True)
+    if isinstance(repo.store, LocalStore):
+        return Repository(dest)
+    config_path = dest / ".rcds" / "repo.json"
+    config = json.loads(config_path.read_text())
+    config["store"] = {**config["store"], "url": config["store"]["url"] + "-clone"}
+    config_path.write_text(json.dumps(config))
+    clone = Repository(dest)
+    for key in repo.store.iter_keys(""):
+        clone.store.put(key, repo.store.get(key))
+    return clone
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def reflog_rows(repo: Repository) -> set[tuple[str, RefType, int]]:
-    path = repo.storage / ".cvmfsreflog"
-    reflog = Reflog(path)
-    try:
-        return {(h.hex, kind, ts) for h, kind, ts in reflog.list()}
-    finally:
-        reflog.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ".cvmfsreflog"
+        path.write_bytes(repo.store.get(".cvmfsreflog"))
+        reflog = Reflog(path)
+        try:
+            return {(h.hex, kind, ts) for h, kind, ts in reflog.list()}
+        finally:
+            reflog.close()
 
 
 def source_files(src: Path, top: str) -> dict[str, bytes]:
@@ -200,7 +223,7 @@ def assert_healthy(open_reader: Callable[..., RepositoryReader], repo: Repositor
     reader = open_reader(repo)
     report = check_repository(reader)
     assert report.errors == [], [str(i) for i in report.issues]
-    reflog_bytes = (repo.storage / ".cvmfsreflog").read_bytes()
+    reflog_bytes = repo.store.get(".cvmfsreflog")
     assert reader.manifest.reflog == ContentHash.of(reflog_bytes)
     return reader
 
@@ -230,12 +253,12 @@ def test_gc_keeps_the_horizon_and_the_revision_current_at_it_and_deletes_exactly
     t, repo = timeline, timeline.repo
     expected = expectation(t, open_reader(repo), swept=[0, 1, 2], kept=[3, 4, 5])
     shared_object = compress(SHARED)[1].object_name()  # /sw/a's copy is in revision 3 through /sw/c
-    before = data_listing(repo.storage)
+    before = data_listing(repo)
     progress: list[tuple[str, int, int]] = []
 
     report = collect_garbage(repo, now=t.gc_time, progress=lambda *p: progress.append(p))
 
-    after = data_listing(repo.storage)
+    after = data_listing(repo)
     removed = set(before) - set(after)
     assert set(after) <= set(before)
     assert removed == expected.all
@@ -273,7 +296,7 @@ def test_gc_keeps_the_horizon_and_the_revision_current_at_it_and_deletes_exactly
     # The private catalog cache dropped the swept catalogs.
     cached = {p.name for p in repo.catalog_cache.iterdir()}
     assert cached.isdisjoint({k.split("/")[1] + k.split("/")[2][:-1] for k in expected.catalogs})
-    assert "last_gc" in json.loads((repo.storage / ".cvmfs_status.json").read_text())
+    assert "last_gc" in json.loads(repo.store.get(".cvmfs_status.json"))
 
 
 def test_the_content_index_forgets_swept_objects_and_a_republish_stores_them_again(
@@ -329,9 +352,9 @@ def test_a_longer_horizon_keeps_more_and_nothing_is_swept_twice(
 
 def test_a_dry_run_changes_nothing_and_reports_what_the_real_run_deletes(timeline: Timeline) -> None:
     t = timeline
-    before = full_listing(t.repo.storage)
+    before = full_listing(t.repo)
     dry = collect_garbage(t.repo, now=t.gc_time, dry_run=True)
-    assert full_listing(t.repo.storage) == before
+    assert full_listing(t.repo) == before
     assert dry.dry_run
     real = collect_garbage(t.repo, now=t.gc_time)
     for f in ("revisions_kept", "roots_swept", "objects_swept", "bytes_freed", "catalogs_swept", "aux_swept"):
@@ -341,30 +364,30 @@ def test_a_dry_run_changes_nothing_and_reports_what_the_real_run_deletes(timelin
 def test_a_second_gc_finds_nothing_to_do(timeline: Timeline) -> None:
     t = timeline
     collect_garbage(t.repo, now=t.gc_time)
-    objects = data_listing(t.repo.storage)
-    manifest = (t.repo.storage / ".cvmfspublished").read_bytes()
-    reflog = (t.repo.storage / ".cvmfsreflog").read_bytes()
+    objects = data_listing(t.repo)
+    manifest = t.repo.store.get(".cvmfspublished")
+    reflog = t.repo.store.get(".cvmfsreflog")
     again = collect_garbage(t.repo, now=t.gc_time)
     assert (again.roots_swept, again.objects_swept, again.catalogs_swept, again.aux_swept) == (0, 0, 0, 0)
     assert again.bytes_freed == 0 and again.revisions_kept == [3, 4, 5]
-    assert data_listing(t.repo.storage) == objects
-    assert (t.repo.storage / ".cvmfspublished").read_bytes() == manifest
-    assert (t.repo.storage / ".cvmfsreflog").read_bytes() == reflog
+    assert data_listing(t.repo) == objects
+    assert t.repo.store.get(".cvmfspublished") == manifest
+    assert t.repo.store.get(".cvmfsreflog") == reflog
 
 
 def test_objects_of_an_aborted_publish_are_untouched(
     timeline: Timeline, tmp_path: Path, open_reader: Callable[..., RepositoryReader]
 ) -> None:
     t = timeline
-    before = data_listing(t.repo.storage)
+    before = data_listing(t.repo)
     src = write_tree(tmp_path / "aborted", tree("aborted", big=150_000))
     with t.repo.transaction() as txn:
         txn.add_directory("/sw/aborted", src)
         # no commit: the transaction aborts, its objects stay in the store
-    orphans = set(data_listing(t.repo.storage)) - set(before)
+    orphans = set(data_listing(t.repo)) - set(before)
     assert len(orphans) >= 3
     collect_garbage(t.repo, now=t.gc_time)
-    assert orphans <= set(data_listing(t.repo.storage))
+    assert orphans <= set(data_listing(t.repo))
     assert_healthy(open_reader, t.repo)
 
 
@@ -374,10 +397,10 @@ def test_a_repository_that_is_not_garbage_collectable_is_refused(timeline: Timel
         repo.publish_manifest(
             dataclasses.replace(repo.manifest(), garbage_collectable=False), repo.reflog_copy()
         )
-    before = data_listing(repo.storage)
+    before = data_listing(repo)
     with pytest.raises(GcError, match="not garbage-collectable"):
         collect_garbage(repo, now=timeline.gc_time)
-    assert data_listing(repo.storage) == before
+    assert data_listing(repo) == before
 
 
 # --- clients and publishers running meanwhile ----------------------------------------------------
@@ -446,7 +469,7 @@ def test_an_object_reused_by_a_publish_during_gc_is_never_swept(
     assert result.revision == 6 and result.stats.objects_written == 0  # everything was deduplicated
     assert report.revisions_kept == [3, 4, 5, 6]
     assert report.objects_swept == len(expected.objects - a_objects)
-    assert a_objects <= set(data_listing(repo.storage))
+    assert a_objects <= set(data_listing(repo))
     reader = assert_healthy(open_reader, repo)
     assert read_revision(reader, result.root_hash) == {
         **expected_revision(t, "cdef"),
@@ -493,9 +516,9 @@ def test_gc_killed_at_any_point_leaves_a_valid_repository_and_a_rerun_finishes_t
     timeline: Timeline, failpoint: str, tmp_path: Path, open_reader: Callable[..., RepositoryReader]
 ) -> None:
     t, repo = timeline, timeline.repo
-    reference = Repository(shutil.copytree(repo.storage, tmp_path / "reference", symlinks=True))
+    reference = clone_repository(repo, tmp_path / "reference")
     clean = collect_garbage(reference, now=t.gc_time)
-    before = data_listing(repo.storage)
+    before = data_listing(repo)
 
     child = subprocess.run(
         [sys.executable, "-c", GC_SCRIPT, str(repo.storage), str(t.gc_time)],
@@ -509,14 +532,14 @@ def test_gc_killed_at_any_point_leaves_a_valid_repository_and_a_rerun_finishes_t
     report = check_repository(reader)
     assert report.errors == [], [str(i) for i in report.issues]
     assert read_revision(reader, t.roots[5]) == expected_revision(t, "cdef")
-    deleted_by_crashed_run = len(set(before) - set(data_listing(repo.storage)))
+    deleted_by_crashed_run = len(set(before) - set(data_listing(repo)))
     if failpoint == "gc-after-mark":
         assert deleted_by_crashed_run == 0
     elif failpoint == "gc-mid-sweep":
-        assert 0 < deleted_by_crashed_run < len(set(before) - set(data_listing(reference.storage)))
+        assert 0 < deleted_by_crashed_run < len(set(before) - set(data_listing(reference)))
 
     rerun = collect_garbage(repo, now=t.gc_time)
-    assert data_listing(repo.storage) == data_listing(reference.storage)
+    assert data_listing(repo) == data_listing(reference)
     assert reflog_rows(repo) == reflog_rows(reference)
     assert rerun.revisions_kept == clean.revisions_kept
     reader = assert_healthy(open_reader, repo)

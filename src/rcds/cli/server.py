@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -19,9 +20,10 @@ from ..cvmfs.gc import GcReport, ProgressFn
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
-from ..cvmfs.store import PRIVATE_DIR
 from ..cvmfs.writer import TransactionError
 from ..publish.config import ServiceSettings
+from ..storage import PRIVATE_DIR
+from ..storage.local import LocalStore
 
 
 @click.command("serve")
@@ -522,6 +524,11 @@ def _reader(
     strict: bool = True,
     proxies: tuple[str, ...] = (),
 ) -> RepositoryReader:
+    if not location.startswith(("http://", "https://")) and (Path(location) / PRIVATE_DIR).is_dir():
+        with contextlib.suppress(RepositoryError):
+            repo = Repository(Path(location))
+            if not isinstance(repo.store, LocalStore):  # public files in a bucket: read them there
+                return repo.reader(check_whitelist_expiry=not ignore_expiry, strict=strict)
     if key is None:
         local = Path(location)
         try:

@@ -36,9 +36,9 @@ from ..cvmfs.content import PendingContent, StoredContent
 from ..cvmfs.hashes import ContentHash, Suffix
 from ..cvmfs.objectpack import PackEntry
 from ..cvmfs.repository import Repository
-from ..cvmfs.store import ObjectMissing
 from ..cvmfs.tree import TreeEntry, entries_from_directory
 from ..publish.gateway_auth import authorization, parse_key_file
+from ..storage import ObjectMissing
 from .errors import ClientError
 
 PACK_BYTES = 32 * 1024 * 1024  # per ObjectPack: progress and resumption at this grain

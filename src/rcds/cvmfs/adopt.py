@@ -39,6 +39,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ..storage import PRIVATE_DIR
+from ..storage.local import LocalStore
 from . import signing
 from .catalog import (
     COMPRESSION_MASK,
@@ -70,7 +72,6 @@ from .repository import (
     _fsync_write,
 )
 from .signing import SignatureError
-from .store import PRIVATE_DIR, LocalStore
 from .whitelist import Whitelist, WhitelistError
 
 DEFAULT_KEYS = Path("/etc/cvmfs/keys")

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
+from ..storage import ObjectStore
 from .catalog import Chunk
 from .chunking import ChunkParams, iter_chunks
 from .hashes import ContentHash, Suffix
 from .objects import compress
-from .store import ObjectStore
 
 READ_BLOCK = 1 << 20
 # Whole (unchunked) files are stored in batches, one pool task per batch: a future, a queue hand-off and
@@ -255,7 +255,7 @@ class ContentWriter:
         self.store = store
         self.index = index
         self.params = params or ChunkParams()
-        workers = workers or os.cpu_count() or 2
+        workers = workers or store.parallelism or os.cpu_count() or 2
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rcds-ingest")
         # Batches of small files waiting or running: enough to keep every worker busy, few enough that a
         # fast tar stream does not park tens of MiB of small files in the queue (the byte budget alone

@@ -79,12 +79,14 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from ..logs import fields
+from ..storage import ObjectMissing, ObjectStore
 from . import failpoints
 from .catalog import Catalog, CatalogError
 from .content import ContentIndex
@@ -94,7 +96,6 @@ from .manifest import Manifest
 from .objects import ObjectCorrupt, decompress, verify
 from .reflog import Reflog, RefType
 from .repository import REFLOG, Repository, RepositoryError
-from .store import ObjectMissing, ObjectStore
 
 log = logging.getLogger("rcds.gc")
 
@@ -104,6 +105,7 @@ GC_DIR = "gc"  # under .rcds: one scratch directory per run
 GC_LOCK = "gc.lock"  # under .rcds: one collector at a time
 BATCH = 10_000
 PROGRESS_EVERY = 1000
+SWEEP_BATCH = 1000  # objects deleted together (one DeleteObjects request on S3, its limit)
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -262,6 +264,7 @@ class _Collector:
         self.work = target.private / GC_DIR / f"run-{os.getpid()}-{secrets.token_hex(4)}"
         self.db: sqlite3.Connection
         self._marked_catalogs = 0
+        self._pool: ThreadPoolExecutor | None = None  # parallel HEADs on a remote store
 
     # --- driver ----------------------------------------------------------------------------------
 
@@ -275,6 +278,8 @@ class _Collector:
                     self._collect()
                 finally:
                     self.db.close()
+                    if self._pool is not None:
+                        self._pool.shutdown()
             finally:
                 shutil.rmtree(self.work, ignore_errors=True)
                 with contextlib.suppress(OSError):
@@ -599,35 +604,70 @@ class _Collector:
     def _sweep_planned(self) -> None:
         """Delete the planned objects that are still not preserved, in plan order (post-order)."""
         (total,) = self.db.execute(f"SELECT count(*) {self._DOOMED}").fetchone()
-        r = self.report
-        cache = self.target.catalog_cache
+        batch: list[tuple[str, str, bool]] = []  # (key, hex, is_catalog)
         for done, (digest, kind) in enumerate(
             self.db.execute(f"SELECT digest, kind {self._DOOMED} ORDER BY seq")
         ):
             if done % PROGRESS_EVERY == 0:
                 self.progress("sweep", done, total)
             if done == total // 2:
+                self._delete_batch(batch)
+                batch = []
                 failpoints.hit("gc-mid-sweep")
             hex_ = bytes(digest).hex()
-            key = f"data/{hex_[:2]}/{hex_[2:]}{kind}"
-            try:
-                size = self.store.size(key)
-            except ObjectMissing:
-                size = -1  # gone already (an interrupted run)
             is_catalog = kind.endswith(Suffix.CATALOG.value)
-            if not self.dry_run:
-                self.store.delete(key)
-                if is_catalog and cache is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        (cache / (hex_ + kind[:-1])).unlink()
-            if size < 0:
+            if is_catalog:
+                # Alone and in plan order: a catalog goes only after everything before it is gone, so a
+                # crash never leaves a present catalog over a deleted subtree (a batch is deleted in no
+                # particular order).
+                self._delete_batch(batch)
+                batch = []
+                self._delete_batch([(f"data/{hex_[:2]}/{hex_[2:]}{kind}", hex_ + kind[:-1], True)])
                 continue
+            batch.append((f"data/{hex_[:2]}/{hex_[2:]}{kind}", hex_, False))
+            if len(batch) >= SWEEP_BATCH:
+                self._delete_batch(batch)
+                batch = []
+        self._delete_batch(batch)
+        self.progress("sweep", total, total)
+
+    def _delete_batch(self, batch: list[tuple[str, str, bool]]) -> None:
+        """Delete the objects of ``batch`` that exist (one request per batch on S3); an object already
+        gone (deleted by an interrupted run) is neither deleted again nor counted."""
+        if not batch:
+            return
+        sizes = self._sizes([key for key, _, _ in batch])
+        present = [(item, size) for item, size in zip(batch, sizes, strict=True) if size >= 0]
+        if not self.dry_run and present:
+            self.store.delete_many(key for (key, _, _), _ in present)
+            cache = self.target.catalog_cache
+            if cache is not None:
+                for (_, name, is_catalog), _ in present:
+                    if is_catalog:
+                        with contextlib.suppress(FileNotFoundError):
+                            (cache / name).unlink()
+        r = self.report
+        for (_, _, is_catalog), size in present:
             r.bytes_freed += size
             if is_catalog:
                 r.catalogs_swept += 1
             else:
                 r.objects_swept += 1
-        self.progress("sweep", total, total)
+
+    def _sizes(self, keys: list[str]) -> list[int]:
+        """Each object's size, -1 if it is missing; a remote store is asked in parallel."""
+
+        def size(key: str) -> int:
+            try:
+                return self.store.size(key)
+            except ObjectMissing:
+                return -1
+
+        if not self.store.parallelism or len(keys) == 1:
+            return [size(k) for k in keys]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.store.parallelism, thread_name_prefix="rcds-gc")
+        return list(self._pool.map(size, keys))
 
     def _aux_candidates(
         self, rows: list[tuple[ContentHash, RefType, int]], manifest: Manifest

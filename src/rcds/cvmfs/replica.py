@@ -81,6 +81,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..logs import fields
+from ..storage import MANIFEST, MASTER_REPLICA, REFLOG, STATUS_JSON, WHITELIST
+from ..storage.local import LocalStore
 from . import failpoints, objects, signing
 from .catalog import FLAG_EXTERNAL, FLAG_FILE, HASH_ALGORITHM_MASK, HASH_ALGORITHM_SHIFT, Catalog
 from .hashes import Algorithm, ContentHash, Suffix
@@ -89,7 +91,6 @@ from .manifest import Manifest, ManifestError
 from .reader import ReaderError, RepositoryReader
 from .reflog import Reflog, RefType
 from .sources import DIRECT, HttpSettings, HttpSource, NotFound, Source, SourceError, open_source
-from .store import MANIFEST, MASTER_REPLICA, REFLOG, STATUS_JSON, WHITELIST, LocalStore
 
 log = logging.getLogger("rcds.replica")
 

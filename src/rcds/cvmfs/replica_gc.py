@@ -62,10 +62,10 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..logs import fields
+from ..storage.local import LocalStore, fsync_path
 from .gc import DEFAULT_HORIZON, GcError, GcReport, ProgressFn, collect_garbage
 from .manifest import Manifest
 from .replica import PRIVATE_DIR, ReplicaError, _Replica, date_utc
-from .store import LocalStore, fsync_path
 
 log = logging.getLogger("rcds.gc")
 

@@ -1,10 +1,13 @@
-"""A stratum 0 repository on local storage: creation, keys, signing, and read access for the writer.
+"""A stratum 0 repository: creation, keys, signing, and read access for the writer.
 
 Storage layout (the public part is exactly what a stock stratum 0 serves)::
 
     <storage>/.cvmfspublished .cvmfswhitelist .cvmfsreflog .cvmfs_master_replica data/00..ff/
     <storage>/.rcds/            private, never served: repo.json, keys/, catalogs/ (cache of
                                 uncompressed catalogs), content-index.db, lock, tmp/
+
+With an S3 store (``repo.json`` names it: ``"store": {"url": "s3://bucket/alias", ...}``) the public part
+is in the bucket (``rcds.storage.s3``) and ``<storage>`` holds only ``.rcds/``, the private state.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ..storage import MANIFEST as MANIFEST  # the root files' names, re-exported for existing importers
+from ..storage import MASTER_REPLICA as MASTER_REPLICA
+from ..storage import PRIVATE_DIR, ObjectMissing, ObjectStore, store_from_settings
+from ..storage import REFLOG as REFLOG
+from ..storage import STATUS_JSON as STATUS_JSON
+from ..storage import WHITELIST as WHITELIST
+from ..storage.local import LocalStore
 from . import failpoints, signing, whitelist
 from .catalog import FLAG_DIR, Catalog, Dirent, make_hardlinks
 from .chunking import ChunkParams
@@ -32,15 +42,10 @@ from .history import TRUNK, TRUNK_PREVIOUS, History, Tag
 from .manifest import Manifest
 from .objects import CATALOG_ZLIB_LEVEL, compress, decompress, verify
 from .reflog import Reflog, RefType
-from .store import MANIFEST as MANIFEST  # the root files' names, re-exported for existing importers
-from .store import MASTER_REPLICA as MASTER_REPLICA
-from .store import PRIVATE_DIR, LocalStore
-from .store import REFLOG as REFLOG
-from .store import STATUS_JSON as STATUS_JSON
-from .store import WHITELIST as WHITELIST
 from .whitelist import Whitelist
 
 if TYPE_CHECKING:
+    from .reader import RepositoryReader
     from .writer import StagingTransaction, Transaction
 
 DEFAULT_TTL = 15  # seconds: user code must appear fast (the CVMFS default is 240)
@@ -67,6 +72,9 @@ class RepoConfig:
     # *.opensciencegrid.org: the master public key lives elsewhere and rcds never re-signs.
     public_key: str = ""
     external_whitelist: bool = False
+    # Where the public files are when not in the storage directory: {"url": "s3://bucket/alias", plus
+    # rcds.storage.s3.S3Settings options}; empty: the storage directory itself.
+    store: dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def chunk_params(self) -> ChunkParams:
@@ -96,7 +104,8 @@ class Repository:
         self.config = RepoConfig(**json.loads(config_path.read_text()))
         self.fqrn = self.config.fqrn
         self.keys_dir = Path(self.config.keys_dir) if self.config.keys_dir else self.private / "keys"
-        self.store = LocalStore(self.storage)
+        self.store: ObjectStore = _open_configured_store(self.storage, self.config.store)
+        self._manifest_version: str | None = None
         self.catalog_cache = self.private / "catalogs"
         self.catalog_cache.mkdir(exist_ok=True)
         self._certificate_key: rsa.RSAPrivateKey | None = None
@@ -112,22 +121,37 @@ class Repository:
         keys_dir: Path | None = None,
         chunk_params: ChunkParams | None = None,
         now: int | None = None,
+        store: dict[str, object] | None = None,
     ) -> Repository:
+        """``store``: the public files elsewhere than ``storage`` (``{"url": "s3://bucket/alias", ...}``);
+        ``storage`` then holds only the private state."""
         storage = Path(storage)
         if (storage / PRIVATE_DIR / "repo.json").exists():
             raise RepositoryError(f"{storage} already holds a repository")
-        if (storage / MANIFEST).exists():
-            raise RepositoryError(
-                f"{storage} holds a repository rcds did not create: take it over with"
-                f" 'rcds repo adopt --storage {storage}' (docs/migration.md)"
-            )
         _check_fqrn(fqrn)
-        store = LocalStore(storage)
-        store.initialize()
+        public = _open_configured_store(storage, store or {})
+        if public.exists(MANIFEST):
+            hint = f" 'rcds repo adopt --storage {storage}' (docs/migration.md)" if not store else ""
+            raise RepositoryError(
+                f"{public.description} holds a repository rcds did not create: take it over with{hint}"
+                if not store
+                else f"{public.description} already holds a repository ({MANIFEST} exists)"
+            )
+        if isinstance(public, LocalStore):
+            public.initialize()
+        else:
+            (storage / PRIVATE_DIR / "tmp").mkdir(parents=True, exist_ok=True)
+            (storage / PRIVATE_DIR).chmod(0o700)
         private = storage / PRIVATE_DIR
         params = chunk_params or ChunkParams()
         config = RepoConfig(
-            fqrn, ttl, str(keys_dir) if keys_dir else "", params.min_size, params.avg_size, params.max_size
+            fqrn,
+            ttl,
+            str(keys_dir) if keys_dir else "",
+            params.min_size,
+            params.avg_size,
+            params.max_size,
+            store=dict(store or {}),
         )
         kdir = keys_dir or private / "keys"
         kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -141,7 +165,7 @@ class Repository:
         _fsync_write(private / "repo.json", json.dumps(asdict(config), indent=2).encode())
         repo = cls(storage)
         repo.resign()
-        store.put(MASTER_REPLICA, b"")
+        repo.store.put(MASTER_REPLICA, b"")
         repo._publish_initial(now if now is not None else int(time.time()))
         return repo
 
@@ -243,6 +267,9 @@ class Repository:
     # --- manifest, catalogs, history -------------------------------------------------------------
 
     def manifest(self) -> Manifest:
+        """The published manifest; remembers its version for the conditional replace in
+        ``publish_manifest`` (stores with conditional writes: a second writer cannot commit over it)."""
+        self._manifest_version = self.store.version(MANIFEST)
         return Manifest.parse(self.store.get(MANIFEST))[0]
 
     def publish_manifest(
@@ -257,7 +284,8 @@ class Repository:
         self.write_reflog_checksum(manifest.reflog)
         failpoints.hit(after_reflog)
         self.store.sync()
-        self.store.put_durable(MANIFEST, manifest.sign(self.certificate_key()))
+        self.store.replace_if(MANIFEST, manifest.sign(self.certificate_key()), self._manifest_version)
+        self._manifest_version = self.store.version(MANIFEST)
         return manifest
 
     def write_reflog_checksum(self, h: ContentHash | None) -> None:
@@ -279,6 +307,14 @@ class Repository:
         # clean only when none is alive (a crash's leftovers wait for a quiet moment, they are harmless).
         with contextlib.suppress(RepositoryError), self.ingest_lock(exclusive=True, blocking=False):
             self.store.clean_staging()
+            # Scratch copies (history, reflog) a killed writer left; on local storage the store's staging
+            # is this same directory, with a bucket it is not.
+            scratch = self.private / "tmp"
+            if scratch.is_dir():
+                for f in scratch.iterdir():
+                    if f.is_file():
+                        with contextlib.suppress(FileNotFoundError):
+                            f.unlink()
             txn_dir = self.private / "txn"
             if txn_dir.is_dir():
                 for d in txn_dir.iterdir():
@@ -371,6 +407,21 @@ class Repository:
             Reflog.create(path, self.fqrn).close()
         return path
 
+    def reader(
+        self, cache_dir: Path | None = None, check_whitelist_expiry: bool = True, strict: bool = True
+    ) -> RepositoryReader:
+        """A verifying reader of the published tree, straight from the store (a bucket too)."""
+        from .reader import RepositoryReader
+        from .sources import LocalSource, Source
+        from .storesource import StoreSource
+
+        source: Source = (
+            LocalSource(self.storage) if isinstance(self.store, LocalStore) else StoreSource(self.store)
+        )
+        return RepositoryReader(
+            source, self.public_keys(), self.fqrn, cache_dir, check_whitelist_expiry, strict
+        )
+
     # --- locking and transactions ----------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -414,11 +465,9 @@ class Repository:
         return StagingTransaction(self, workers)
 
     def write_status(self, **fields: str) -> None:
-        path = self.storage / STATUS_JSON
         status: dict[str, str] = {}
-        if path.exists():
-            with contextlib.suppress(ValueError):
-                status = json.loads(path.read_text())
+        with contextlib.suppress(ValueError, ObjectMissing):
+            status = json.loads(self.store.get(STATUS_JSON))
         status.update(fields)
         self.store.put(STATUS_JSON, json.dumps(status, indent=2).encode())
 
@@ -427,6 +476,15 @@ class Repository:
             if f.name not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
+
+
+def _open_configured_store(storage: Path, settings: dict[str, object]) -> ObjectStore:
+    if not settings:
+        return LocalStore(storage)
+    try:
+        return store_from_settings(settings)
+    except ValueError as exc:
+        raise RepositoryError(f"{storage}: bad store settings: {exc}") from exc
 
 
 def _check_fqrn(fqrn: str) -> None:

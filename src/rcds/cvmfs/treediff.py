@@ -17,6 +17,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from ..storage import ObjectMissing
 from .catalog import (
     NESTED_MARKER,
     Catalog,
@@ -29,7 +30,6 @@ from .catalog import (
 from .hashes import ContentHash, Suffix, md5_pair
 from .objects import EMPTY_HASH, EMPTY_OBJECT
 from .repository import Repository
-from .store import ObjectMissing
 
 
 class OutsideChange(Exception):

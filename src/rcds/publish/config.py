@@ -44,6 +44,10 @@ class RepositorySettings:
     # Where a replica follows its upstream's notifications (API roots, ``.../api/v1``): None derives them from
     # ``upstream`` (``<base>/cvmfs/<name>`` -> ``<base>/api/v1``), () turns them off (polling only).
     notifications: tuple[str, ...] | None = None
+    # The public files in an S3 bucket (``storage = "s3://bucket/prefix"``): {"url": ..., plus
+    # rcds.storage.s3.S3Settings options}; ``storage`` is then the local private state directory. Empty:
+    # the public files are in ``storage``.
+    store: dict[str, Any] = field(default_factory=dict)
 
     @property
     def notification_roots(self) -> tuple[str, ...]:
@@ -237,6 +241,35 @@ def load_settings(path: Path | str) -> ServiceSettings:
     return settings_from_dict(raw, base=path.parent)
 
 
+def _s3_store(name: str, url: str, table: TomlTable) -> dict[str, Any]:
+    """``storage = "s3://bucket[/subpath]"`` and ``[repository.s3]``: the keys are under
+    ``<subpath>/<name>/`` (the alias CVMFS uses), or under the URL's path if it already ends with the name."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    if not parts.netloc:
+        raise ConfigError(f"repository {name}: storage {url!r} names no bucket (s3://bucket/prefix)")
+    if path.rsplit("/", 1)[-1] != name:
+        path = f"{path}/{name}" if path else name
+    store: dict[str, Any] = {"url": f"s3://{parts.netloc}/{path}"}
+    for key in ("endpoint", "region", "addressing", "profile", "public_url"):
+        if table.has(key):
+            store[key] = table.text(key)
+    for key in ("parallelism", "retries"):
+        if table.has(key):
+            store[key] = table.integer(key, 0)
+    for key in ("https", "peek_before_put"):
+        if table.has(key):
+            store[key] = table.flag(key, True)
+    if table.has("timeout"):
+        store["timeout"] = table.number("timeout", 60.0)
+    if store.get("addressing", "path") not in ("path", "virtual"):
+        raise ConfigError(f"repository {name}: s3.addressing is 'path' or 'virtual'")
+    table.done()
+    return store
+
+
 def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSettings:
     r = TomlTable(raw, "")
 
@@ -249,7 +282,13 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         rr = TomlTable(item, f"repository[{i}].")
         name = rr.text("name")
         storage = rr.text("storage", str(data_dir / name))
+        store: dict[str, Any] = {}
+        if storage.startswith("s3://"):
+            store = _s3_store(name, storage, TomlTable(rr.subtable("s3"), f"repository[{i}].s3."))
+            storage = rr.text("state", str(data_dir / name))
         local = rr.flag("local", True)
+        if store and not local:
+            raise ConfigError(f"repository {name}: an S3 storage is for a stratum 0 (local = true)")
         upstream_raw = rr.value("upstream", [], (str, list))
         upstream = tuple([upstream_raw] if isinstance(upstream_raw, str) else upstream_raw)
         key = rr.text("public_key", "")
@@ -277,6 +316,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
                 tuple(u.rstrip("/") for u in upstream),
                 resolve(key) if key else None,
                 None if notify is None else tuple(u.rstrip("/") for u in notify),
+                store,
             )
         )
         rr.done()

@@ -18,6 +18,7 @@ from ..cvmfs.catalog import Catalog, Dirent
 from ..cvmfs.hashes import ContentHash, Suffix, normalize_path
 from ..cvmfs.manifest import Manifest
 from ..cvmfs.objects import decompress
+from ..storage import ObjectStore
 from .cid import PUBLISHER_FILE as PUBLISHER_FILE
 
 
@@ -114,13 +115,18 @@ class StorageView:
     files a stratum 0 or 1 serves, so it works for replicas that have no private ``.rcds`` directory.
     """
 
-    def __init__(self, storage: Path) -> None:
-        self.storage = Path(storage)
-        manifest, _ = Manifest.parse((self.storage / ".cvmfspublished").read_bytes())
+    def __init__(self, storage: Path | ObjectStore) -> None:
+        """``storage``: a directory, or the object store of a repository whose files are in a bucket."""
+        self.store = storage if isinstance(storage, ObjectStore) else None
+        self.storage = Path(storage) if not isinstance(storage, ObjectStore) else Path()
+        manifest, _ = Manifest.parse(self._read(".cvmfspublished"))
         self.revision = manifest.revision
         self._root = manifest.root_catalog
         self._tmp = tempfile.TemporaryDirectory(prefix="rcds-view-")
         self._opened: dict[str, Catalog] = {}
+
+    def _read(self, key: str) -> bytes:
+        return self.store.get(key) if self.store is not None else (self.storage / key).read_bytes()
 
     def close(self) -> None:
         for cat in self._opened.values():
@@ -138,7 +144,7 @@ class StorageView:
         cat = self._opened.get(mount)
         if cat is None:
             path = Path(self._tmp.name) / h.hex
-            stored = (self.storage / h.object_name(Suffix.CATALOG)).read_bytes()
+            stored = self._read(h.object_name(Suffix.CATALOG))
             path.write_bytes(decompress(stored))
             cat = self._opened[mount] = Catalog(path)
         return cat
@@ -196,7 +202,9 @@ def scan_cid_dirs(
     return found
 
 
-def scan_published_cids(storage: Path, prefix: str, shadowed: list[str] | None = None) -> set[str]:
+def scan_published_cids(
+    storage: Path | ObjectStore, prefix: str, shadowed: list[str] | None = None
+) -> set[str]:
     """The CIDs under ``/<prefix>`` in the live revision of a repository's storage.
 
     Only the prefix catalog, the group catalogs and one-level CIDs' catalogs are opened, never the

@@ -46,11 +46,12 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 from ..cvmfs.catalog import NESTED_MARKER
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.repository import Repository, RepositoryError
-from ..cvmfs.store import PRIVATE_DIR, fsync_path
 from ..cvmfs.tree import EntryKind, TreeEntry
 from ..cvmfs.writer import StagingTransaction, Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
+from ..storage import PRIVATE_DIR, ObjectMissing, ObjectStore
+from ..storage.local import LocalStore, fsync_path
 from .cid import cid_group
 from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
@@ -246,14 +247,19 @@ class PublishService:
         Covers revisions made outside this process (``rcds cleanup``, ``rcds repo``) and replicas of other
         servers' repositories, which change under us. Returns True if the index changed.
         """
-        storage = self.storage(name)
-        manifest_file = storage / ".cvmfspublished"
-        if not manifest_file.exists():
-            return False
+        storage: Path | ObjectStore = self.storage(name)
+        repo = self.repositories.get(name)
+        if repo is not None and not isinstance(repo.store, LocalStore):
+            storage = repo.store  # a repository in a bucket
         try:
-            manifest = manifest_file.read_bytes()
+            if isinstance(storage, ObjectStore):
+                manifest = storage.get(".cvmfspublished")
+            else:
+                if not (storage / ".cvmfspublished").exists():
+                    return False
+                manifest = (storage / ".cvmfspublished").read_bytes()
             revision = Manifest.parse(manifest)[0].revision
-        except (OSError, ManifestError):
+        except (OSError, ManifestError, ObjectMissing):
             return False
         if not force and self.known_revision.get(name) == revision:
             return False
@@ -317,11 +323,16 @@ class PublishService:
             if not self.settings.create_missing:
                 raise FileNotFoundError(f"repository {rs.name}: no repository in {rs.storage}")
             log.info("create repository", extra=fields(repository=rs.name, storage=str(rs.storage)))
-            repo = Repository.create(rs.name, rs.storage)
+            repo = Repository.create(rs.name, rs.storage, store=rs.store or None)
         else:
             repo = Repository(rs.storage)
             if repo.fqrn != rs.name:
                 raise ValueError(f"{rs.storage} holds {repo.fqrn}, not {rs.name}")
+            if rs.store and repo.config.store.get("url") != rs.store["url"]:
+                raise ValueError(
+                    f"{rs.storage} keeps {rs.name} in {repo.config.store.get('url') or 'itself'},"
+                    f" not {rs.store['url']} as configured"
+                )
         self.resign_if_due(repo)
         return repo
 

@@ -53,6 +53,8 @@ from typing import BinaryIO, Final
 
 from aiohttp import hdrs, web
 
+from ..storage import ObjectMissing, ObjectStore, StorageError
+
 __all__ = [
     "INFO_PATH",
     "ROOT_FILES",
@@ -241,6 +243,30 @@ async def _serve_file(request: web.Request, path: str, policy: _Policy) -> web.S
         return resp
 
 
+async def _serve_object(
+    request: web.Request, store: ObjectStore, key: str, policy: _Policy
+) -> web.StreamResponse:
+    """A repository in a bucket: a redirect to the bucket's public URL when configured (clients and
+    proxies then fetch from the bucket), else the object fetched and passed on."""
+    if store.public_url:
+        raise web.HTTPFound(f"{store.public_url}/{key}", headers={hdrs.CACHE_CONTROL: policy.cache_control})
+    loop = asyncio.get_running_loop()
+    try:
+        if request.method == hdrs.METH_HEAD:
+            size = await loop.run_in_executor(None, store.size, key)
+            resp = web.StreamResponse(status=200, headers=policy.headers())
+            resp.content_length = size
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        body = await loop.run_in_executor(None, store.get, key)
+    except ObjectMissing:
+        raise _not_found() from None
+    except StorageError as exc:
+        raise web.HTTPBadGateway(text=f"{exc}\n", headers={hdrs.CACHE_CONTROL: "no-store"}) from exc
+    return web.Response(body=body, headers=policy.headers())
+
+
 def _split_raw_path(raw_path: str) -> tuple[str, str] | None:
     """``/cvmfs/<fqrn>/<rest>`` of the still percent-encoded request path -> (fqrn, rest)."""
     if not raw_path.startswith("/cvmfs/"):
@@ -251,8 +277,8 @@ def _split_raw_path(raw_path: str) -> tuple[str, str] | None:
     return fqrn, rest
 
 
-def add_repository_routes(app: web.Application, repos: Mapping[str, Path]) -> None:
-    """Serve each fqrn -> storage directory under /cvmfs/<fqrn>/.
+def add_repository_routes(app: web.Application, repos: Mapping[str, Path | ObjectStore]) -> None:
+    """Serve each fqrn -> storage directory (or object store: a bucket) under /cvmfs/<fqrn>/.
 
     ``repos`` is consulted on every request (not copied), so repositories added to or removed from it while
     the server runs are served or dropped at once. Call once per application, after any more specific
@@ -278,6 +304,8 @@ def add_repository_routes(app: web.Application, repos: Mapping[str, Path]) -> No
         storage = repos.get(fqrn)
         if policy is None or storage is None:
             raise _not_found()
+        if isinstance(storage, ObjectStore):
+            return await _serve_object(request, storage, relpath, policy)
         return await _serve_file(request, f"{storage}/{relpath}", policy)  # a str: pathlib costs ~10 us
 
     app.router.add_get(INFO_PATH, repositories_json)  # GET + HEAD

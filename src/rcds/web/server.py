@@ -26,6 +26,7 @@ from ..publish.config import ServiceSettings
 from ..publish.gateway import Gateway, state_db
 from ..publish.leases import Leases
 from ..publish.service import PublishService
+from ..storage import store_from_settings
 from .gateway import GatewayApi
 from .limits import (
     ConnectionCap,
@@ -62,7 +63,13 @@ def make_app(service: PublishService, throttle: LogThrottle | None = None) -> we
     app = web.Application(client_max_size=1 << 20)  # bodies are streamed, never read whole
     PubApi(service, authenticator, authorizer, throttle).add_routes(app)
     StatusPages(service, authenticator).add_routes(app)  # /status, /status.json, /status/cid
-    add_repository_routes(app, {r.name: r.storage for r in service.settings.repositories})
+    add_repository_routes(
+        app,
+        {
+            r.name: store_from_settings(r.store) if r.store else r.storage
+            for r in service.settings.repositories
+        },
+    )
     add_notification_routes(app, service)
     if service.settings.gateway.enabled:
         a = service.settings.auth

@@ -1,9 +1,5 @@
-"""Object stores: where a stratum 0 keeps its public tree.
-
-The writer only needs the small ``ObjectStore`` interface below, keyed by the repository-relative names a
-web server serves (``data/ab/cdef...C``, ``.cvmfspublished``), so an S3 bucket can stand in for the local
-directory later without the writer changing.
-"""
+"""The local directory store: a tree laid out like a stock stratum 0, temporary files in its private
+directory, atomic renames, fsync for durability."""
 
 from __future__ import annotations
 
@@ -12,19 +8,11 @@ import functools
 import itertools
 import os
 import secrets
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
-PRIVATE_DIR = ".rcds"  # never served: keys, state, staging
-# The public root files of a stratum 0 or 1 (here, not in ``repository``, so that a replica need not
-# import the writer and numpy to name them).
-MANIFEST = ".cvmfspublished"
-WHITELIST = ".cvmfswhitelist"
-REFLOG = ".cvmfsreflog"
-MASTER_REPLICA = ".cvmfs_master_replica"
-STATUS_JSON = ".cvmfs_status.json"
+from . import PRIVATE_DIR, ObjectMissing, ObjectStore
 
 
 def fsync_path(path: Path | str) -> None:
@@ -34,44 +22,6 @@ def fsync_path(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class ObjectMissing(KeyError):
-    """The store has no object under that key."""
-
-
-class ObjectStore(ABC):
-    """A flat key -> bytes store with atomic, all-or-nothing puts."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def get(self, key: str) -> bytes: ...
-
-    @abstractmethod
-    def put(self, key: str, data: bytes | memoryview) -> None:
-        """Store atomically: a reader sees the old value, or none, or the complete new one."""
-
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
-
-    @abstractmethod
-    def size(self, key: str) -> int: ...
-
-    @abstractmethod
-    def iter_keys(self, prefix: str = "data/") -> Iterator[str]: ...
-
-    @abstractmethod
-    def sync(self) -> None:
-        """Make every completed put durable. Called before anything that references those objects."""
-
-    def put_object(self, key: str, data: bytes | memoryview) -> bool:
-        """Put a content-addressed object unless present (dedup). Returns True if it was written."""
-        if self.exists(key):
-            return False
-        self.put(key, data)
-        return True
 
 
 @functools.cache
@@ -103,6 +53,10 @@ class LocalStore(ObjectStore):
         # Plain strings for the per-object paths: pathlib costs microseconds per object, which adds up
         # over tens of thousands of small files.
         self._root_prefix = os.path.join(self.root, "")
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
 
     def initialize(self) -> None:
         for i in range(256):

@@ -1,0 +1,373 @@
+"""A repository's public tree in an S3 bucket, laid out as CVMFS lays it out: ``<alias>/data/xx/...`` and
+``<alias>/.cvmfspublished`` (the alias is the repository name unless configured), so that a stratum 1 or
+a client reads the bucket over plain HTTP when its policy allows anonymous GET.
+
+The client is boto3 (bench/s3_clients.py and README, "Dependencies": complete API, including batched
+DeleteObjects, conditional writes and bucket administration; the standard AWS credential chain).
+
+- Content-addressed objects are written once: ``put_object`` skips a key that exists (HEAD, then PUT).
+- ``Cache-Control``: ``max-age=259200`` on ``data/`` objects, ``max-age=61`` on the ``.cvmfs*`` files
+  (what CVMFS sets).
+- A PUT is durable when it returns, so ``sync`` has nothing to do; the crash-safe order (objects, then
+  catalogs, then the manifest last) is the writer's.
+- Retries with backoff on throttling (429, 503 SlowDown), server errors and timeouts, as CVMFS does
+  (100 ms doubling up to 2 s; from 250 ms up to 10 s when throttled); then a ``StorageError`` naming the
+  bucket, the key and the reason.
+- Conditional replace of the manifest (``If-Match``/``If-None-Match``) where the server honours it; the
+  store probes that once (some servers, e.g. the MinIO gateway of juicefs, ignore the headers: then the
+  repository's writer lock is the only guard).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ..logs import fields as log_fields
+from . import ConditionFailed, ObjectMissing, ObjectStore, StorageError
+
+log = logging.getLogger("rcds.storage.s3")
+
+T = TypeVar("T")
+DATA_CACHE_CONTROL = "max-age=259200"  # content-addressed: never changes
+ROOT_CACHE_CONTROL = "max-age=61"  # .cvmfspublished and friends
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+THROTTLED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded"}
+RETRY_STATUS = {429, 500, 502, 503, 504}
+CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AccessDenied",
+}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the bucket is and how to talk to it. Credentials are not here: boto3 takes them from the
+    usual places (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws/credentials``, ``profile``)."""
+
+    bucket: str
+    prefix: str = ""  # the alias: keys are <prefix>/data/...
+    endpoint: str = ""  # host[:port] or a URL; empty: AWS
+    region: str = "us-east-1"
+    addressing: str = "path"  # "path" (http://host/bucket/key) or "virtual" (http://bucket.host/key)
+    https: bool = True  # for an endpoint given without a scheme
+    profile: str = ""
+    parallelism: int = 16  # puts in flight during a publish (CVMFS: 16 connections)
+    retries: int = 5
+    timeout: float = 60.0
+    public_url: str = ""  # where clients read the bucket anonymously (serving may redirect there)
+    # HEAD before each content-addressed PUT, skipping objects present (CVMFS_S3_PEEK_BEFORE_PUT). The
+    # writer's content index already skips what the repository holds, so the HEAD nearly always misses;
+    # off, an object the index did not know is written again (same bytes: harmless, one request less).
+    peek_before_put: bool = True
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> S3Settings:
+        """``s3://bucket[/prefix]`` plus settings; unknown option names are an error."""
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"not an S3 location (s3://bucket/prefix): {url!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown S3 settings for {url}: {', '.join(unknown)}")
+        return cls(bucket=parts.netloc, prefix=parts.path.strip("/"), **options)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def endpoint_url(self) -> str | None:
+        if not self.endpoint:
+            return None
+        if "://" in self.endpoint:
+            return self.endpoint
+        return f"{'https' if self.https else 'http'}://{self.endpoint}"
+
+    def options(self) -> dict[str, Any]:
+        """The settings other than the location, as ``from_url`` takes them (for repo.json)."""
+        defaults = S3Settings(self.bucket)
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("bucket", "prefix") and getattr(self, f.name) != getattr(defaults, f.name)
+        }
+
+
+def _add_content_md5(params: dict[str, Any], **_: Any) -> None:
+    """DeleteObjects needs Content-MD5 on servers that predate the CRC checksums boto3 >= 1.36 sends
+    (MinIO-based ones among them); boto3 is told to send checksums only when required, so add it."""
+    body = params.get("body") or b""
+    if isinstance(body, str):
+        body = body.encode()
+    params["headers"]["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+def _cache_control(key: str) -> str:
+    return DATA_CACHE_CONTROL if key.startswith("data/") else ROOT_CACHE_CONTROL
+
+
+class S3Store(ObjectStore):
+    def __init__(self, settings: S3Settings, client: Any = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.parallelism = settings.parallelism
+        self.public_url = settings.public_url.rstrip("/")
+        self._base = f"{settings.prefix}/" if settings.prefix else ""
+        self._client = client or self._make_client()
+        self._conditional: bool | None = None
+        self._probe_lock = threading.Lock()
+
+    def _make_client(self) -> Any:
+        try:
+            import boto3
+            import botocore.handlers
+            from botocore.config import Config
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise StorageError(
+                f"{self.settings.url}: S3 storage needs boto3 (pip install 'rcds[s3]')"
+            ) from exc
+        s = self.settings
+        session = boto3.session.Session(profile_name=s.profile or None)
+        config = Config(
+            region_name=s.region,
+            s3={"addressing_style": "virtual" if s.addressing == "virtual" else "path"},
+            max_pool_connections=max(s.parallelism, 10),
+            connect_timeout=min(s.timeout, 10),
+            read_timeout=s.timeout,
+            retries={"total_max_attempts": 1},  # ours, below: one policy for every call, CVMFS's backoff
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        client = session.client("s3", endpoint_url=s.endpoint_url, config=config)
+        client.meta.events.register("before-call.s3.DeleteObjects", _add_content_md5)
+        # No "Expect: 100-continue" on PUTs: a round trip more for every small object, and after an empty
+        # body the MinIO gateway of juicefs answers out of step (the next request on the connection times
+        # out).
+        client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+        return client
+
+    @property
+    def description(self) -> str:
+        where = f" at {self.settings.endpoint_url}" if self.settings.endpoint else ""
+        return f"{self.settings.url}{where}"
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad object key {key!r}")
+        return self._base + key
+
+    # --- calls, retries, errors ------------------------------------------------------------------
+
+    def _call(self, op: str, key: str, fn: Callable[[], T], missing_ok: bool = False) -> T:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        delay = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                if missing_ok and (status == 404 or code in ("NoSuchKey", "NotFound", "404")):
+                    raise ObjectMissing(key) from None
+                if status == 412 or code == "PreconditionFailed":
+                    raise ConditionFailed(
+                        f"bucket {self.bucket}: {key} changed since it was read (another writer committed)"
+                    ) from exc
+                throttled = status in (429, 503) or code in THROTTLED_CODES
+                if (throttled or status in RETRY_STATUS) and attempt <= self.settings.retries:
+                    delay = self._backoff(op, key, attempt, delay, throttled, code or str(status))
+                    continue
+                if throttled:
+                    raise StorageError(
+                        f"bucket {self.bucket}: {op} {key} throttled ({code or status}) after {attempt} attempts"
+                    ) from exc
+                raise StorageError(self._reason(op, key, code, status, exc)) from exc
+            except BotoCoreError as exc:  # connection refused or reset, timeouts, DNS
+                if attempt <= self.settings.retries:
+                    delay = self._backoff(op, key, attempt, delay, False, type(exc).__name__)
+                    continue
+                raise StorageError(
+                    f"bucket {self.bucket}: {op} {key} failed after {attempt} attempts: {exc}"
+                ) from exc
+
+    def _backoff(self, op: str, key: str, attempt: int, delay: float, throttled: bool, why: str) -> float:
+        if throttled:
+            delay = max(delay, 0.25)
+        log.warning(
+            "s3: retrying",
+            extra=log_fields(bucket=self.bucket, op=op, key=key, attempt=attempt, reason=why, delay=delay),
+        )
+        time.sleep(delay * (0.5 + random.random() / 2))  # jitter: parallel puts do not retry in step
+        return min(delay * 2, 10.0 if throttled else 2.0)
+
+    def _reason(self, op: str, key: str, code: str, status: int, exc: Exception) -> str:
+        if code == "NoSuchBucket":
+            return f"bucket {self.bucket} does not exist ({op} {key}, {self.description})"
+        if code in CREDENTIAL_CODES or status == 403:
+            return f"bucket {self.bucket}: credentials rejected ({code or status}) on {op} {key}"
+        return f"bucket {self.bucket}: {op} {key} failed: {code or status}: {exc}"
+
+    # --- ObjectStore -----------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+        except ObjectMissing:
+            return False
+        return True
+
+    def _head(self, key: str) -> dict[str, Any]:
+        full = self._key(key)
+        result: dict[str, Any] = self._call(
+            "HEAD", key, lambda: self._client.head_object(Bucket=self.bucket, Key=full), missing_ok=True
+        )
+        return result
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def get(self, key: str) -> bytes:
+        full = self._key(key)
+
+        def read() -> bytes:
+            body = self._client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        return self._call("GET", key, read, missing_ok=True)
+
+    def put(self, key: str, data: bytes | memoryview, **conditions: str) -> None:
+        full = self._key(key)
+        body = bytes(data)
+        self._call(
+            "PUT",
+            key,
+            lambda: self._client.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=body,
+                CacheControl=_cache_control(key),
+                ContentType="application/octet-stream",
+                **conditions,
+            ),
+        )
+
+    def put_object(self, key: str, data: bytes | memoryview) -> bool:
+        if self.settings.peek_before_put:
+            return super().put_object(key, data)
+        self.put(key, data)
+        return True
+
+    def put_durable(self, key: str, data: bytes) -> None:
+        self.put(key, data)  # durable once acknowledged
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        self._call("DELETE", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        batch: list[str] = []
+        for key in keys:
+            batch.append(key)
+            if len(batch) == DELETE_BATCH:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, keys: list[str]) -> None:
+        objects = [{"Key": self._key(k)} for k in keys]
+        reply = self._call(
+            "DeleteObjects",
+            f"{keys[0]} (+{len(keys) - 1})",
+            lambda: self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}
+            ),
+        )
+        errors = reply.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StorageError(
+                f"bucket {self.bucket}: {len(errors)} of {len(keys)} deletes failed,"
+                f" first {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+            )
+
+    def iter_keys(self, prefix: str = "data/") -> Iterator[str]:
+        start = self._key(prefix)
+        token: str | None = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": start, "MaxKeys": 1000}
+            if token:
+                args["ContinuationToken"] = token
+            page = self._call("LIST", prefix, lambda a=args: self._client.list_objects_v2(**a))  # type: ignore[misc]
+            for item in page.get("Contents") or []:
+                name = str(item["Key"])
+                if not name.endswith("/"):  # directory markers of file-system-backed servers
+                    yield name[len(self._base) :]
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def sync(self) -> None:
+        """Nothing: an acknowledged PUT is durable."""
+
+    # --- conditional replace ---------------------------------------------------------------------
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether the server honours ``If-None-Match: *`` (probed once, on a private scratch key)."""
+        with self._probe_lock:
+            if self._conditional is None:
+                probe = f".rcds-probe-{secrets.token_hex(6)}"
+                self.put(probe, b"1")
+                try:
+                    self.put(probe, b"2", IfNoneMatch="*")
+                    self._conditional = False
+                except ConditionFailed:
+                    self._conditional = True
+                finally:
+                    self.delete(probe)
+                log.info(
+                    "s3: conditional writes",
+                    extra=log_fields(bucket=self.bucket, supported=self._conditional),
+                )
+            return self._conditional
+
+    def version(self, key: str) -> str | None:
+        if not self.conditional_writes:
+            return None
+        try:
+            return str(self._head(key)["ETag"])
+        except ObjectMissing:
+            return None
+
+    def replace_if(self, key: str, data: bytes, version: str | None) -> None:
+        if not self.conditional_writes:
+            self.put(key, data)
+        elif version is None:
+            self.put(key, data, IfNoneMatch="*")
+        else:
+            self.put(key, data, IfMatch=version)
+
+    def close(self) -> None:
+        self._client.close()

