@@ -182,7 +182,7 @@ def test_gc_never_sweeps_an_object_a_staged_ingest_reused(
     (result,) = results
     assert report.revisions_kept == [3, 4, 5, 6]
     assert report.objects_swept == len(expected.objects - a_objects)
-    assert a_objects <= set(data_listing(repo.storage))
+    assert a_objects <= set(data_listing(repo))
     reader = assert_healthy(open_reader, repo)
     assert read_revision(reader, result.root_hash) == {
         **expected_revision(t, "cdef"),
