@@ -32,6 +32,12 @@ from test_gc import (
 WHEN = int(time.time()) + 10
 
 
+@pytest.fixture(params=["local", "s3"])
+def storage_backend(request: pytest.FixtureRequest) -> str:
+    """Every staged-ingest test runs with the public files in a directory and in a real S3 bucket."""
+    return str(request.param)
+
+
 def spec(tag: str) -> dict[str, object]:
     return {
         "README": f"{tag} readme\n".encode() * 40,
