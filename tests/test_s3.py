@@ -26,10 +26,12 @@ from rcds.cvmfs.checker import check_repository
 from rcds.cvmfs.hashes import Suffix
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import MANIFEST, Repository
+from rcds.cvmfs.subscriber import parse_activity
 from rcds.storage import StorageError
 from rcds.storage.s3 import DATA_CACHE_CONTROL, ROOT_CACHE_CONTROL, S3Settings, S3Store
 from s3server import S3Server
 from server import RcdsServer, make_tarball
+from test_notifications import SseClient
 
 TREE = {"hello.txt": b"hello from a bucket\n" * 50, "big.bin": bytes(range(256)) * 2000, "d": {"x": b"x\n"}}
 
@@ -362,6 +364,31 @@ def test_rcds_serve_publishes_into_a_bucket_and_serves_it(
         srv.start()  # the presence index is rebuilt from the bucket's live revision
         assert srv.api("exists", cid=cid).text == f"PRESENT:/cvmfs/{S3_REPO}/sw/{cid}\n"
     finally:
+        srv.close()
+
+
+def test_subscribers_hear_each_new_revision_of_a_bucket_repository(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The notification stream announces the manifest read from the bucket (there is no local copy)."""
+    srv = s3_service(tmp_path, s3_server).start()
+    sub = SseClient(srv.port, S3_REPO)
+    try:
+        assert sub.read_headers() == 200
+        bucket = f"{s3_server.endpoint}/{S3_BUCKET}/{srv.bucket_prefix}"  # type: ignore[attr-defined]
+        first = parse_activity(sub.next_event())
+        assert first.manifest == httpx.get(f"{bucket}/{MANIFEST}").content
+        data = make_tarball(CODE)
+        cid = f"note/{hashlib.sha256(data).hexdigest()}"
+        assert srv.publish(cid, data).text == "OK\n"
+        doc = srv.wait_state(cid)
+        message = parse_activity(sub.next_event(timeout=5))
+        while message.revision == first.revision:  # keep-alives of the previous revision
+            message = parse_activity(sub.next_event(timeout=5))
+        assert message.revision == doc["revision"]
+        assert message.manifest == httpx.get(f"{bucket}/{MANIFEST}").content
+    finally:
+        sub.close()
         srv.close()
 
 

@@ -50,7 +50,7 @@ from ..cvmfs.tree import EntryKind, TreeEntry
 from ..cvmfs.writer import StagingTransaction, Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
-from ..storage import PRIVATE_DIR, ObjectMissing, ObjectStore
+from ..storage import MANIFEST, PRIVATE_DIR, ObjectMissing, ObjectStore
 from ..storage.local import LocalStore, fsync_path
 from .cid import cid_group
 from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
@@ -784,9 +784,13 @@ class PublishService:
         """Announce repository ``name``'s live signed manifest to its notification subscribers, once per
         revision. Call it only after the manifest is live (renamed into place, or verified by a snapshot)."""
         if manifest is None:
+            worker = next((w for w in self.workers if w.repo_name == name), None)
             try:
-                manifest = (self.storage(name) / ".cvmfspublished").read_bytes()
-            except OSError:
+                if worker is not None:  # ours: its store (a directory or a bucket)
+                    manifest = worker.repo.store.get(MANIFEST)
+                else:
+                    manifest = (self.storage(name) / MANIFEST).read_bytes()
+            except (OSError, ObjectMissing):
                 return False
         if not self.notifications.announce(name, manifest):
             return False
