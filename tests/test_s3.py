@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import secrets
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -389,6 +391,63 @@ def test_subscribers_hear_each_new_revision_of_a_bucket_repository(
         assert message.manifest == httpx.get(f"{bucket}/{MANIFEST}").content
     finally:
         sub.close()
+        srv.close()
+
+
+def test_cleanup_expires_unused_cids_of_a_bucket_repository_and_gc_deletes_their_objects(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """``rcds cleanup`` on a bucket repository: the CID unused for maxdays goes, with the objects only it
+    used; the CID in use and its objects stay; the result reads back clean from the bucket."""
+    settings = "share_seconds = 1\nmaxdays = 30\nauto_cleanup = false\n"
+    srv = s3_service(tmp_path, s3_server, top_config=settings)
+    old_data = make_tarball({"unique.dat": "only in the old CID\n" * 3000})
+    new_data = make_tarball({"job.py": "print('in use')\n"})
+    old, new = f"old/{hashlib.sha256(old_data).hexdigest()}", f"new/{hashlib.sha256(new_data).hexdigest()}"
+    try:
+        srv.start(env={"RCDS_CLOCK_OFFSET": str(-40 * 86400)})  # published "40 days ago"
+        assert srv.publish(old, old_data).text == "OK\n"
+        assert srv.wait_state(old)["state"] == "published"
+        srv.stop()
+        srv.start()
+        assert srv.publish(new, new_data).text == "OK\n"
+        assert srv.wait_state(new)["state"] == "published"
+        srv.stop()
+        bucket = f"{s3_server.endpoint}/{S3_BUCKET}/{srv.bucket_prefix}"  # type: ignore[attr-defined]
+        key = srv.storage(S3_REPO) / ".rcds" / "keys" / f"{S3_REPO}.pub"
+        with RepositoryReader.open(bucket, key, cache_dir=tmp_path / "before") as reader:
+            unique = reader.stat(f"/sw/{old}/unique.dat")
+            assert unique is not None and unique.hash is not None
+        unique_url = f"{bucket}/{unique.hash.object_name()}"
+        assert httpx.get(unique_url).status_code == 200
+
+        def cleanup(*args: str) -> dict[str, Any]:
+            p = subprocess.run(
+                [sys.executable, "-m", "rcds.cli", "cleanup", "--config", str(srv.config_path), "--json", *args],
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+            assert p.returncode == 0, p.stderr
+            (report,) = json.loads(p.stdout)
+            return dict(report)
+
+        report = cleanup()
+        assert [e["cid"] for e in report["expired"]] == [old], report
+        # Within the GC horizon the revisions that held it are kept (clients may still be on them).
+        assert report["gc"]["objects_swept"] == 0 and httpx.get(unique_url).status_code == 200
+        srv.start()  # one more revision, so that the cleanup's own is no longer trunk-previous
+        later = make_tarball({"later.py": "print('later')\n"})
+        later_cid = f"new/{hashlib.sha256(later).hexdigest()}"
+        assert srv.publish(later_cid, later).text == "OK\n"
+        assert srv.wait_state(later_cid)["state"] == "published"
+        srv.stop()
+        report = cleanup("--at", str(time.time() + 4 * 86400))  # the next daily run, past the horizon
+        assert report["expired"] == [] and report["gc"]["objects_swept"] >= 1, report
+        assert httpx.get(unique_url).status_code == 404  # deleted from the bucket
+        with RepositoryReader.open(bucket, key, cache_dir=tmp_path / "after") as reader:
+            assert reader.lookup(f"/sw/{old}") is None
+            assert reader.read(f"/sw/{new}/job.py") == b"print('in use')\n"
+            assert check_repository(reader).issues == []
+    finally:
         srv.close()
 
 

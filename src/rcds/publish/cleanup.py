@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cvmfs.repository import Repository
+from ..storage import MANIFEST, ObjectStore
 from .lastuse import read_records, remove_empty_group, remove_records
 from .presence import StorageView, scan_cid_dirs
 
@@ -44,14 +45,19 @@ class CleanupPlan:
 
 def plan_cleanup(
     name: str,
-    storages: Mapping[str, Path],
+    storages: Mapping[str, Path | ObjectStore],
     access_times: Mapping[str, float],
     prefix: str,
     maxdays: float,
     now: float,
 ) -> CleanupPlan:
-    """What cleanup of repository ``name`` would remove; ``storages`` are all repositories readable here."""
-    views = {r: StorageView(p) for r, p in storages.items() if (p / ".cvmfspublished").exists()}
+    """What cleanup of repository ``name`` would remove; ``storages`` are all repositories readable here
+    (a directory, or the store of a repository whose public files are in a bucket)."""
+    views = {
+        r: StorageView(p)
+        for r, p in storages.items()
+        if (p.exists(MANIFEST) if isinstance(p, ObjectStore) else (p / MANIFEST).exists())
+    }
     try:
         cids_by_repo = {r: scan_cid_dirs(v, prefix) for r, v in views.items()}
         ts_by_repo = {r: read_records(v) for r, v in views.items()}

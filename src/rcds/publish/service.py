@@ -549,7 +549,12 @@ class PublishService:
         with self.cleanup_lock, self.paused(name):
             assert self.state is not None
             self.flush_touches()
-            storages = {r.name: r.storage for r in self.settings.repositories}
+            storages: dict[str, Path | ObjectStore] = {
+                r.name: self.repositories[r.name].store
+                if r.store and r.name in self.repositories
+                else r.storage
+                for r in self.settings.repositories
+            }
             plan = plan_cleanup(
                 name, storages, self.state.access_times(), self.prefix, self.settings.maxdays, now
             )
