@@ -12,6 +12,7 @@ import io
 import random
 import stat
 import tarfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -881,6 +882,83 @@ def test_a_20_mb_tarball_streams_in_bounded_memory(tmp_path: Path) -> None:
             tracemalloc.stop()
     assert got == sizes
     assert peak < 8 * MiB, peak
+
+
+# --- decompression in a thread of its own ---------------------------------------------------------------
+
+
+class WatchedUpload(io.RawIOBase):
+    """An upload that notes which threads read it and can fail with an error of its own after ``fail_at``."""
+
+    def __init__(self, data: bytes, fail_at: int | None = None) -> None:
+        self._data = io.BytesIO(data)
+        self._fail_at = fail_at
+        self.readers: set[str] = set()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.readers.add(threading.current_thread().name)
+        if self._fail_at is not None and self._data.tell() >= self._fail_at:
+            raise ConnectionResetError("the upload broke off")
+        return self._data.read(size if size is not None and size >= 0 else -1)
+
+
+def inflating_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("inflate-")]
+
+
+MANY_FILES = tar(*(file(f"d/{i:04}.txt", f"file {i}\n".encode() * 200) for i in range(300)))
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "bzip2", "xz", "zstd"])
+def test_compressed_uploads_are_inflated_off_the_parsers_thread(fmt: str) -> None:
+    upload = WatchedUpload(compress(MANY_FILES, fmt))
+    got = file_data(upload)
+    assert len(got) == 300 and got["d/0299.txt"] == b"file 299\n" * 200
+    # The first block is read on the parser's thread to detect the format; all the rest in the pipe's.
+    assert upload.readers - {threading.current_thread().name} == {f"inflate-{fmt}"}
+    assert not inflating_threads()
+
+
+def test_a_plain_tar_is_read_on_the_parsers_thread() -> None:
+    upload = WatchedUpload(MANY_FILES)
+    drain(upload)
+    assert upload.readers == {threading.current_thread().name}
+
+
+def test_an_ingest_given_up_midway_stops_its_inflating_thread() -> None:
+    rnd = random.Random(5)  # 8 MiB that does not compress: more than the pipe holds ahead of the parser
+    big = tar(*(file(f"r/{i:03}.bin", rnd.randbytes(64 * 1024)) for i in range(128)))
+    entries = tar_entries(as_stream(WatchedUpload(compress(big, "gzip"))))
+    for _ in range(3):
+        next(entries)
+    assert len(inflating_threads()) == 1
+    entries.close()  # as add_tree does when it refuses a member, or a lease is lost
+    assert not inflating_threads()
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zstd"])
+def test_an_error_of_the_upload_reaches_the_parser_as_it_was_raised(fmt: str) -> None:
+    data = compress(MANY_FILES, fmt)
+    upload = WatchedUpload(data, fail_at=len(data) // 2)
+    with pytest.raises(ConnectionResetError, match="broke off"):
+        drain(upload)
+    assert not inflating_threads()
+
+
+def test_a_corrupt_stream_is_refused_through_the_pipe_after_the_good_members() -> None:
+    data = bytearray(compress(MANY_FILES, "gzip"))
+    data[len(data) // 2] ^= 0xFF
+    seen: list[str] = []
+    with pytest.raises(IngestError, match="corrupt gzip data"):
+        for e in tar_entries(io.BytesIO(bytes(data))):
+            seen.append(e.path)
+            while e.stream is not None and e.stream.read(MiB):
+                pass
+    assert len(seen) > 10
+    assert not inflating_threads()
 
 
 # --- into a repository -----------------------------------------------------------------------------------

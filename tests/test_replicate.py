@@ -679,8 +679,11 @@ def test_date_stamp_is_date_utc_in_the_c_locale() -> None:
 
 # What a cron job polling many repositories pays per call is mostly imports: the no-op path must not load
 # these (cryptography: ~25 ms, verifying goes through rcds.cvmfs.pkcs1; ctypes: syncfs is looked up on
-# the first sync; the rest belong to the server and HTTPS paths).
-_HEAVY_MODULES = ("cryptography", "aiohttp", "numpy", "httpx", "ctypes")
+# the first sync; sqlite3 and our catalog, history and reflog modules: only a snapshot with work reads a
+# catalog; http (http.client, with email under it) and ssl: plain HTTP goes over httptools; the rest
+# belong to the server and HTTPS paths).
+_HEAVY_MODULES = ("cryptography", "aiohttp", "numpy", "httpx", "ctypes", "sqlite3", "http", "email", "ssl",
+                  "rcds.cvmfs.catalog", "rcds.cvmfs.history", "rcds.cvmfs.reflog")  # fmt: skip
 _NO_OP_COMMAND = f"""
 import sys
 from rcds.cli import main
@@ -689,7 +692,7 @@ try:
 except SystemExit as exc:
     if exc.code:
         raise
-print("loaded:", sorted({{m.split(".")[0] for m in sys.modules}} & set({_HEAVY_MODULES!r})))
+print("loaded:", sorted(({{m.split(".")[0] for m in sys.modules}} | set(sys.modules)) & set({_HEAVY_MODULES!r})))
 """
 
 

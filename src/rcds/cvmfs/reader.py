@@ -18,16 +18,21 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import signing
-from .catalog import COMPRESSION_NONE, Catalog, Dirent
 from .hashes import Algorithm, ContentHash, Suffix, normalize_path, parent_path
-from .history import History
 from .manifest import Manifest, ManifestError
 from .objects import ObjectCorrupt, ZlibError, inflater
 from .sources import HttpSettings, Source, open_source
 from .whitelist import Whitelist
+
+if TYPE_CHECKING:
+    from .catalog import Catalog, Dirent
+    from .history import History
+
+# The catalog and history modules (and sqlite3) are imported when a catalog or the history is first read:
+# verifying the manifest ensemble alone (a replica snapshot with nothing new) needs neither.
 
 # Most characters of paths whose holding catalog a reader remembers (about 16 MB).
 _HOLDER_CACHE_CHARS = 16_000_000
@@ -268,6 +273,8 @@ class RepositoryReader:
                         for block in self.iter_object(h, Suffix.CATALOG):
                             f.write(block)
                     os.replace(tmp, path)
+                from .catalog import Catalog
+
                 cat = Catalog(path)
                 self._catalogs[h] = cat
             return cat
@@ -331,6 +338,8 @@ class RepositoryReader:
         path = self.cache.root / "catalogs" / (self.manifest.history.hex + "H")
         if not path.exists():
             path.write_bytes(self.read_object(self.manifest.history, Suffix.HISTORY))
+        from .history import History
+
         return History(path)
 
     # --- file system view ------------------------------------------------------------------------
@@ -383,6 +392,8 @@ class RepositoryReader:
             raise ReaderError(f"{d.name} is not a regular file")
         if d.is_external:
             raise ReaderError(f"{d.name} is an external file (not stored in the repository)")
+        from .catalog import COMPRESSION_NONE
+
         compressed = d.compression != COMPRESSION_NONE
         pieces: list[tuple[ContentHash, Suffix, int, int]]  # hash, suffix, offset, size
         if d.is_chunked:

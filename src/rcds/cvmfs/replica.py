@@ -78,19 +78,23 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..logs import fields
 from ..storage import MANIFEST, MASTER_REPLICA, REFLOG, STATUS_JSON, WHITELIST
 from ..storage.local import LocalStore
 from . import failpoints, objects, signing
-from .catalog import FLAG_EXTERNAL, FLAG_FILE, HASH_ALGORITHM_MASK, HASH_ALGORITHM_SHIFT, Catalog
 from .hashes import Algorithm, ContentHash, Suffix
-from .history import History, Tag
 from .manifest import Manifest, ManifestError
 from .reader import ReaderError, RepositoryReader
-from .reflog import Reflog, RefType
 from .sources import DIRECT, HttpSettings, HttpSource, NotFound, Source, SourceError, open_source
+
+if TYPE_CHECKING:
+    from .history import Tag
+
+# The catalog, history and reflog modules (sqlite3 and their own) are imported where a snapshot has work
+# for them: a snapshot with nothing new reads only the manifest ensemble, and ``rcds replicate`` polling
+# hundreds of repositories pays every module it imports on every call.
 
 log = logging.getLogger("rcds.replica")
 
@@ -385,6 +389,8 @@ class _CatalogInfo:
 
 def _read_catalog(path: Path, with_objects: bool = True) -> _CatalogInfo:
     """What a catalog references: data objects (with hash algorithm and size), nested catalogs."""
+    from .catalog import FLAG_EXTERNAL, FLAG_FILE, HASH_ALGORITHM_MASK, HASH_ALGORITHM_SHIFT, Catalog
+
     cat = Catalog(path)
     try:
         objects: dict[str, tuple[ContentHash, int]] = {}
@@ -1114,6 +1120,8 @@ class _Snapshot:
         return chain
 
     def _tags(self, staged: str) -> list[Tag]:
+        from .history import History
+
         db = self.replica.tmp / f"history-{secrets.token_hex(4)}.db"
         try:
             _inflate(staged, db)
@@ -1156,6 +1164,8 @@ class _Snapshot:
 
     def _write_reflog(self, m: Manifest, roots: list[ContentHash]) -> None:
         """The replica's own reflog: every root catalog it holds, plus the current auxiliary objects."""
+        from .reflog import Reflog, RefType
+
         r = self.replica
         path = r.tmp / "reflog.db"
         path.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ squids) goes over our own small pipelining client on ``httptools``; HTTPS and pr
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import shutil
 import socket
@@ -20,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
-
-from .stdhttp import StdlibHttp, describe
 
 try:
     import httptools
@@ -34,6 +31,18 @@ else:
 
 if TYPE_CHECKING:
     import httpx
+
+    from .stdhttp import StdlibHttp
+
+# ``http.client`` (with the email parser under it, ~15 ms) and ``stdhttp`` are imported only where they
+# are used: without httptools, or on an error of theirs. A plain-HTTP poll goes over ``_PlainHttp``.
+
+
+def _stdlib_http_errors() -> tuple[type[Exception], ...]:
+    """What a failed ``StdlibHttp`` request raises (only evaluated when something was raised)."""
+    import http.client
+
+    return (OSError, http.client.HTTPException)
 
 
 def _httpx_error() -> type[Exception]:
@@ -356,7 +365,11 @@ class HttpSource(Source):
         self._clients: dict[str, httpx.Client] = {}
         self._plain = _PlainHttp(self.settings)
         s = self.settings
-        self._std = None if FAST_HTTP else StdlibHttp(s.connect_timeout, s.read_timeout, s.user_agent)
+        self._std: StdlibHttp | None = None
+        if not FAST_HTTP:
+            from .stdhttp import StdlibHttp
+
+            self._std = StdlibHttp(s.connect_timeout, s.read_timeout, s.user_agent)
         self._lock = threading.Lock()
         self._good_url = 0
         self._good_proxy = 0
@@ -425,7 +438,9 @@ class HttpSource(Source):
         except _DestinationFailed as exc:  # a full disk here is not the server's fault: no failover
             assert exc.__cause__ is not None
             raise exc.__cause__ from None
-        except (OSError, http.client.HTTPException) as exc:
+        except _stdlib_http_errors() as exc:
+            from .stdhttp import describe
+
             return describe(exc)
 
     @staticmethod
@@ -516,7 +531,7 @@ class HttpSource(Source):
             try:
                 with self._std.request("HEAD", url, proxy=proxy) as r:
                     return r.status
-            except (OSError, http.client.HTTPException):
+            except _stdlib_http_errors():
                 return None
         try:
             return self._client(proxy).head(url).status_code

@@ -6,7 +6,9 @@ back, never seeked and never unpacked to disk::
     upload --> _Decompressor --> tarfile "r|" (with _StrictTarInfo) --> checks --> TreeEntry ...
                (gzip/bzip2/xz/zstd or    (headers, pax, GNU long   (paths, types, links,
                 plain; counts bytes,      names; strict about       duplicates, limits)
-                ratio limit, CRCs)        truncation)
+                ratio limit, CRCs;        truncation)
+                compressed formats in
+                a thread of their own)
 
 Entries are produced lazily and the writer (``Transaction.add_tree``) reads each FILE entry's
 ``stream`` before asking for the next entry, so memory stays bounded by a few blocks plus the set of
@@ -35,10 +37,13 @@ Choices worth knowing:
 from __future__ import annotations
 
 import bz2
+import contextlib
 import io
 import lzma
 import math
+import queue
 import tarfile
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +52,11 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol, Self, cast
 import zstandard
 
 from rcds.cvmfs.catalog import NESTED_MARKER
+from rcds.cvmfs.objects import ZLIB_NG, ZlibError
 from rcds.cvmfs.tree import EntryKind, TreeEntry
+
+if ZLIB_NG:
+    from zlib_ng import zlib_ng
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -66,6 +75,9 @@ _META_CHAIN = 8  # most extended headers in front of one member
 _ZSTD_WINDOW_MAX = 1 << 27  # 128 MiB, libzstd's default limit (zstd --long=28 and up need more)
 _XZ_MEMLIMIT = 1 << 28  # 256 MiB (xz -9 needs 65 MiB to decompress)
 _SHOW_MAX = 160  # longest member name quoted in an error message
+_CODEC_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, ValueError, lzma.LZMAError, *ZlibError)
+_PIPE_BLOCKS = 8  # decompressed blocks the inflating thread may run ahead of the tar parser (2 MiB)
+_PIPE_POLL = 0.5  # seconds between the inflating thread's checks that the parser still wants its output
 
 _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                tarfile.GNUTYPE_LONGLINK)  # fmt: skip
@@ -183,7 +195,8 @@ class _GzipMember:
     """One gzip member through zlib, with the bounded-output interface of the bz2/lzma decompressors."""
 
     def __init__(self) -> None:
-        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        # zlib-ng inflates 1.5-2x faster than stock zlib, with the same interface (and gzip member framing).
+        self._d = (zlib_ng.decompressobj if ZLIB_NG else zlib.decompressobj)(16 + zlib.MAX_WBITS)
         self._tail = b""
         self.needs_input = True
 
@@ -429,7 +442,7 @@ class _Decompressor:
                     raise IngestError(f"truncated {fmt} data: the compressed stream ends early")
             try:
                 out = codec.decompress(data, _OUT_BLOCK)
-            except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
+            except _CODEC_ERRORS as exc:
                 raise IngestError(f"corrupt {fmt} data: {exc}") from None
             if out:
                 return out
@@ -447,6 +460,69 @@ class _Decompressor:
             if not self._frames.complete:
                 raise IngestError("truncated zstd data: the compressed stream ends early")
         return out
+
+
+class _InflatingThread:
+    """A ``_Decompressor`` run in a thread of its own, ahead of the tar parser, through a bounded pipe.
+
+    zlib(-ng), liblzma, libbz2 and libzstd release the GIL while they work, so inflating the upload
+    overlaps parsing, hashing and deflating the objects instead of taking turns with them on the ingest's
+    thread. ``read(n)`` has the decompressor's meaning; whatever the decompressor (or the upload under
+    it) raised is raised here, in order, after the blocks produced before it. ``close()`` stops the thread
+    (the parser may give up early: a refused member, a lost lease) and waits for it.
+    """
+
+    def __init__(self, source: _Decompressor) -> None:
+        self.source = source
+        self._blocks: queue.Queue[bytes | BaseException] = queue.Queue(_PIPE_BLOCKS)
+        self._stop = threading.Event()
+        self._out = b""
+        self._pos = 0
+        self._end: bytes | BaseException | None = None  # b"" at the end, or what ended it
+        self._thread = threading.Thread(target=self._run, name=f"inflate-{source.fmt}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                block: bytes | BaseException = self.source.read(_OUT_BLOCK)
+            except BaseException as exc:  # handed to the parser's thread, which raises it
+                block = exc
+            while not self._stop.is_set():
+                try:
+                    self._blocks.put(block, timeout=_PIPE_POLL)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(block, bytes) or not block:
+                return
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        if self._pos >= len(self._out):
+            if self._end is not None:
+                if isinstance(self._end, BaseException):
+                    raise self._end
+                return b""
+            block = self._blocks.get()
+            if isinstance(block, BaseException) or not block:
+                self._end = block
+                return self.read(n)
+            self._out, self._pos = block, 0
+        if n < 0 or (self._pos == 0 and n >= len(self._out)):
+            chunk = self._out[self._pos :] if self._pos else self._out
+        else:
+            chunk = self._out[self._pos : self._pos + n]
+        self._pos += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # make room for a put the thread may be waiting on
+                self._blocks.get(timeout=_PIPE_POLL)
+        self._thread.join()
 
 
 # --- tar headers ---------------------------------------------------------------------------------------
@@ -730,7 +806,13 @@ class _Ingest:
     def members(self) -> Iterator[TreeEntry]:
         head = _read_head(self.stream)
         source = _Decompressor(self.stream, head, detect_compression(head), self.limits)
-        tar = self.open(source)
+        pipe = _InflatingThread(source) if source.fmt != "none" else None
+        try:
+            tar = self.open(pipe or source)
+        except BaseException:
+            if pipe is not None:
+                pipe.close()
+            raise
         try:
             while (info := self.next_member(tar)) is not None:
                 entry = self.entry(tar, info)
@@ -747,13 +829,15 @@ class _Ingest:
         finally:
             self.retire()
             tar.close()
+            if pipe is not None:
+                pipe.close()
 
     def retire(self) -> None:
         if self.current is not None:
             self.current.retired = True
             self.current = None
 
-    def open(self, source: _Decompressor) -> _TarReader:
+    def open(self, source: _Decompressor | _InflatingThread) -> _TarReader:
         try:
             return _TarReader.open(
                 fileobj=cast(IO[bytes], source),
