@@ -362,6 +362,12 @@ def test_rcds_serve_publishes_into_a_bucket_and_serves_it(
         else:
             assert not reply.history and reply.headers["cache-control"] == "max-age=61"
         assert httpx.get(f"{srv.url}/cvmfs/{S3_REPO}/data/00/{'0' * 40}").status_code == 404
+        # The status page reads the bucket: revision, whitelist, the store; the CID page its tree.
+        (status,) = srv.client.get("/status.json").json()["repositories"]
+        assert status["revision"] == doc["revision"] and status["whitelist_days_left"] > 0, status
+        assert status["store"].startswith(f"s3://{S3_BUCKET}/"), status
+        page = srv.client.get("/status/cid", params={"cid": cid})
+        assert page.status_code == 200 and "run.sh" in page.text, page.text[:2000]
         srv.stop()
         srv.start()  # the presence index is rebuilt from the bucket's live revision
         assert srv.api("exists", cid=cid).text == f"PRESENT:/cvmfs/{S3_REPO}/sw/{cid}\n"

@@ -35,9 +35,10 @@ from .. import __version__
 from ..cvmfs.hashes import normalize_path
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.whitelist import Whitelist
+from ..storage import MANIFEST, WHITELIST, ObjectMissing, ObjectStore, store_from_settings
 from .cid import PUBLISHER_FILE, CidError, validate_cid
 from .cleanup import DAY, plan_cleanup
-from .config import ServiceSettings
+from .config import RepositorySettings, ServiceSettings
 from .lastuse import LEGACY_MARKER, TS_DIR
 from .presence import StorageView, scan_published_cids
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED
@@ -384,6 +385,18 @@ class StatusCollector:
         self._estimates: dict[str, _Estimate] = {}
         self._estimating: set[str] = set()
         self._estimate_lock = threading.Lock()
+        self._stores: dict[str, ObjectStore] = {}
+
+    def _public(self, rs: RepositorySettings) -> Path | ObjectStore:
+        """Where a repository's public files are read: its directory, or its store when they are in a bucket."""
+        if not rs.store:
+            return rs.storage
+        svc = self.service
+        if svc is not None and rs.name in svc.repositories:
+            return svc.repositories[rs.name].store
+        if rs.name not in self._stores:
+            self._stores[rs.name] = store_from_settings(rs.store)
+        return self._stores[rs.name]
 
     def close(self) -> None:
         if self.jobs is not None:
@@ -473,7 +486,8 @@ class StatusCollector:
         rs = s.repositories[index - 1]
         svc = self.service
         out: dict[str, Any] = {"name": name, "kind": "local" if rs.local else "replica"}
-        manifest = _manifest(rs.storage)
+        public = self._public(rs)
+        manifest = _manifest(public)
         if manifest is not None:
             out.update(
                 revision=manifest.revision,
@@ -483,13 +497,15 @@ class StatusCollector:
         if svc is not None:
             out["cids"] = svc.presence.count(name)
         else:
-            out["cids"] = _count_cids(rs.storage, s.prefix)
-        wl = _whitelist(rs.storage)
+            out["cids"] = _count_cids(public, s.prefix)
+        wl = _whitelist(public)
         if wl is not None:
             expires = wl.expires.timestamp()
             out.update(whitelist_expires=expires, whitelist_days_left=round((expires - now) / DAY, 2))
+        if isinstance(public, ObjectStore):
+            out["store"] = public.description
         with contextlib.suppress(OSError):
-            du = shutil.disk_usage(rs.storage)
+            du = shutil.disk_usage(rs.storage)  # with a bucket: the private state's file system
             out["disk"] = {"total": du.total, "used": du.used, "free": du.free}
         if rs.local:
             out["publishes_last_hour"] = per_hour.get(name, 0)
@@ -554,7 +570,7 @@ class StatusCollector:
     def _run_estimate(self, name: str, at: float) -> None:
         s = self.settings
         try:
-            storages = {r.name: r.storage for r in s.repositories}
+            storages = {r.name: self._public(r) for r in s.repositories}
             access = self.jobs.access_times() if self.jobs else {}
             plan = plan_cleanup(name, storages, access, s.prefix, s.maxdays, at)
             with self._estimate_lock:
@@ -611,24 +627,24 @@ class StatusCollector:
         if doc.get("reason"):
             doc["reason"] = _no_userinfo(str(doc["reason"]))
         if repo_name is not None:
-            storage = next(r.storage for r in s.repositories if r.name == repo_name)
+            storage = self._public(next(r for r in s.repositories if r.name == repo_name))
             self._tree(doc, storage, f"/{s.prefix}/{cid}", limit)
             local = next(r.local for r in s.repositories if r.name == repo_name)
             if local:
                 # As cleanup decides: the newest of this server's last-use time, the CID directory's own
                 # time (its publish) and the ts records of every repository readable here.
                 times = [doc.get("last_used"), doc.get("mtime") or doc.get("published_at")]
-                times += [self._ts_record_time(rs.storage, cid) for rs in s.repositories]
+                times += [self._ts_record_time(self._public(rs), cid) for rs in s.repositories]
                 known = [float(t) for t in times if t]
                 if known:
                     doc["expires_at"] = max(known) + s.maxdays * DAY
         return doc
 
     @staticmethod
-    def _ts_record_time(storage: Path, cid: str) -> float | None:
+    def _ts_record_time(storage: Path | ObjectStore, cid: str) -> float | None:
         """The time of ``cid``'s ts record in one repository (a file, or an older version's directory
         holding ``by``), or None."""
-        if not (storage / ".cvmfspublished").exists():
+        if not _published(storage):
             return None
         try:
             with StorageView(storage) as view:
@@ -641,15 +657,16 @@ class StatusCollector:
 
     def _find_offline(self, cid: str) -> str | None:
         for rs in self.settings.repositories:
-            if not (rs.storage / ".cvmfspublished").exists():
+            public = self._public(rs)
+            if not _published(public):
                 continue
-            with contextlib.suppress(OSError, ManifestError), StorageView(rs.storage) as view:
+            with contextlib.suppress(OSError, ManifestError), StorageView(public) as view:
                 base = f"/{self.settings.prefix}/{cid}"
                 if view.lookup(f"{base}/{PUBLISHER_FILE}") is not None:
                     return rs.name
         return None
 
-    def _tree(self, doc: dict[str, Any], storage: Path, top: str, limit: int) -> None:
+    def _tree(self, doc: dict[str, Any], storage: Path | ObjectStore, top: str, limit: int) -> None:
         with StorageView(storage) as view:
             doc["live_revision"] = view.revision  # "revision": the one that brought the CID
             root = view.lookup(top)
@@ -713,21 +730,29 @@ def _walk(view: StorageView, top: str) -> Iterator[tuple[str, Any]]:
                 queue.append(path)
 
 
-def _manifest(storage: Path) -> Manifest | None:
+def _read_public(storage: Path | ObjectStore, name: str) -> bytes:
+    return storage.get(name) if isinstance(storage, ObjectStore) else (storage / name).read_bytes()
+
+
+def _published(storage: Path | ObjectStore) -> bool:
+    return storage.exists(MANIFEST) if isinstance(storage, ObjectStore) else (storage / MANIFEST).exists()
+
+
+def _manifest(storage: Path | ObjectStore) -> Manifest | None:
     try:
-        return Manifest.parse((storage / ".cvmfspublished").read_bytes())[0]
-    except (OSError, ManifestError):
+        return Manifest.parse(_read_public(storage, MANIFEST))[0]
+    except (OSError, ObjectMissing, ManifestError):
         return None
 
 
-def _whitelist(storage: Path) -> Whitelist | None:
+def _whitelist(storage: Path | ObjectStore) -> Whitelist | None:
     try:
-        return Whitelist.parse((storage / ".cvmfswhitelist").read_bytes())[0]
+        return Whitelist.parse(_read_public(storage, WHITELIST))[0]
     except Exception:  # missing or unreadable: the page says nothing rather than fail
         return None
 
 
-def _count_cids(storage: Path, prefix: str) -> int | None:
+def _count_cids(storage: Path | ObjectStore, prefix: str) -> int | None:
     try:
         return len(scan_published_cids(storage, prefix))
     except (OSError, ManifestError):
