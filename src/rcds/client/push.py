@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -207,11 +208,13 @@ class StatCache:
         self._ingested: list[tuple[str, str, PendingContent]] = []
         self.unchanged = 0  # files not read again
 
-    def get(self, path: Path | str, size: int) -> StoredContent | None:
-        st = os.stat(path)
+    def get(self, path: Path | str, size: int, st: os.stat_result | None = None) -> StoredContent | None:
+        path = str(path)
+        if st is None or not stat.S_ISREG(st.st_mode):  # the walk's lstat of a regular file is its stat
+            st = os.stat(path)
         stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
-        self._stats[str(path)] = stamp
-        known = self._known.get(str(path))
+        self._stats[path] = stamp
+        known = self._known.get(path)
         if known is None or known[0] != stamp or st.st_size != size:
             return None
         doc = json.loads(known[1])

@@ -519,7 +519,7 @@ class Transaction:
             return _Node(row(stat.S_IFDIR | perm, FLAG_DIR, DIR_SIZE), e.kind)
         if e.kind is EntryKind.FILE:
             if e.source is not None:
-                pending = self.content.add_file(e.source, e.size)
+                pending = self.content.add_file(e.source, e.size, e.lstat)
             elif e.stream is not None:
                 pending = self.content.add_stream(e.stream, e.size)
             else:
