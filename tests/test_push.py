@@ -247,3 +247,35 @@ def test_a_repush_shows_every_kind_of_change(server: RcdsServer, tmp_path: Path)
     check = subprocess.run([sys.executable, "-m", "rcds.cli", "repo", "check", str(server.storage(REPO))],
                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_repush_resends_an_object_the_server_lost_since_the_last_push(
+    server: RcdsServer, tmp_path: Path
+) -> None:
+    """The re-push does not ask about objects the server had at the last push; if one went (the path
+    replaced from elsewhere, then garbage collected), the server refuses the commit and the push asks
+    about every object, sends the lost one and commits."""
+    from rcds.cvmfs.hashes import ContentHash, Suffix
+
+    tree = tmp_path / "t"
+    tree.mkdir()
+    kept = os.urandom(20_000)
+    (tree / "kept.bin").write_bytes(kept)
+    (tree / "edited.txt").write_text("one\n")
+    target = f"{REPO}:/users/alice/t"
+    pushed(rcds_push(server, "alice", tree, target))
+    store = Repository(server.storage(REPO)).store
+    key = Repository(server.storage(REPO)).public_key_path
+    with RepositoryReader.open(f"{server.url}/cvmfs/{REPO}", key) as reader:
+        digest = reader.stat("/users/alice/t/kept.bin").hash
+    assert isinstance(digest, ContentHash)
+    store.delete(digest.object_name(Suffix.NONE))
+
+    (tree / "edited.txt").write_text("two\n")
+    again = pushed(rcds_push(server, "alice", tree, target))
+    assert again["objects_sent"] == 3, again  # the edited file, the catalog, and kept.bin again
+    assert read(server, "/users/alice/t/kept.bin") == kept
+    assert read(server, "/users/alice/t/edited.txt") == b"two\n"
+    check = subprocess.run([sys.executable, "-m", "rcds.cli", "repo", "check", str(server.storage(REPO))],
+                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
