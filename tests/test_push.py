@@ -55,10 +55,11 @@ bob = ["{REPO}/users/bob"]
 
 
 def rcds_push(
-    server: RcdsServer, who: str, source: Path, target: str, token: str | None = None
+    server: RcdsServer, who: str, source: Path, target: str, token: str | None = None, machine: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """``who``'s key, or with ``token`` no key: the token found by WLCG discovery ($BEARER_TOKEN)."""
-    home = server.root / f"home-{who}"
+    """``who``'s key, or with ``token`` no key: the token found by WLCG discovery ($BEARER_TOKEN).
+    Another ``machine`` has a home (and push work directories) of its own."""
+    home = server.root / f"home-{who}{machine}"
     credentials = ["--key", str(server.root / f"{who}.key")] if token is None else []
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEARER_TOKEN")}
     return subprocess.run(
@@ -253,8 +254,8 @@ def test_a_repush_resends_an_object_the_server_lost_since_the_last_push(
     server: RcdsServer, tmp_path: Path
 ) -> None:
     """The re-push does not ask about objects the server had at the last push; if one went (the path
-    replaced from elsewhere, then garbage collected), the server refuses the commit and the push asks
-    about every object, sends the lost one and commits."""
+    replaced from another machine, then garbage collected), the server refuses the commit and the push
+    asks about every object, sends the lost one and commits."""
     from rcds.cvmfs.hashes import ContentHash, Suffix
 
     tree = tmp_path / "t"
@@ -269,13 +270,18 @@ def test_a_repush_resends_an_object_the_server_lost_since_the_last_push(
     with RepositoryReader.open(f"{server.url}/cvmfs/{REPO}", key) as reader:
         digest = reader.stat("/users/alice/t/kept.bin").hash
     assert isinstance(digest, ContentHash)
-    store.delete(digest.object_name(Suffix.NONE))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "other.txt").write_text("from the laptop\n")
+    pushed(rcds_push(server, "alice", elsewhere, target, machine="-laptop"))
+    store.delete(digest.object_name(Suffix.NONE))  # as garbage collection would: no revision names it now
 
     (tree / "edited.txt").write_text("two\n")
     again = pushed(rcds_push(server, "alice", tree, target))
     assert again["objects_sent"] == 3, again  # the edited file, the catalog, and kept.bin again
     assert read(server, "/users/alice/t/kept.bin") == kept
     assert read(server, "/users/alice/t/edited.txt") == b"two\n"
+    assert server_tree(server, "/users/alice/t") == local_tree(tree)  # other.txt is gone
     check = subprocess.run([sys.executable, "-m", "rcds.cli", "repo", "check", str(server.storage(REPO))],
                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
