@@ -602,6 +602,7 @@ class Transaction:
         touched = [holder.cat, *catalogs.values()]
         for cat in touched:
             cat.begin()
+        rows: dict[int, list[tuple[str, Dirent]]] = {id(cat): [] for cat in touched}
         try:
             for rel in sorted(nodes, key=lambda r: (r.count("/"), r)):
                 if rel in boundaries:
@@ -619,7 +620,10 @@ class Transaction:
                         group_ids[gkey] = next_group[key]
                         next_group[key] += 1
                     d = replace(d, hardlinks=make_hardlinks(d.linkcount, group_ids[gkey]))
-                cat.insert(_absolute(path, rel), d)  # without nesting this includes the tree's root row
+                # without nesting this includes the tree's root row
+                rows[id(cat)].append((_absolute(path, rel), d))
+            for cat in touched:
+                cat.insert_many(rows[id(cat)])
         except BaseException:
             for cat in touched:
                 # SQLite has rolled back already after some errors (an I/O error, a full disk); a second
