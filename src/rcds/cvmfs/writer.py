@@ -860,6 +860,8 @@ def _depth(mount: str) -> int:
 
 
 def _relative(path: str) -> str:
+    if path and path[0] != "/" and path[-1] != "/" and "//" not in path and "/." not in "/" + path:
+        return path  # already relative and plain (a walk's paths): no split and join per entry
     try:
         rel = normalize_path(path)
     except ValueError as exc:
