@@ -5,8 +5,10 @@ The push builds the path's nested catalog here, in a private staging repository 
 directory (``~/.cache/rcds/push/<target>``): files are compressed and hashed locally; on the next push of
 a directory, a file whose ``stat`` is unchanged is not read at all (``StatCache``), and a changed file
 whose content the staging repository already has costs one hash pass (its content index). Then it takes a
-lease on the path, asks the server which of the subtree's objects it lacks, sends those in ObjectPacks,
-and commits the catalog by hash; the server checks the subtree is complete before grafting it.
+lease on the path, asks the server which of the subtree's objects it lacks (not those it had at the last
+push's commit, listed in ``at-server``), sends those in ObjectPacks, and commits the catalog by hash; the
+server checks the subtree is complete before grafting it (if an object of the last push has gone since,
+the push asks about all of them and commits again).
 
 Interrupted? Run the same command again: the lease token is kept in the work directory and reused while it
 is live, and objects the server already received are not sent again.
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -207,17 +210,22 @@ class StatCache:
         self._ingested: list[tuple[str, str, PendingContent]] = []
         self.unchanged = 0  # files not read again
 
-    def get(self, path: Path | str, size: int) -> StoredContent | None:
-        st = os.stat(path)
+    def get(self, path: Path | str, size: int, st: os.stat_result | None = None) -> StoredContent | None:
+        path = str(path)
+        if st is None or not stat.S_ISREG(st.st_mode):  # the walk's lstat of a regular file is its stat
+            st = os.stat(path)
         stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
-        self._stats[str(path)] = stamp
-        known = self._known.get(str(path))
+        self._stats[path] = stamp
+        known = self._known.get(path)
         if known is None or known[0] != stamp or st.st_size != size:
             return None
         doc = json.loads(known[1])
         self.unchanged += 1
         if "hash" in doc:
-            return StoredContent(size, ContentHash.from_hex(doc["hash"]))
+            text = doc["hash"]  # SHA-1, 40 hex digits, parsed directly: from_hex costs 20,000 files ~0.1 s
+            return StoredContent(
+                size, ContentHash(bytes.fromhex(text)) if len(text) == 40 else ContentHash.from_hex(text)
+            )
         return StoredContent(size, None, [Chunk(o, n, ContentHash.from_hex(h)) for o, n, h in doc["chunks"]])
 
     def put(self, path: Path | str, size: int, pending: PendingContent) -> None:
@@ -295,30 +303,73 @@ def push(
         report(f"built {staged.entries} entries in {time.monotonic() - started:.1f} s")
         names = subtree_objects(repo, staged.root_hash)
         token = _lease(session, work, repository, path, report)
-        lacking: list[str] = []
-        for i in range(0, len(names), MISSING_BATCH):
-            lacking += session.missing(token, names[i : i + MISSING_BATCH])
-        report(f"{len(lacking)} of {len(names)} objects to send ({time.monotonic() - started:.1f} s)")
-        sent_bytes = 0
+        at_server = work / "at-server"
+        known = _read_names(at_server)
+        lacking, sent_bytes = _send_lacking(session, token, repo, work, [n for n in names if n not in known],
+                                            pack_bytes, report)  # fmt: skip
+        report(f"sent {len(lacking)} of {len(names)} objects ({time.monotonic() - started:.1f} s)")
         try:
-            for batch in _packs(repo, lacking, pack_bytes):
-                raw_header, body = objectpack.build(batch)
-                sent_bytes += session.upload(token, raw_header, body)
-                report(f"sent {sent_bytes} bytes")
-        except ObjectMissing as exc:
-            (work / "files.db").unlink(missing_ok=True)
-            raise ClientError(
-                f"the staging copy in {work} lost object {exc}: its file cache is cleared, run the push again"
-            ) from exc
-        revision = session.commit(token, staged.root_hash, staged.root_size)
+            revision = session.commit(token, staged.root_hash, staged.root_size)
+        except PushRefused as exc:
+            if not known or "was not uploaded" not in str(exc):
+                raise
+            # An object the last push left there is gone (the path was replaced from elsewhere and garbage
+            # collected): ask about every object this time.
+            at_server.unlink(missing_ok=True)
+            report("the server lacks objects of the last push: asking about all of them")
+            more, more_bytes = _send_lacking(session, token, repo, work, names, pack_bytes, report)
+            lacking, sent_bytes = lacking + more, sent_bytes + more_bytes
+            revision = session.commit(token, staged.root_hash, staged.root_size)
         report(f"committed revision {revision} ({time.monotonic() - started:.1f} s)")
         (work / "lease").unlink(missing_ok=True)
+        _write_names(at_server, names)
     finally:
         session.close()
         for s in streams:
             s.close()
     return PushResult(repository, "/" + path, revision, staged.root_hash.hex, unchanged, len(names),
                       len(lacking), sent_bytes, time.monotonic() - started)  # fmt: skip
+
+
+def _read_names(path: Path) -> set[str]:
+    try:
+        return set(path.read_text().split())
+    except FileNotFoundError:
+        return set()
+
+
+def _write_names(path: Path, names: list[str]) -> None:
+    """The objects the server had at this push's commit: the next push does not ask about them again."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(names) + "\n")
+    tmp.replace(path)
+
+
+def _send_lacking(
+    session: GatewaySession,
+    token: str,
+    repo: Repository,
+    work: Path,
+    names: list[str],
+    pack_bytes: int,
+    report: Callable[[str], None],
+) -> tuple[list[str], int]:
+    """Ask which of ``names`` the server lacks and upload those: (the names sent, ObjectPack bytes)."""
+    lacking: list[str] = []
+    for i in range(0, len(names), MISSING_BATCH):
+        lacking += session.missing(token, names[i : i + MISSING_BATCH])
+    sent_bytes = 0
+    try:
+        for batch in _packs(repo, lacking, pack_bytes):
+            raw_header, body = objectpack.build(batch)
+            sent_bytes += session.upload(token, raw_header, body)
+            report(f"sent {sent_bytes} bytes")
+    except ObjectMissing as exc:
+        (work / "files.db").unlink(missing_ok=True)
+        raise ClientError(
+            f"the staging copy in {work} lost object {exc}: its file cache is cleared, run the push again"
+        ) from exc
+    return lacking, sent_bytes
 
 
 def _lease(

@@ -25,10 +25,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy is imported on the first scan: a push of unchanged files never loads it (~60 ms)
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "DEFAULT_AVG",
@@ -100,26 +101,42 @@ class _Scratch(threading.local):
     """Per-thread work arrays for the scanner (reused to avoid allocation and page faults)."""
 
     def __init__(self) -> None:
+        import numpy as np
+
         self.acc: npt.NDArray[np.uint32] = np.empty(0, dtype=np.uint32)
         self.tmp: npt.NDArray[np.uint32] = np.empty(0, dtype=np.uint32)
         self.mask: npt.NDArray[np.bool_] = np.empty(0, dtype=np.bool_)
 
     def reserve(self, size: int) -> None:
+        import numpy as np
+
         if self.acc.shape[0] < size:
             self.acc = np.empty(size, dtype=np.uint32)
             self.tmp = np.empty(size, dtype=np.uint32)
             self.mask = np.empty(size, dtype=np.bool_)
 
 
-_scratch = _Scratch()
+_scratch: _Scratch | None = None  # made on the first scan (it imports numpy)
+_scratch_lock = threading.Lock()
+
+
+def _thread_scratch() -> _Scratch:
+    global _scratch
+    if _scratch is None:
+        with _scratch_lock:
+            if _scratch is None:
+                _scratch = _Scratch()
+    return _scratch
 
 
 def _scan(data: npt.NDArray[np.uint8], begin: int, end: int, threshold: int) -> int | None:
     """Return the first position ``i`` in ``[begin, end)`` whose 32-byte window value is a cut
     mark, or None.  Requires ``begin >= 31`` (the window bytes ``i-31 .. i`` are in ``data``)."""
+    import numpy as np
+
     assert begin >= XOR32_WINDOW - 1
     block = _SCAN_BLOCK
-    scratch = _scratch
+    scratch = _thread_scratch()
     scratch.reserve(min(block, end - begin) + XOR32_WINDOW)
     # x is a hit iff x in [lo, lo + span] (|int32(x - magic)| < threshold) or x == 0xFFFFFFFF.
     has_range = threshold > 0
@@ -160,6 +177,8 @@ def _scan(data: npt.NDArray[np.uint8], begin: int, end: int, threshold: int) -> 
 
 
 def _as_array(buf: memoryview | bytes | bytearray) -> npt.NDArray[np.uint8]:
+    import numpy as np
+
     return np.frombuffer(buf, dtype=np.uint8)
 
 

@@ -157,13 +157,18 @@ def check_subtree(
     max_entries: int,
     max_catalogs: int,
     max_depth: int,
+    published: ContentHash | None = None,
 ) -> SubtreeStats:
     """Every catalog from ``root`` (rooted at ``path``) down and every data object they name is stored;
     limits hold.
 
     ``max_catalogs`` and ``max_depth`` count the catalogs below ``root`` (``root`` itself is the
-    leased path's own catalog, as a published tree's is).
+    leased path's own catalog, as a published tree's is). ``published``, the catalog published at
+    ``path`` now: the objects its subtree names are stored (the published revision is complete, and
+    garbage collection never sweeps what it names), so only the others are looked up: a re-push of one
+    changed file among 20,000 looks up a few objects, not 20,000.
     """
+    known = _named_objects(repo, published) if published is not None else set()
     stats = SubtreeStats()
     top = _open(repo, root)
     try:
@@ -188,6 +193,8 @@ def check_subtree(
                     "(limits.max_nested_catalogs, limits.max_catalog_depth)"
                 )
             for digest, suffix in cat.referenced_objects():
+                if (digest, suffix) in known:
+                    continue
                 key = ContentHash(digest).object_name(Suffix(suffix))
                 if not repo.store.exists(key):
                     raise IncompleteTree(f"object {key} was not uploaded")
@@ -195,6 +202,36 @@ def check_subtree(
         finally:
             cat.close()
     return stats
+
+
+def _named_objects(repo: Repository, root: ContentHash) -> set[tuple[bytes, str]]:
+    """The data objects (digest, suffix) the catalogs from ``root`` down name."""
+    named: set[tuple[bytes, str]] = set()
+    pending = [root]
+    while pending:
+        cat = _open(repo, pending.pop())
+        try:
+            named.update(cat.referenced_objects())
+            pending.extend(ref.hash for ref in cat.nested())
+        finally:
+            cat.close()
+    return named
+
+
+def published_catalog(repo: Repository, path: str) -> ContentHash | None:
+    """The nested catalog mounted at ``path`` in the published revision, if ``path`` has its own."""
+    h = repo.manifest().root_catalog
+    while True:
+        cat = _open(repo, h)
+        try:
+            ref = cat.find_nested_for(path)
+        finally:
+            cat.close()
+        if ref is None:
+            return None
+        if ref.path == path:
+            return ref.hash
+        h = ref.hash
 
 
 def extract_subtree(repo: Repository, holder: ContentHash, path: str) -> tuple[ContentHash, int]:

@@ -519,7 +519,7 @@ class Transaction:
             return _Node(row(stat.S_IFDIR | perm, FLAG_DIR, DIR_SIZE), e.kind)
         if e.kind is EntryKind.FILE:
             if e.source is not None:
-                pending = self.content.add_file(e.source, e.size)
+                pending = self.content.add_file(e.source, e.size, e.lstat)
             elif e.stream is not None:
                 pending = self.content.add_stream(e.stream, e.size)
             else:
@@ -602,6 +602,7 @@ class Transaction:
         touched = [holder.cat, *catalogs.values()]
         for cat in touched:
             cat.begin()
+        rows: dict[int, list[tuple[str, Dirent]]] = {id(cat): [] for cat in touched}
         try:
             for rel in sorted(nodes, key=lambda r: (r.count("/"), r)):
                 if rel in boundaries:
@@ -619,7 +620,10 @@ class Transaction:
                         group_ids[gkey] = next_group[key]
                         next_group[key] += 1
                     d = replace(d, hardlinks=make_hardlinks(d.linkcount, group_ids[gkey]))
-                cat.insert(_absolute(path, rel), d)  # without nesting this includes the tree's root row
+                # without nesting this includes the tree's root row
+                rows[id(cat)].append((_absolute(path, rel), d))
+            for cat in touched:
+                cat.insert_many(rows[id(cat)])
         except BaseException:
             for cat in touched:
                 # SQLite has rolled back already after some errors (an I/O error, a full disk); a second
@@ -856,6 +860,8 @@ def _depth(mount: str) -> int:
 
 
 def _relative(path: str) -> str:
+    if path and path[0] != "/" and path[-1] != "/" and "//" not in path and "/." not in "/" + path:
+        return path  # already relative and plain (a walk's paths): no split and join per entry
     try:
         rel = normalize_path(path)
     except ValueError as exc:

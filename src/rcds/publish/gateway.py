@@ -27,7 +27,14 @@ from ..cvmfs import objectpack
 from ..cvmfs.hashes import ContentHash
 from ..cvmfs.objectpack import MAX_OBJECTS, PackEntry, PackError, parse_suffixed_hash
 from ..cvmfs.repository import Repository
-from ..cvmfs.treediff import IncompleteTree, OutsideChange, check_subtree, confine, extract_subtree
+from ..cvmfs.treediff import (
+    IncompleteTree,
+    OutsideChange,
+    check_subtree,
+    confine,
+    extract_subtree,
+    published_catalog,
+)
 from ..ingest.tarstream import IngestLimits
 from ..logs import fields
 from .config import GatewaySettings
@@ -285,7 +292,8 @@ class Gateway:
             else:
                 return None  # the publisher removed the path
         lim = self.limits
-        check_subtree(repo, subtree[0], path, lim.max_entries, lim.max_nested_catalogs, lim.max_catalog_depth)
+        check_subtree(repo, subtree[0], path, lim.max_entries, lim.max_nested_catalogs, lim.max_catalog_depth,
+                      published_catalog(repo, path))  # fmt: skip
         return subtree
 
     def missing(self, key_id: str, token: str, names: object) -> Reply:
