@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import logging
 import os
@@ -14,6 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+
+# Every command here needs the server extra, whose modules are now imported only where used (numpy by the
+# chunker): look for it up front, so that a missing extra is named before any work, not half-way through.
+if importlib.util.find_spec("numpy") is None:
+    raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
 
 from ..cvmfs.checker import check_repository
 from ..cvmfs.gc import GcReport, ProgressFn
