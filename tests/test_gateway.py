@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,46 @@ def test_an_admin_key_cancels_leases_by_path(server: RcdsServer) -> None:
     done = cancel(ops)
     assert sorted(done["cancelled"]) == [f"{REPO}/users/alice/a", f"{REPO}/users/alice/b"], done
     assert alice.acquire(f"{REPO}/users/alice")["status"] == "ok"
+
+
+def test_a_catalog_over_the_limits_is_refused_when_it_arrives(tmp_path: Path) -> None:
+    """Beyond the stock gateway: a catalog over ``[limits]`` is refused in its payload, before it is
+    stored, not only at the commit; the lease stays usable for a tree within the limits."""
+    keyfile = tmp_path / "gw.keys"
+    keyfile.write_text(f"plain_text alice {KEYS['alice']}\n")
+    config = f"""
+[limits]
+max_entries = 40
+[gateway]
+key_files = ["{keyfile}"]
+[gateway.key_paths]
+alice = ["{REPO}/users/alice"]
+"""
+    (tmp_path / "srv").mkdir()
+    srv = RcdsServer(tmp_path / "srv", extra_config=config, repos=(REPO,)).start()
+    try:
+        alice = GatewayClient(srv.url, "alice", KEYS["alice"])
+        token = alice.acquire(f"{REPO}/users/alice")["session_token"]
+        pub = Publisher(srv, tmp_path / "pub")
+        pub.publish("/users/alice", {f"f{i:03d}.txt": b"%d\n" % i for i in range(60)})
+        objects = pub.new_objects()
+        catalogs = [(n, d) for n, d in objects if n.endswith("C")]
+        big = [(n, d) for n, d in catalogs if b"f059.txt" in zlib.decompress(d)]
+        assert len(big) == 1
+        refused = alice.upload(token, big)
+        assert refused["status"] == "error" and "limits.max_entries" in refused["reason"], refused
+        name = big[0][0]
+        assert not (srv.storage(REPO) / "data" / name[:2] / name[2:]).exists()
+        # A payload that is not a zlib stream at all, named as a catalog: refused the same way.
+        junk = b"not a catalog"
+        junk_name = hashlib.sha1(junk).hexdigest() + "C"
+        bad = alice.upload(token, [(junk_name, junk)])
+        assert bad["status"] == "error" and "catalog" in bad["reason"], bad
+        # Within the limits, the same lease goes through.
+        small = Publisher(srv, tmp_path / "pub2")
+        new_root = small.publish("/users/alice", {"a.txt": b"a\n"})
+        assert alice.upload(token, small.new_objects())["status"] == "ok"
+        assert alice.commit(token, small.old_root, new_root)["status"] == "ok"
+        assert read_back(srv, "/users/alice/a.txt") == b"a\n"
+    finally:
+        srv.close()

@@ -12,10 +12,14 @@ must keep its hash.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..storage import ObjectMissing
 from .catalog import (
@@ -28,7 +32,7 @@ from .catalog import (
     file_flags,
 )
 from .hashes import ContentHash, Suffix, md5_pair
-from .objects import EMPTY_HASH, EMPTY_OBJECT
+from .objects import EMPTY_HASH, EMPTY_OBJECT, ZlibError, inflater
 from .repository import Repository
 
 
@@ -141,6 +145,53 @@ def _path_of(
         md5, name = names[md5]
         parts.append(name)
     return root_prefix + "".join("/" + p for p in reversed(parts))
+
+
+def check_catalog_object(
+    stored: bytes, scratch: Path, max_entries: int, max_nested: int, max_bytes: int
+) -> tuple[int, int]:
+    """Rows and nested catalog references of one catalog object as it arrives (compressed, already
+    re-hashed), before it is stored: a catalog over ``max_entries`` rows or ``max_nested`` nested
+    catalogs could never be committed, and one that is not a catalog, or inflates past ``max_bytes``
+    (a zlib bomb), is refused the same way. Raises ``IncompleteTree`` naming the limit."""
+    fd, tmp = tempfile.mkstemp(prefix="catalog-", suffix=".db", dir=scratch)
+    try:
+        inflate = inflater()
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            pending = stored
+            while True:  # at most 1 MiB out per call: a bomb is stopped at the limit, not after it
+                block = inflate.decompress(pending, 1 << 20)
+                written += len(block)
+                if written > max_bytes:
+                    raise IncompleteTree(f"a catalog inflates to more than {max_bytes} bytes")
+                out.write(block)
+                pending = inflate.unconsumed_tail
+                if inflate.eof or not (pending or block):
+                    break
+            if not inflate.eof:
+                raise IncompleteTree("a catalog object is not a complete zlib stream")
+        try:
+            db = sqlite3.connect(f"file:{tmp}?mode=ro&immutable=1", uri=True)
+            try:
+                (rows,) = db.execute("SELECT count(*) FROM catalog").fetchone()
+                (nested,) = db.execute("SELECT count(*) FROM nested_catalogs").fetchone()
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as exc:
+            raise IncompleteTree(f"an object named as a catalog is not one ({exc})") from exc
+    except ZlibError as exc:
+        raise IncompleteTree(f"a catalog object is not a zlib stream ({exc})") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    if rows > max_entries:
+        raise IncompleteTree(f"a catalog of {rows} entries, more than {max_entries} (limits.max_entries)")
+    if nested > max_nested:
+        raise IncompleteTree(
+            f"a catalog with {nested} nested catalogs, more than {max_nested} (limits.max_nested_catalogs)"
+        )
+    return int(rows), int(nested)
 
 
 @dataclass

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..cvmfs import objectpack
-from ..cvmfs.hashes import ContentHash
+from ..cvmfs.hashes import ContentHash, Suffix
 from ..cvmfs.objectpack import MAX_OBJECTS, PackEntry, PackError, parse_suffixed_hash
 from ..cvmfs.repository import Repository
 from ..cvmfs.treediff import (
     IncompleteTree,
     OutsideChange,
+    check_catalog_object,
     check_subtree,
     confine,
     extract_subtree,
@@ -45,6 +46,7 @@ from .metrics import ServiceMetrics
 log = logging.getLogger("rcds.gateway")
 
 API_VERSION = 3  # the stock gateway's protocol version; publishers send 2
+CATALOG_INFLATE_LIMIT = 4 << 30  # one catalog of a million entries is some 300 MB; more is a zlib bomb
 Reply = dict[str, object]
 
 
@@ -200,11 +202,23 @@ class Gateway:
         self, key_id: str, token: str, pack: BinaryIO, digest: str, header_size: int
     ) -> Reply:
         lease = self._held(key_id, token)
-        store = self.repositories[lease.repository].store
+        repo = self.repositories[lease.repository]
+        store = repo.store
+        lim = self.limits
+        scratch = repo.private / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
 
         def accept(entry: PackEntry, data: bytes) -> None:
-            if entry.name is None:
-                store.put_object(entry.object_name, data)
+            if entry.name is not None:
+                return
+            if entry.suffix is Suffix.CATALOG:  # checked as it arrives, not only at the commit
+                try:
+                    check_catalog_object(
+                        data, scratch, lim.max_entries, lim.max_nested_catalogs, CATALOG_INFLATE_LIMIT
+                    )
+                except IncompleteTree as exc:
+                    raise PackError(f"catalog {entry.hash.hex}: {exc}") from exc
+            store.put_object(entry.object_name, data)
 
         started = time.monotonic()
         try:
