@@ -393,15 +393,21 @@ class Transaction:
         # Content first (small files are read and stored in the background): a file that cannot be read
         # fails the call before the old tree at ``path`` is touched.
         self._finish_nodes(nodes, boundaries)
+        parent = parent_path(path)
+        holder = self._make_room(path)
+        self._write_nodes(path, nodes, boundaries, holder)
+        self._touch_dir(parent, +1)
+        return len(nodes)
+
+    def _make_room(self, path: str) -> _OpenCatalog:
+        """Remove whatever is at ``path``, make its parent directory if missing; the catalog that will
+        hold ``path``'s row."""
         if self.exists(path):
             self.remove(path)
         parent = parent_path(path)
         if not self.exists(parent):
             self.mkdir(parent)
-        holder = self._catalog_for(parent)
-        self._write_nodes(path, nodes, boundaries, holder)
-        self._touch_dir(parent, +1)
-        return len(nodes)
+        return self._catalog_for(parent)
 
     def graft(self, staged: StagedTree) -> None:
         """Put a staged subtree (``StagingTransaction.stage``) at its path, replacing whatever was there.
@@ -411,12 +417,8 @@ class Transaction:
         """
         self._check_open()
         path = staged.path
-        if self.exists(path):
-            self.remove(path)
         parent = parent_path(path)
-        if not self.exists(parent):
-            self.mkdir(parent)
-        holder = self._catalog_for(parent)
+        holder = self._make_room(path)
         holder.cat.insert(path, staged.mount_row)
         holder.cat.set_nested(path, staged.root_hash, staged.root_size)
         holder.child_delta = add_counts(holder.child_delta, staged.totals)

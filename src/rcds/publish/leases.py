@@ -33,14 +33,13 @@ import builtins
 import logging
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..logs import fields
+from .sqlitefile import SqliteFile
 
 log = logging.getLogger("rcds.publish.leases")
 
@@ -109,7 +108,7 @@ def _ancestors(path: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-class Leases:
+class Leases(SqliteFile):
     """The lease table in the SQLite file at ``path`` (the service's state DB), with its own connection."""
 
     def __init__(
@@ -122,26 +121,7 @@ class Leases:
         self.process = process  # recorded with every lease this object acquires for the server itself
         self.clock = clock
         self.on_expire = on_expire  # called (after the transaction) for each lease removed as expired
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        super().__init__(path, _SCHEMA, "busy_timeout=30000")
 
     # --- the API ---------------------------------------------------------------------------------
 

@@ -13,15 +13,14 @@ A job back in the queue counts either an ``attempt`` (an error that may be anyon
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from ..cvmfs import failpoints
+from .sqlitefile import SqliteFile
 
 QUEUED: Final = "queued"
 PUBLISHING: Final = "publishing"
@@ -91,37 +90,17 @@ _JOB_COLUMNS = (
 )
 
 
-class StateDB:
+class StateDB(SqliteFile):
     """Thread-safe: one connection, one lock; every call is a short transaction."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        super().__init__(path, _SCHEMA, "synchronous=FULL")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(access)")}
         if "shared" not in columns:  # a state file from before ts/ records
             self._db.execute("ALTER TABLE access ADD COLUMN shared REAL")
         job_columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "waits" not in job_columns:  # a state file from before jobs waited for the storage
             self._db.execute("ALTER TABLE jobs ADD COLUMN waits INTEGER NOT NULL DEFAULT 0")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # --- the queue -------------------------------------------------------------------------------
 
