@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -37,37 +36,9 @@ REPO = "solo.bench.local"
 GROUP = "bench"
 
 
-class Server:
+def start_server(root: Path, slots: int) -> pub.Server:
     """A single-repository ``rcds serve`` with ``ingest_slots`` (0: by CPU count)."""
-
-    def __init__(self, root: Path, slots: int) -> None:
-        self.root = root
-        self.port = pub.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        lines = [f'data_dir = "{root / "data"}"', f"ingest_slots = {slots}", "[server]",
-                 f'http = ["127.0.0.1:{self.port}"]', "[auth]", 'gridmapfile = ""',
-                 "[[repository]]", f'name = "{REPO}"']  # fmt: skip
-        (root / "rcds.toml").write_text("\n".join(lines) + "\n")
-        log = open(root / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rcds.cli", "serve", "--config", str(root / "rcds.toml"),
-             "--log-format", "json"],
-            stdout=log, stderr=log,
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/pubapi/ping").text == "OK\n":
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((root / "server.log").read_text()[-3000:])
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(300)
+    return pub.Server(root, repos=(REPO,), settings=(f"ingest_slots = {slots}",))
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -118,7 +89,7 @@ def run_design(work: Path, slots: int, big_tar: Path, args: argparse.Namespace, 
     root = work / f"leases-slots{slots}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    srv = Server(root, slots)
+    srv = start_server(root, slots)
     n = args.samples
     small = [(f"{GROUP}/s{seed + i:06d}", pub.small_tarball(seed + i)) for i in range(2 * n + args.burst)]
     out: dict[str, Any] = {"ingest_slots": slots or os.cpu_count()}

@@ -51,13 +51,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
+    """``rcds serve`` on 127.0.0.1 with ``repos``; ``settings``: top-level configuration lines."""
+
+    def __init__(self, root: Path, repos: tuple[str, ...] = REPOS, settings: tuple[str, ...] = ()) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        lines = [f'data_dir = "{root / "data"}"', "[server]", f'http = ["127.0.0.1:{self.port}"]',
+        lines = [f'data_dir = "{root / "data"}"', *settings, "[server]", f'http = ["127.0.0.1:{self.port}"]',
                  "[auth]", 'gridmapfile = ""']  # fmt: skip
-        for r in REPOS:
+        for r in repos:
             lines += ["[[repository]]", f'name = "{r}"']
         (root / "rcds.toml").write_text("\n".join(lines) + "\n")
         log = open(root / "server.log", "ab")  # noqa: SIM115
@@ -88,7 +90,7 @@ class Server:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(120)
+        self.proc.wait(300)
 
 
 def small_tarball(seed: int, files: int = 100, size: int = 1 * MB) -> bytes:
