@@ -139,22 +139,24 @@ def root_hash(storage: Path) -> str:
     raise ValueError(f"no root catalog in {storage}/.cvmfspublished")
 
 
-def stock_ingest(
-    swissknife: str, env: dict[str, str], storage: Path, tar: Path, path: str
-) -> dict[str, float]:
-    """``cvmfs_server ingest``'s three commands: ingest, tag_edit (auto-tag handling), sign."""
-    keys = storage / ".rcds" / "keys" / INGEST_FQRN
+def stock_areas(storage: Path) -> tuple[Path, Path, Path, str, str, Path]:
+    """What ``cvmfs_server`` hands swissknife for a local stratum 0 at ``storage``: the keys, its spool's
+    temp and read-only directories, the upstream, the stratum 0 URL and the manifest to write."""
     tmp, rdonly = storage.parent / "spool-tmp", storage.parent / "rdonly"
     tmp.mkdir(exist_ok=True)
     rdonly.mkdir(exist_ok=True)
     (storage / "data" / "txn").mkdir(exist_ok=True)
-    upstream, stratum0, manifest = (
-        f"local,{storage}/data/txn,{storage}",
-        f"file://{storage}",
-        tmp / "manifest",
-    )
-    # swissknife ingest keeps publish statistics here (it aborts if it cannot create them)
+    # swissknife keeps publish statistics here (it aborts if it cannot create them)
     Path(f"/var/spool/cvmfs/{INGEST_FQRN}").mkdir(parents=True, exist_ok=True)
+    keys = storage / ".rcds" / "keys" / INGEST_FQRN
+    return keys, tmp, rdonly, f"local,{storage}/data/txn,{storage}", f"file://{storage}", tmp / "manifest"
+
+
+def stock_ingest(
+    swissknife: str, env: dict[str, str], storage: Path, tar: Path, path: str
+) -> dict[str, float]:
+    """``cvmfs_server ingest``'s three commands: ingest, tag_edit (auto-tag handling), sign."""
+    keys, tmp, rdonly, upstream, stratum0, manifest = stock_areas(storage)
     steps = [
         [swissknife, "ingest", "-u", f"/cvmfs/{INGEST_FQRN}", "-c", str(rdonly), "-t", str(tmp),
          "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest),
@@ -190,17 +192,7 @@ def stock_sync(swissknife: str, env: dict[str, str], storage: Path, scratch_dir:
     ``scratch_dir`` is both the union and its upper layer: over an empty repository (or one whose other
     directories are not touched) the union shows exactly the scratch area, so no overlayfs mount is needed.
     """
-    keys = storage / ".rcds" / "keys" / INGEST_FQRN
-    tmp, rdonly = storage.parent / "spool-tmp", storage.parent / "rdonly"
-    tmp.mkdir(exist_ok=True)
-    rdonly.mkdir(exist_ok=True)
-    (storage / "data" / "txn").mkdir(exist_ok=True)
-    upstream, stratum0, manifest = (
-        f"local,{storage}/data/txn,{storage}",
-        f"file://{storage}",
-        tmp / "manifest",
-    )
-    Path(f"/var/spool/cvmfs/{INGEST_FQRN}").mkdir(parents=True, exist_ok=True)
+    keys, tmp, rdonly, upstream, stratum0, manifest = stock_areas(storage)
     chunking = ["-p", "-l", str(4 << 20), "-a", str(8 << 20), "-h", str(16 << 20)]  # cvmfs_server's defaults
     steps = [
         [swissknife, "sync", "-u", str(scratch_dir), "-s", str(scratch_dir), "-c", str(rdonly), "-t", str(tmp),
