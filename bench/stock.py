@@ -139,7 +139,10 @@ def root_hash(storage: Path) -> str:
     raise ValueError(f"no root catalog in {storage}/.cvmfspublished")
 
 
-def stock_areas(storage: Path) -> tuple[Path, Path, Path, str, str, Path]:
+Areas = tuple[Path, Path, Path, str, str, Path]
+
+
+def stock_areas(storage: Path) -> Areas:
     """What ``cvmfs_server`` hands swissknife for a local stratum 0 at ``storage``: the keys, its spool's
     temp and read-only directories, the upstream, the stratum 0 URL and the manifest to write."""
     tmp, rdonly = storage.parent / "spool-tmp", storage.parent / "rdonly"
@@ -152,27 +155,42 @@ def stock_areas(storage: Path) -> tuple[Path, Path, Path, str, str, Path]:
     return keys, tmp, rdonly, f"local,{storage}/data/txn,{storage}", f"file://{storage}", tmp / "manifest"
 
 
-def stock_ingest(
-    swissknife: str, env: dict[str, str], storage: Path, tar: Path, path: str
-) -> dict[str, float]:
-    """``cvmfs_server ingest``'s three commands: ingest, tag_edit (auto-tag handling), sign."""
-    keys, tmp, rdonly, upstream, stratum0, manifest = stock_areas(storage)
+def stock_commit(
+    swissknife: str, env: dict[str, str], storage: Path, areas: Areas, first: list[str]
+) -> list[dict[str, float]]:
+    """``first`` (ingest or sync), then what ``cvmfs_server`` runs after it: tag_edit (auto-tag handling)
+    and sign; each timed. ``areas``: ``stock_areas(storage)``."""
+    keys, tmp, _, upstream, stratum0, manifest = areas
     steps = [
-        [swissknife, "ingest", "-u", f"/cvmfs/{INGEST_FQRN}", "-c", str(rdonly), "-t", str(tmp),
-         "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest),
-         "-K", f"{keys}.pub", "-N", INGEST_FQRN, "-U", "0", "-G", "0", "-T", str(tar), "-B", path, "-C", "true"],
+        first,
         [swissknife, "tag_edit", "-r", upstream, "-w", stratum0, "-t", str(tmp), "-m", str(manifest),
          "-p", f"{keys}.pub", "-f", INGEST_FQRN, "-e", "sha1", "-x"],
         [swissknife, "sign", "-c", f"{keys}.crt", "-k", f"{keys}.key", "-n", INGEST_FQRN, "-u", stratum0,
          "-m", str(manifest), "-t", str(tmp), "-r", upstream, "-R", str(storage / ".rcds" / "reflog.chksum")],
     ]  # fmt: skip
-    runs = [timed(cmd, env, storage.parent) for cmd in steps]
+    return [timed(cmd, env, storage.parent) for cmd in steps]
+
+
+def totals(runs: list[dict[str, float]]) -> dict[str, float]:
     return {
         "seconds": sum(r["seconds"] for r in runs),
         "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-        "ingest_seconds": runs[0]["seconds"],
     }
+
+
+def stock_ingest(
+    swissknife: str, env: dict[str, str], storage: Path, tar: Path, path: str
+) -> dict[str, float]:
+    """``cvmfs_server ingest``'s three commands: ingest, tag_edit (auto-tag handling), sign."""
+    areas = keys, tmp, rdonly, upstream, stratum0, manifest = stock_areas(storage)
+    ingest = [
+        swissknife, "ingest", "-u", f"/cvmfs/{INGEST_FQRN}", "-c", str(rdonly), "-t", str(tmp),
+        "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest),
+        "-K", f"{keys}.pub", "-N", INGEST_FQRN, "-U", "0", "-G", "0", "-T", str(tar), "-B", path, "-C", "true",
+    ]  # fmt: skip
+    runs = stock_commit(swissknife, env, storage, areas, ingest)
+    return {**totals(runs), "ingest_seconds": runs[0]["seconds"]}
 
 
 def rcds_ingest_main(storage: Path, tar: Path, path: str) -> None:
@@ -192,23 +210,14 @@ def stock_sync(swissknife: str, env: dict[str, str], storage: Path, scratch_dir:
     ``scratch_dir`` is both the union and its upper layer: over an empty repository (or one whose other
     directories are not touched) the union shows exactly the scratch area, so no overlayfs mount is needed.
     """
-    keys, tmp, rdonly, upstream, stratum0, manifest = stock_areas(storage)
+    areas = keys, tmp, rdonly, upstream, stratum0, manifest = stock_areas(storage)
     chunking = ["-p", "-l", str(4 << 20), "-a", str(8 << 20), "-h", str(16 << 20)]  # cvmfs_server's defaults
-    steps = [
-        [swissknife, "sync", "-u", str(scratch_dir), "-s", str(scratch_dir), "-c", str(rdonly), "-t", str(tmp),
-         "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest), "-e", "sha1",
-         "-Z", "default", "-N", INGEST_FQRN, "-K", f"{keys}.pub", "-f", "overlayfs", *chunking],
-        [swissknife, "tag_edit", "-r", upstream, "-w", stratum0, "-t", str(tmp), "-m", str(manifest),
-         "-p", f"{keys}.pub", "-f", INGEST_FQRN, "-e", "sha1", "-x"],
-        [swissknife, "sign", "-c", f"{keys}.crt", "-k", f"{keys}.key", "-n", INGEST_FQRN, "-u", stratum0,
-         "-m", str(manifest), "-t", str(tmp), "-r", upstream, "-R", str(storage / ".rcds" / "reflog.chksum")],
+    sync = [
+        swissknife, "sync", "-u", str(scratch_dir), "-s", str(scratch_dir), "-c", str(rdonly), "-t", str(tmp),
+        "-b", root_hash(storage), "-r", upstream, "-w", stratum0, "-o", str(manifest), "-e", "sha1",
+        "-Z", "default", "-N", INGEST_FQRN, "-K", f"{keys}.pub", "-f", "overlayfs", *chunking,
     ]  # fmt: skip
-    runs = [timed(cmd, env, storage.parent) for cmd in steps]
-    return {
-        "seconds": sum(r["seconds"] for r in runs),
-        "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-    }
+    return totals(stock_commit(swissknife, env, storage, areas, sync))
 
 
 def _say(name: str, step: str, r: dict[str, float]) -> None:
