@@ -18,6 +18,7 @@ Replies are the stock gateway's JSON documents (``{"status":"ok",...}`` or ``{"s
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,9 @@ from .metrics import ServiceMetrics
 log = logging.getLogger("rcds.gateway")
 
 API_VERSION = 3  # the stock gateway's protocol version; publishers send 2
+# Payload catalogs are inflated here to be checked: not the store's staging (``tmp``), which a
+# writer's recovery empties while stagings, but not payloads, are excluded by the ingest lock.
+SCRATCH_DIR = "gateway-scratch"
 CATALOG_INFLATE_LIMIT = 4 << 30  # one catalog of a million entries is some 300 MB; more is a zlib bomb
 Reply = dict[str, object]
 
@@ -85,6 +89,8 @@ class Gateway:
         self.publish_prefix = publish_prefix  # rcds publish's own namespace: no gateway lease there
         self.metrics = metrics
         self.keys = GatewayKeys.load(settings.key_files, settings.key_paths, settings.admin_keys)
+        for repo in repositories.values():  # catalogs a killed server was checking
+            shutil.rmtree(repo.private / SCRATCH_DIR, ignore_errors=True)
 
     # --- listings (authenticated, unlike the stock gateway's) -------------------------------------
 
@@ -205,7 +211,7 @@ class Gateway:
         repo = self.repositories[lease.repository]
         store = repo.store
         lim = self.limits
-        scratch = repo.private / "tmp"
+        scratch = repo.private / SCRATCH_DIR
         scratch.mkdir(parents=True, exist_ok=True)
 
         def accept(entry: PackEntry, data: bytes) -> None:
