@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -129,16 +131,38 @@ def data_name(key: str, mode: int, mtime: int) -> str:
     """``ab/<rest of key>.<md5 of the metadata>``, relative to ``.data``. One level of 256 directories
     (as the node cache of ``rcds get``): CVMFS's second level (65,536 directories) costs a ``mkdir`` for
     nearly every file of a first export and buys nothing on file systems with hashed directories."""
-    meta = hashlib.md5(f"{mode:o}:{mtime}".encode(), usedforsecurity=False).hexdigest()
-    return f"{key[:2]}/{key[2:]}.{meta}"
+    return f"{key[:2]}/{key[2:]}.{_metadata_digest(mode, mtime)}"
+
+
+@functools.lru_cache(maxsize=4096)  # a release tree shares few (mode, mtime) pairs among many files
+def _metadata_digest(mode: int, mtime: int) -> str:
+    return hashlib.md5(f"{mode:o}:{mtime}".encode(), usedforsecurity=False).hexdigest()
+
+
+def _umask() -> int | None:
+    """The process's umask, read without changing it (``os.umask`` would, for every thread); None where
+    ``/proc`` does not tell (Linux before 4.7, other systems)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 TMP_PREFIX = ".tmp-"
 
 
 def _failpoint(name: str) -> None:
-    if failpoints.ENV in os.environ:
+    if _FAILPOINTS_ON:
         failpoints.hit(_FAILPOINT_PREFIX + name)
+
+
+# Failpoints are set in the environment of the process under test, before it starts: read once, not per
+# file.
+_FAILPOINTS_ON = failpoints.ENV in os.environ or failpoints.FILE_ENV in os.environ
 
 
 def force_remove(path: str) -> None:
@@ -189,7 +213,7 @@ class _Run:
         self.stats = ExportStats()
         self.cancel = threading.Event()
         self._lock = threading.Lock()
-        self._counter = 0
+        self._names = itertools.count(1)  # temporary names; next() on it is atomic in CPython
         self._pending: dict[str, _Job] = {}  # .data path -> job not finished yet
         self._slots = threading.BoundedSemaphore(max(64, jobs * 32))  # jobs in flight: bounds memory
         self._errors: list[BaseException] = []
@@ -203,7 +227,12 @@ class _Run:
         # A first export has no other variants in .data to copy from: skip listing its directories.
         with os.scandir(self.data) as it:
             self._data_empty = not any(e.name not in ("tmp", "lock") for e in it)
-        self._used_data: set[str] = set()  # .data names placed by this run (dedup counter only)
+        # .data names this run has made or found (up to a bound): in a first export, a name not in it
+        # cannot exist yet, which saves a lookup per file.
+        self._used_data: set[str] = set()
+        # Created files get their final permission bits at open(2) when the umask leaves them alone,
+        # which saves an fchmod per file (temporary names are never trusted, whatever their mode).
+        self._umask = _umask()
         self._progress: Any = None
         self.placed = 0
 
@@ -215,7 +244,8 @@ class _Run:
                 setattr(self.stats, k, getattr(self.stats, k) + v)
 
     def _count_downloaded(self, n: int) -> None:
-        self.count(downloaded_bytes=n)
+        with self._lock:  # once per received block: not through count()'s generic loop
+            self.stats.downloaded_bytes += n
 
     def progress_update(self, n: int) -> None:
         if self._progress is not None:
@@ -225,9 +255,7 @@ class _Run:
     def temp(self, directory: str | None = None) -> str:
         """A new temporary name: in ``directory`` (a ``.data`` fan-out directory, so that the final
         rename stays within it and eight writers do not all lock one directory), else ``.data/tmp``."""
-        with self._lock:
-            self._counter += 1
-            n = self._counter
+        n = next(self._names)
         if directory is None:
             return f"{self.tmpdir}/{os.getpid()}.{n}"
         return f"{directory}/{TMP_PREFIX}{os.getpid()}-{n}"
@@ -272,7 +300,8 @@ class _Run:
             self.stats.placed_files += 1
             self.placed += 1
             n = self.placed
-        _failpoint(f"placed.{n}")
+        if _FAILPOINTS_ON:
+            _failpoint(f"placed.{n}")
 
     # --- making .data files ----------------------------------------------------------------------
 
@@ -282,16 +311,18 @@ class _Run:
         key, pieces = content_key(d, child.path)
         mode, mtime = d.mode & 0o777, dirent_mtime_ns(d)
         data = f"{self.data}/{data_name(key, mode, mtime)}"
+        new = False  # certainly not in .data yet
         if data in self._used_data:
             self.stats.deduplicated_files += 1
-        elif len(self._used_data) < 200_000:  # only a statistic (~30 MB at most): counted up to there
+        elif len(self._used_data) < 200_000:  # ~30 MB at most; beyond, every name is looked up
             self._used_data.add(data)
+            new = self._data_empty
         with self._lock:
             job = self._pending.get(data)
             if job is not None:
                 job.waiters.append((visible, existing is None))
                 return
-        st = lstat_or_none(data)
+        st = None if new else lstat_or_none(data)
         ok = is_built(st, d.size, mode, mtime)
         if ok and existing is not None and existing.is_file(follow_symlinks=False):
             assert st is not None
@@ -443,7 +474,9 @@ class _Run:
                     continue
                 if job.fd is None:
                     job.tmp = self.temp(os.path.dirname(job.data))
-                    job.fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    job.fd = os.open(
+                        job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self._create_mode(job)
+                    )
                 fd = job.fd
             sinks.append(
                 (
@@ -501,6 +534,13 @@ class _Run:
         self.reader.source.fetch(piece.name, sink, fresh=True)  # type: ignore[arg-type]
         sink.finish()
 
+    def _create_mode(self, job: _Job) -> int:
+        """The mode a file is created with: its final one when the umask keeps it, else owner-only
+        until ``_finish`` sets the final one."""
+        if self._umask is not None and job.mode & self._umask == 0:
+            return job.mode
+        return 0o600
+
     def _fail(self, job: _Job) -> None:
         with job.lock:
             job.failed = True
@@ -515,7 +555,8 @@ class _Run:
         """Give the complete file its metadata and its ``.data`` name, then link the waiting names."""
         assert job.tmp is not None
         if fd is not None:
-            os.fchmod(fd, job.mode)
+            if job.mode != self._create_mode(job):
+                os.fchmod(fd, job.mode)
             os.utime(fd, ns=(job.mtime, job.mtime))  # on the descriptor: no second path lookup
             os.close(fd)
             job.fd = None
