@@ -17,6 +17,13 @@ The tree, the repository and the server are those of ``bench/get.py`` (the ``ing
   CVMFS tool, when it is installed on the machine, given the same specification against the same server
   (libcvmfs with ``CVMFS_HTTP_PROXY=DIRECT``, an empty cache, as many threads as ``--jobs``); skipped
   with a message otherwise. Its ``.data`` layout is its own; the visible tree is compared by hand.
+* **on fresh file systems** (``--fresh-fs``, root only): the cold export and the stock tool once more,
+  each writing everything (destination, reader or libcvmfs cache) into a new loop-mounted ext4 image,
+  as ``stock.py`` does for ingest. On a long-used file system the kernel's cost of creating files swings
+  by several times from one run to the next (issue 19 measured ~10x right after many deletions), which
+  makes the side-by-side figure depend on which tool ran after which deletion; a fresh file system per
+  tool removes that. The cp ratios stay on the work directory's file system (a fresh one makes ``cp -r``
+  a page-cache copy of under a second).
 
 Each export includes opening the repository (manifest, certificate, whitelist, catalogs into a fresh
 reader cache). ratio = cp seconds / export seconds (> 1: faster than cp), from the fastest run of each
@@ -38,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import get as get_bench
 import ingest as ingest_bench
+import stock as stock_bench
 from rcds.client.materialize import materialize
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
@@ -63,10 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("RCDS_CVMFS_SHRINKWRAP") or None,
         help="the real cvmfs_shrinkwrap binary, to time it side by side (default $RCDS_CVMFS_SHRINKWRAP)",
     )
+    parser.add_argument(
+        "--fresh-fs",
+        action="store_true",
+        help="also run cold rcds and stock side by side, each on a fresh loop-mounted ext4 (root only)",
+    )
     parser.add_argument("--seed", type=int, default=ingest_bench.DEFAULT_SEED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size_mb <= 0 or args.repeat < 1 or args.jobs < 1:
         parser.error("--size-mb, --repeat and --jobs must be positive")
+    if args.fresh_fs and (os.geteuid() != 0 or not shutil.which("mkfs.ext4")):
+        parser.error("--fresh-fs needs root and mkfs.ext4")
 
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -97,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         say("stock cvmfs_shrinkwrap not given (--stock-shrinkwrap): the stock comparison is skipped")
     if stock is not None:
         runs["stock_cold"] = []
+    if args.fresh_fs:
+        runs["cold_fresh"] = []
+        if stock is not None:
+            runs["stock_fresh"] = []
     counter = iter(range(1_000_000))
 
-    def shrinkwrap(dest: Path, cache: Path | None) -> ExportStats:
+    def shrinkwrap(dest: Path, cache: Path | None, reader_cache: Path | None = None) -> ExportStats:
         n = next(counter)
         with RepositoryReader.open(
-            server.url, key, fqrn=get_bench.FQRN, cache_dir=scratch / f"reader{n}"
+            server.url, key, fqrn=get_bench.FQRN, cache_dir=reader_cache or scratch / f"reader{n}"
         ) as reader:
             return export(reader, selector, dest, cache_dir=cache, jobs=args.jobs, progress=False)
 
@@ -120,21 +139,22 @@ def main(argv: list[str] | None = None) -> int:
             materialize(r, get_bench.CID, scratch / "filled", cache_dir=cache, jobs=args.jobs, progress=False)
         shutil.rmtree(scratch / "filled")
 
-    def stock_cold(dest: Path) -> None:
-        """The real cvmfs_shrinkwrap: same server, same selection, an empty libcvmfs cache."""
+    def stock_cold(dest: Path, base: Path | None = None) -> None:
+        """The real cvmfs_shrinkwrap: same server, same selection, an empty libcvmfs cache (in ``base``)."""
         assert stock is not None
         n = next(counter)
-        keys, cache = scratch / f"stock-keys{n}", scratch / f"stock-cache{n}"
+        base = base or scratch
+        keys, cache = base / f"stock-keys{n}", base / f"stock-cache{n}"
         keys.mkdir()
         cache.mkdir()
         shutil.copy(key, keys / f"{get_bench.FQRN}.pub")
-        config = scratch / f"stock{n}.conf"
+        config = base / f"stock{n}.conf"
         config.write_text(
             f"CVMFS_REPOSITORIES={get_bench.FQRN}\nCVMFS_SERVER_URL={server.url}\nCVMFS_HTTP_PROXY=DIRECT\n"
             f"CVMFS_KEYS_DIR={keys}\nCVMFS_CACHE_BASE={cache}\nCVMFS_SHARED_CACHE=no\n"
             f"CVMFS_USER={os.environ.get('USER', 'root')}\nCVMFS_CLAIM_OWNERSHIP=yes\n"
         )
-        spec_file = scratch / f"stock{n}.spec"
+        spec_file = base / f"stock{n}.spec"
         spec_file.write_text(f"{get_bench.CID}*\n")
         subprocess.run(
             [str(stock), "-r", get_bench.FQRN, "-f", str(config), "-t", str(spec_file), "-x", str(dest),
@@ -151,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def cp(copy: Path) -> None:
         subprocess.run(["cp", "-r", str(tree), str(copy)], check=True)
+
+    images = workdir / "shrinkwrap-images"  # the loop images of --fresh-fs (sparse files)
+    image_bytes = 2 * info.total_bytes + (2 << 30)  # the tree, a compressed cache, room for metadata
+
+    def on_fresh_fs(step: str, fn: Any) -> None:
+        """Time ``fn(<a new, empty, mounted ext4>)``; making and mounting it is not timed."""
+        images.mkdir(exist_ok=True)
+        with stock_bench.fresh_filesystem(images, image_bytes) as fs:
+            record(step, get_bench.timed(partial(fn, fs), server))
 
     try:
         cache = scratch / "cache"
@@ -169,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                 record("stock_cold", get_bench.timed(partial(stock_cold, scratch / f"stock{i}"), server))
             record("cp", get_bench.timed(partial(cp, scratch / f"cp{i}-again"), server))
             shutil.rmtree(scratch / f"cp{i}-again")
+            if args.fresh_fs:  # alternate which goes first
+                pair = [
+                    ("cold_fresh", lambda fs: shrinkwrap(fs / "dest", None, fs / "reader")),
+                    ("stock_fresh", lambda fs: stock_cold(fs / "dest", fs)),
+                ]
+                for step, fn in pair if i % 2 == 0 else pair[::-1]:
+                    if step in runs:
+                        on_fresh_fs(step, fn)
             for p in scratch.iterdir():
                 if p.name.startswith(("cold", "warm", "reader", "stock")):
                     if not p.is_dir():
@@ -197,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "unchanged": "shrinkwrap, unchanged",
         "get_cold": "rcds get, cold (compare)",
         "stock_cold": "stock cvmfs_shrinkwrap, cold",
+        "cold_fresh": "shrinkwrap, cold, fresh fs",
+        "stock_fresh": "stock, cold, fresh fs",
     }
     for step, label in labels.items():
         if step not in best:
@@ -214,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     if "stock_cold" in best:
         speedup = best["stock_cold"]["seconds"] / best["cold"]["seconds"]
         print(f"cold: stock cvmfs_shrinkwrap / rcds shrinkwrap = {speedup:.2f} (target >= 2)")
+    if "stock_fresh" in best:
+        pairs = [
+            s["seconds"] / r["seconds"] for s, r in zip(runs["stock_fresh"], runs["cold_fresh"], strict=True)
+        ]
+        speedup = best["stock_fresh"]["seconds"] / best["cold_fresh"]["seconds"]
+        print(
+            f"cold, each on a fresh file system: stock / rcds = {speedup:.2f} best of each "
+            f"(run by run: {', '.join(f'{p:.2f}' for p in pairs)}) (target >= 2)"
+        )
     if max(b["other_load_cpus"] for b in best.values()) > 0.2:
         print("warning: other processes kept more than 0.2 CPUs busy during a measurement (see 'other')")
     result = {
