@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,30 +58,42 @@ INGEST_FQRN = "ingest.bench.local"
 TREE1, TREE2 = "bench1/tree", "bench2/tree"
 
 
-def find_swissknife() -> tuple[str, dict[str, str]] | None:
+def find_stock_tool(name: str) -> tuple[str, dict[str, str]] | None:
+    """A stock CVMFS program (``cvmfs_swissknife``, ``cvmfs2``, ``cvmfs_shrinkwrap``) and the environment to
+    run it with: from ``$RCDS_CVMFS_BIN`` (a build tree: also put on ``LD_LIBRARY_PATH``, and as
+    ``CVMFS_LIBRARY_PATH`` where ``cvmfs2`` looks for its FUSE module), else from ``PATH``."""
     env = dict(os.environ)
     where = os.environ.get("RCDS_CVMFS_BIN")
     if where:
-        tool = Path(where) / "cvmfs_swissknife"
+        tool = Path(where) / name
         if tool.is_file():
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [where, env.get("LD_LIBRARY_PATH")]))
+            env["CVMFS_LIBRARY_PATH"] = where
             return str(tool), env
-    found = shutil.which("cvmfs_swissknife")
+    found = shutil.which(name)
     return (found, env) if found else None
+
+
+TIME_FORMAT = "%e %U %S %M"  # wall seconds, user and system CPU seconds, peak RSS in KiB
 
 
 def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
     """Wall, CPU seconds and peak RSS of one command, measured by /usr/bin/time around it alone."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
         done = subprocess.run(
-            [TIME, "-o", out.name, "-f", "%e %U %S %M", *cmd],
+            [TIME, "-o", out.name, "-f", TIME_FORMAT, *cmd],
             env=env, cwd=cwd, capture_output=True, text=True, check=False,
         )  # fmt: skip
         if done.returncode != 0:
             raise SystemExit(
                 f"{cmd[0]} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
             )
-        wall, user, system, rss_kib = out.read().split()[-4:]
+        return time_figures(out.read())
+
+
+def time_figures(text: str) -> dict[str, float]:
+    """What /usr/bin/time wrote with ``TIME_FORMAT`` (its last line)."""
+    wall, user, system, rss_kib = text.split()[-4:]
     return {
         "seconds": float(wall),
         "cpu_seconds": float(user) + float(system),
@@ -229,7 +242,7 @@ def _say(name: str, step: str, r: dict[str, float]) -> None:
 
 
 def ingest_side_by_side(
-    swissknife: str, env: dict[str, str], tree: Path, tar: Path, scratch: Path, repeat: int
+    swissknife: str, env: dict[str, str], python: str, tree: Path, tar: Path, scratch: Path, repeat: int
 ) -> dict[str, list[dict[str, float]]]:
     """First ingest and re-ingest by stock and rcds, of ``tar`` and of the directory ``tree``, alternating,
     each on a fresh ext4."""
@@ -244,7 +257,7 @@ def ingest_side_by_side(
                     if name == "stock":
                         r = stock_ingest(swissknife, env, storage, tar, path)
                     else:
-                        cmd = [sys.executable, str(Path(__file__).resolve()), "--rcds-ingest",
+                        cmd = [python, str(Path(__file__).resolve()), "--rcds-ingest",
                                str(storage), str(tar), path]  # fmt: skip
                         r = timed(cmd, env, fs)
                     rows.setdefault(f"{name} {step}", []).append(r)
@@ -265,7 +278,7 @@ def ingest_side_by_side(
                     if name == "stock":
                         r = stock_sync(swissknife, env, storage, source)
                     else:
-                        cmd = [sys.executable, "-m", "rcds.cli", "repo", "add", "--storage", str(storage),
+                        cmd = [python, "-m", "rcds.cli", "repo", "add", "--storage", str(storage),
                                "/" + path, str(source / path)]  # fmt: skip
                         r = timed(cmd, env, fs)
                     rows.setdefault(f"{name} {step}", []).append(r)
@@ -273,20 +286,26 @@ def ingest_side_by_side(
     return rows
 
 
-def print_rows(title: str, steps: tuple[str, ...], rows: dict[str, list[dict[str, float]]]) -> None:
-    """Median of each step's runs per tool, with stock time / rcds time (and the same for CPU)."""
+def print_rows(
+    title: str,
+    steps: tuple[str, ...],
+    rows: dict[str, list[dict[str, float]]],
+    stock: tuple[str, ...] = ("stock",),
+) -> None:
+    """Median of each step's runs per tool; on each stock tool's row, its time / rcds's time (and the same
+    for CPU): above 1, rcds is faster."""
     print(title)
-    print(f"{'step':<26}{'seconds':>9}{'CPU s':>8}{'RSS MiB':>9}{'stock/rcds':>12}{'CPU ratio':>11}")
+    width = max(len(f"{n} {s}") for n in (*stock, "rcds") for s in steps) + 2
+    print(f"{'step':<{width}}{'seconds':>9}{'CPU s':>8}{'RSS MiB':>9}{'stock/rcds':>12}{'CPU ratio':>11}")
     for step in steps:
-        med = {n: _median(rows[f"{n} {step}"]) for n in ("stock", "rcds")}
-        for name in ("stock", "rcds"):
-            r = med[name]
-            ratio = med["stock"]["seconds"] / r["seconds"]
-            cpu = med["stock"]["cpu_seconds"] / r["cpu_seconds"] if r["cpu_seconds"] else 0.0
-            print(
-                f"{name + ' ' + step:<26}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}"
-                f"{r['peak_rss_mib']:>9.0f}{ratio:>12.2f}{cpu:>11.2f}"
-            )
+        med = {n: _median(rows[f"{n} {step}"]) for n in (*stock, "rcds")}
+        for name in (*stock, "rcds"):
+            r, ours = med[name], med["rcds"]
+            figures = f"{name + ' ' + step:<{width}}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}{r['peak_rss_mib']:>9.0f}"
+            if name != "rcds":
+                cpu = r["cpu_seconds"] / ours["cpu_seconds"] if ours["cpu_seconds"] else 0.0
+                figures += f"{r['seconds'] / ours['seconds']:>12.2f}{cpu:>11.2f}"
+            print(figures)
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -299,17 +318,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-gib", type=float, default=0.1, help="tree size (default 0.1)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rcds-bench"))
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--jobs", type=int, default=8, help="download threads of both tools (default 8)")
+    parser.add_argument("--jobs", type=int, default=8, help="download threads of the tools (default 8)")
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest comparison")
     parser.add_argument("--no-snapshot", action="store_true", help="skip the snapshot comparison")
+    parser.add_argument("--no-reads", action="store_true", help="skip the read comparison")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter the rcds commands run with, e.g. a clean venv's (default: this one)",
+    )
     parser.add_argument("--rcds-ingest", nargs=3, metavar=("STORAGE", "TAR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rcds_ingest:
         storage, tar, path = args.rcds_ingest
         rcds_ingest_main(Path(storage), Path(tar), path)
         return 0
-    tool = find_swissknife()
-    if tool is None:
+    found = {
+        name: tool
+        for name in ("cvmfs_swissknife", "cvmfs2", "cvmfs_shrinkwrap")
+        if (tool := find_stock_tool(name)) is not None
+    }
+    if not found:
         print(
             "stock CVMFS tools not found (set RCDS_CVMFS_BIN to the directory of cvmfs_swissknife): skipped"
         )
@@ -317,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(TIME).is_file():
         print(f"{TIME} not found (apt-get install time): skipped")
         return 0
-    swissknife, env = tool
     workdir: Path = args.workdir.resolve()
     spec = ingest_bench.TreeSpec(args.size_gib)
     info, _ = ingest_bench.ensure_tree(spec, workdir)
@@ -328,25 +356,58 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "rcds-stock",
         "size_bytes": info.total_bytes,
         "repeat": args.repeat,
+        "python": args.python,
     }
     header = f"{info.total_bytes / MB:.0f} MB tree; {os.cpu_count()} CPUs; median of {args.repeat}"
+    fresh_fs = os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None
+    swissknife = found.get("cvmfs_swissknife")
     if args.no_ingest:
         pass
-    elif os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+    elif swissknife is None:
+        print("ingest: no cvmfs_swissknife: skipped")
+    elif not fresh_fs:
         print("ingest: needs root and mkfs.ext4 (a fresh loop-mounted ext4 per run): skipped")
     else:
         tar = ensure_tar(Path(info.root), workdir, spec.key)
-        rows = ingest_side_by_side(swissknife, env, Path(info.root), tar, scratch, args.repeat)
+        rows = ingest_side_by_side(*swissknife, args.python, Path(info.root), tar, scratch, args.repeat)
         print_rows(f"ingest of the tree (a tar; a directory), stock cvmfs_swissknife against rcds core: {header}",
                    ("tar ingest", "tar re-ingest", "dir ingest", "dir re-ingest"), rows)  # fmt: skip
         result["ingest"] = rows
-    if not args.no_snapshot:
+    if args.no_snapshot:
+        pass
+    elif swissknife is None:
+        print("snapshot: no cvmfs_swissknife: skipped")
+    else:
         rows = snapshot_side_by_side(
-            swissknife, env, info, spec.key, workdir, scratch, args.jobs, args.repeat
+            *swissknife, args.python, info, spec.key, workdir, scratch, args.jobs, args.repeat
         )
         print_rows(f"stratum 1 snapshot, stock cvmfs_swissknife pull against rcds replicate: {header}",
                    ("initial", "nothing new"), rows)  # fmt: skip
         result["snapshot"] = rows
+    if args.no_reads:
+        pass
+    elif "cvmfs2" not in found:
+        print("reads: no cvmfs2: skipped")
+    elif not fresh_fs or not os.path.exists("/dev/fuse"):
+        print("reads: needs root, mkfs.ext4 (a fresh loop-mounted ext4 per tool) and /dev/fuse: skipped")
+    else:
+        stock = {"cvmfs2+cp": found["cvmfs2"]}
+        if "cvmfs_shrinkwrap" in found:
+            stock["shrinkwrap"] = found["cvmfs_shrinkwrap"]
+        else:
+            print("reads: no cvmfs_shrinkwrap: its rows are skipped")
+        rows = reads_side_by_side(
+            stock, args.python, info, spec.key, workdir, scratch, args.jobs, args.repeat
+        )
+        names = tuple(stock)
+        print_rows(f"FUSE-less read of the CID, stock {' and '.join(names)} against rcds get: {header}",
+                   ("cold", "warm"), rows, names)  # fmt: skip
+        cold = {n: _median(rows[f"{n} cold"])["seconds"] for n in (*names, "rcds")}
+        print("target: get cold at least 2x faster: " + "; ".join(
+            f"{n} / rcds {cold[n] / cold['rcds']:.2f} {'ok' if cold[n] >= 2 * cold['rcds'] else 'MISSED'}"
+            for n in names
+        ))  # fmt: skip
+        result["reads"] = rows
     (workdir / "stock-result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     shutil.rmtree(scratch, ignore_errors=True)
@@ -354,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def snapshot_side_by_side(
-    swissknife: str, env: dict[str, str], info: Any, key_name: str, workdir: Path, scratch: Path, jobs: int,
-    repeat: int,
+    swissknife: str, env: dict[str, str], python: str, info: Any, key_name: str, workdir: Path,
+    scratch: Path, jobs: int, repeat: int,
 ) -> dict[str, list[dict[str, float]]]:  # fmt: skip
     """``swissknife pull`` and ``rcds replicate`` of the served repository, initial and nothing new."""
     storage = get_bench.ensure_repo(Path(info.root), key_name, workdir)
@@ -373,7 +434,7 @@ def snapshot_side_by_side(
 
     def rcds(replica: Path) -> list[str]:
         return [
-            sys.executable, "-m", "rcds.cli", "replicate", server.url, "--storage", str(replica),
+            python, "-m", "rcds.cli", "replicate", server.url, "--storage", str(replica),
             "--key", str(key), "--fqrn", fqrn, "--jobs", str(jobs),
         ]  # fmt: skip
 
@@ -389,6 +450,138 @@ def snapshot_side_by_side(
             assert a == b, (
                 f"the replicas differ: {len(a - b)} objects only in stock's, {len(b - a)} only in rcds's"
             )
+    finally:
+        server.close()
+    return rows
+
+
+def stock_client_config(base: Path, server_url: str, key: Path) -> Path:
+    """A client configuration for ``cvmfs2`` and ``cvmfs_shrinkwrap`` that needs nothing of /etc/cvmfs:
+    the served repository without a proxy, its key, and every cache and socket under ``base``."""
+    keys, cache, sockets = base / "cvmfs-keys", base / "cvmfs-cache", base / "cvmfs-sockets"
+    for d in (keys, cache, sockets):
+        d.mkdir(exist_ok=True)
+    shutil.copy(key, keys / f"{get_bench.FQRN}.pub")
+    config = base / "cvmfs.conf"
+    config.write_text(
+        f"CVMFS_SERVER_URL={server_url}\nCVMFS_HTTP_PROXY=DIRECT\nCVMFS_KEYS_DIR={keys}\n"
+        f"CVMFS_CACHE_BASE={cache}\nCVMFS_SHARED_CACHE=no\nCVMFS_USER={os.environ.get('USER', 'root')}\n"
+        f"CVMFS_CLAIM_OWNERSHIP=yes\nCVMFS_RELOAD_SOCKETS={sockets}\nCVMFS_MOUNT_DIR={base}\n"
+    )
+    return config
+
+
+def mount_and_copy(
+    cvmfs2: str, env: dict[str, str], config: Path, mountpoint: Path, dest: Path
+) -> dict[str, float]:
+    """``cvmfs2`` mounts the repository at ``mountpoint`` (in the foreground, under /usr/bin/time), ``cp -r``
+    copies the CID out of it, the mount is taken down. Wall seconds from the start of ``cvmfs2`` to its exit;
+    CPU seconds of ``cvmfs2`` and ``cp`` added up; peak RSS the larger of the two."""
+    mountpoint.mkdir(exist_ok=True)
+    # disable_watchdog: no crash-handler process, which would outlive the mount (and keep the file system busy)
+    options = f"config={config},fsname=cvmfs2,disable_watchdog"
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
+        t0 = time.perf_counter()
+        daemon = subprocess.Popen(
+            [TIME, "-o", out.name, "-f", TIME_FORMAT, cvmfs2, "-f", "-o", options, get_bench.FQRN, str(mountpoint)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            while not os.path.ismount(mountpoint):
+                if daemon.poll() is not None:
+                    raise SystemExit(f"cvmfs2 did not mount ({daemon.returncode}): {daemon.communicate()[0]}")
+                time.sleep(0.002)
+            copy = timed(
+                ["cp", "-r", str(mountpoint / get_bench.CID.lstrip("/")), str(dest)], env, dest.parent
+            )
+        finally:
+            if os.path.ismount(mountpoint):
+                subprocess.run(["umount", str(mountpoint)], check=True)
+            output, _ = daemon.communicate(timeout=120)
+        seconds = time.perf_counter() - t0
+        if daemon.returncode != 0:
+            raise SystemExit(f"cvmfs2 failed ({daemon.returncode}): {output[-2000:]}")
+        mount = time_figures(out.read())
+    return {
+        "seconds": seconds,
+        "cpu_seconds": mount["cpu_seconds"] + copy["cpu_seconds"],
+        "peak_rss_mib": max(mount["peak_rss_mib"], copy["peak_rss_mib"]),
+        "copy_seconds": copy["seconds"],
+    }
+
+
+def listing(root: Path) -> set[tuple[str, str, int]]:
+    """Every entry under ``root``: relative path, kind, size of a file (``.cvmfscatalog`` markers left out:
+    the stock client shows them, rcds get does not)."""
+    entries = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            if name == ".cvmfscatalog":
+                continue
+            st = path.lstat()
+            kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"
+            entries.add((str(path.relative_to(root)), kind, st.st_size if kind == "file" else 0))
+    return entries
+
+
+def reads_side_by_side(
+    stock: dict[str, tuple[str, dict[str, str]]], python: str, info: Any, key_name: str, workdir: Path,
+    scratch: Path, jobs: int, repeat: int,
+) -> dict[str, list[dict[str, float]]]:  # fmt: skip
+    """FUSE-less reads of the CID, cold then warm, by each tool in ``stock`` (``cvmfs2+cp``, ``shrinkwrap``: its
+    program and environment) and by ``rcds get``, each tool on a fresh ext4 (destinations and caches), alternating."""
+    storage = get_bench.ensure_repo(Path(info.root), key_name, workdir)
+    key = Repository(storage).public_key_path
+    fqrn, cid = get_bench.FQRN, get_bench.CID
+    server = get_bench.RepoServer(storage)
+    # rcds get with nothing from this machine's client configuration or RCDS_* variables
+    empty_config = scratch / "client.toml"
+    empty_config.touch()
+    rcds_env = {k: v for k, v in os.environ.items() if not k.startswith("RCDS_")}
+    rcds_env["RCDS_CLIENT_CONFIG"] = str(empty_config)
+    stratum = server.url.rsplit("/", 1)[0] + "/@fqrn@"
+
+    def cvmfs2_cp(fs: Path, dest: Path) -> dict[str, float]:
+        program, env = stock["cvmfs2+cp"]
+        return mount_and_copy(program, env, stock_client_config(fs, server.url, key), fs / "mnt", dest)
+
+    def shrinkwrap(fs: Path, dest: Path) -> dict[str, float]:
+        program, env = stock["shrinkwrap"]
+        spec = fs / "spec"
+        spec.write_text(f"{cid}*\n")
+        config = stock_client_config(fs, server.url, key)
+        cmd = [program, "-r", fqrn, "-f", str(config), "-t", str(spec), "-x", str(dest), "-j", str(jobs),
+               "-p", "0"]  # fmt: skip
+        return timed(cmd, env, fs)
+
+    def rcds_get(fs: Path, dest: Path) -> dict[str, float]:
+        cmd = [python, "-m", "rcds.cli", "get", f"/cvmfs/{fqrn}{cid}", str(dest), "--cache", str(fs / "rcds-cache"),
+               "--keys", str(key), "--stratum-url", stratum, "--jobs", str(jobs), "-q"]  # fmt: skip
+        return timed(cmd, rcds_env, fs)
+
+    tools = {"cvmfs2+cp": cvmfs2_cp, "shrinkwrap": shrinkwrap, "rcds": rcds_get}
+    tools = {name: fn for name, fn in tools.items() if name in stock or name == "rcds"}
+    where_tree = {"cvmfs2+cp": "", "shrinkwrap": f"{fqrn}{cid}", "rcds": ""}  # the CID in each destination
+    # room for inodes too: each cvmfs_shrinkwrap destination has 65,792 directories in its .data (sparse image)
+    size = 4 * info.total_bytes + (4 << 30)
+    rows: dict[str, list[dict[str, float]]] = {}
+    try:
+        for i in range(repeat):
+            seen: dict[str, set[tuple[str, str, int]]] = {}
+            for name in list(tools) if i % 2 == 0 else list(tools)[::-1]:
+                with fresh_filesystem(scratch, size) as fs:
+                    for step in ("cold", "warm"):  # warm: a new destination, the caches the cold run filled
+                        os.sync()  # the previous step's writes are not charged to this one
+                        r = tools[name](fs, fs / f"dest-{step}")
+                        rows.setdefault(f"{name} {step}", []).append(r)
+                        _say(name, step, r)
+                    seen[name] = listing(fs / "dest-cold" / where_tree[name])
+            first = seen["rcds"]
+            for name, entries in seen.items():
+                assert entries == first, (
+                    f"{name} read {len(entries - first)} entries rcds get did not, missed {len(first - entries)}"
+                )
     finally:
         server.close()
     return rows
