@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side by side with the stock CVMFS tools: first ingest and re-ingest of a tar, a stratum 1 snapshot.
+"""Side by side with the stock CVMFS tools: ingest and re-ingest, a stratum 1 snapshot, FUSE-less reads.
 
 **Ingest** (root only: each run writes to a fresh loop-mounted ext4 image, because on a file system where
 many files were just deleted, creating files costs several times the CPU; skipped with a message when
@@ -10,22 +10,35 @@ storage, then ``tag_edit -x`` and ``sign``, each under ``/usr/bin/time`` (wall a
 the largest). rcds = ``bench/stock.py --rcds-ingest`` in a fresh interpreter: one transaction with
 ``add_tree(tar_entries(...))`` and ``commit`` (interpreter start-up and imports included). Both start
 from the same empty repository made by rcds (``Repository.create``, not timed), whose keys stock signs
-with.
+with. The same for the tree as a directory: ``swissknife sync`` (what ``cvmfs_server publish`` runs)
+against ``rcds repo add``.
 
 **Snapshot**: the same repository (the ``get.py`` repository of the ``ingest.py`` tree, published once with rcds) is
 served by ``rcds.web.repo_http`` on 127.0.0.1; ``cvmfs_swissknife pull`` and ``rcds replicate`` each
-snapshot it into a fresh directory, then again with nothing new. Each is a whole command run under
-``/usr/bin/time`` (wall seconds, CPU seconds, peak RSS of that command alone), alternating stock and rcds
-``--repeat`` times; the fastest run of each is reported with its ratio. Both replicas must end up with
-the same objects.
+snapshot it into a fresh directory, then again with nothing new. Both replicas must end up with the same
+objects. The interpreter's bare start-up (``-c pass``) is printed beside it: ``--python`` runs the rcds
+commands with another interpreter (a clean venv's has no ``.pth`` files importing at start-up).
+
+**Reads** (root, ``/dev/fuse`` and ``cvmfs2`` needed; skipped with a message otherwise): the ``get.py``
+CID of that served repository read into a local directory, cold (empty client cache) then warm (the cache
+the cold run filled, a new destination), by: ``cvmfs2`` mounting the repository (foreground, a client
+configuration needing nothing of /etc/cvmfs) + ``cp -r`` of the CID out of the mount + unmount, the warm
+run a fresh mount (so the kernel's page cache of the first mount's files is gone, the client cache is
+not); ``cvmfs_shrinkwrap`` with a spec of the CID (warm: a second run into a new destination); ``rcds
+get`` as a command with a node cache (warm: hard links from it). Each tool's two runs write everything
+(destinations, caches) into one fresh loop-mounted ext4; the tools' order alternates between repetitions;
+the cold copies must hold the same tree.
+
+Each step is a whole command under ``/usr/bin/time`` (wall seconds, CPU seconds, peak RSS of that command
+alone; for the mount: the ``cvmfs2`` process and ``cp`` added up), alternating stock and rcds ``--repeat``
+times; the run with the median wall time of each is reported with the stock / rcds ratios.
 
     RCDS_CVMFS_BIN=/path/to/cvmfs/build/cvmfs python bench/stock.py --size-gib 0.1
 
-The stock tools are looked up in ``$RCDS_CVMFS_BIN`` (also put on ``LD_LIBRARY_PATH``, for a build tree),
-then on ``PATH``; without them the script says so and exits 0. Nothing of CVMFS is part of rcds.
-Not measured here yet: a directory through ``swissknife sync`` (needs an overlayfs union as
-``cvmfs_server publish`` sets up), reads through a ``cvmfs2`` mount and ``cvmfs_shrinkwrap`` (see
-``shrinkwrap.py --stock-shrinkwrap``) against ``rcds get``.
+The stock tools are looked up in ``$RCDS_CVMFS_BIN`` (a build tree: also put on ``LD_LIBRARY_PATH`` and, for
+``cvmfs2``'s FUSE module, ``CVMFS_LIBRARY_PATH``), then on ``PATH``; without them the script says so and
+exits 0. Nothing of CVMFS is part of rcds. Not measured here yet: ``.tar.gz``, and ingest through ``rcds
+serve``.
 """
 
 from __future__ import annotations
