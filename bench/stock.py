@@ -476,18 +476,21 @@ def snapshot_side_by_side(
     return rows
 
 
-def stock_client_config(base: Path, server_url: str, key: Path) -> Path:
-    """A client configuration for ``cvmfs2`` and ``cvmfs_shrinkwrap`` that needs nothing of /etc/cvmfs:
-    the served repository without a proxy, its key, and every cache and socket under ``base``."""
+def stock_client_config(base: Path, server_url: str, key: Path, mount: bool) -> Path:
+    """A client configuration for ``cvmfs2`` (``mount``) or ``cvmfs_shrinkwrap`` that needs nothing of
+    /etc/cvmfs: the served repository without a proxy, its key, and every cache and socket under ``base``."""
     keys, cache, sockets = base / "cvmfs-keys", base / "cvmfs-cache", base / "cvmfs-sockets"
     for d in (keys, cache, sockets):
         d.mkdir(exist_ok=True)
     shutil.copy(key, keys / f"{get_bench.FQRN}.pub")
     config = base / "cvmfs.conf"
+    # a mount's cache limit as an installed client's /etc/cvmfs/default.conf sets it (compiled in: 1 GiB);
+    # libcvmfs (shrinkwrap) refuses any cache limit
+    limits = "CVMFS_QUOTA_LIMIT=4000\nCVMFS_NFILES=131072\n" if mount else ""
     config.write_text(
         f"CVMFS_SERVER_URL={server_url}\nCVMFS_HTTP_PROXY=DIRECT\nCVMFS_KEYS_DIR={keys}\n"
         f"CVMFS_CACHE_BASE={cache}\nCVMFS_SHARED_CACHE=no\nCVMFS_USER={os.environ.get('USER', 'root')}\n"
-        f"CVMFS_CLAIM_OWNERSHIP=yes\nCVMFS_RELOAD_SOCKETS={sockets}\nCVMFS_MOUNT_DIR={base}\n"
+        f"CVMFS_CLAIM_OWNERSHIP=yes\nCVMFS_RELOAD_SOCKETS={sockets}\nCVMFS_MOUNT_DIR={base}\n{limits}"
     )
     return config
 
@@ -565,13 +568,13 @@ def reads_side_by_side(
 
     def cvmfs2_cp(fs: Path, dest: Path) -> dict[str, float]:
         program, env = stock["cvmfs2+cp"]
-        return mount_and_copy(program, env, stock_client_config(fs, server.url, key), fs / "mnt", dest)
+        return mount_and_copy(program, env, stock_client_config(fs, server.url, key, True), fs / "mnt", dest)
 
     def shrinkwrap(fs: Path, dest: Path) -> dict[str, float]:
         program, env = stock["shrinkwrap"]
         spec = fs / "spec"
         spec.write_text(f"{cid}*\n")
-        config = stock_client_config(fs, server.url, key)
+        config = stock_client_config(fs, server.url, key, False)
         cmd = [program, "-r", fqrn, "-f", str(config), "-t", str(spec), "-x", str(dest), "-j", str(jobs),
                "-p", "0"]  # fmt: skip
         return timed(cmd, env, fs)
