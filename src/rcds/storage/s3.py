@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import random
 import secrets
 import threading
@@ -85,6 +86,37 @@ class S3Settings:
         if unknown:
             raise ValueError(f"unknown S3 settings for {url}: {', '.join(unknown)}")
         return cls(bucket=parts.netloc, prefix=parts.path.strip("/"), **options)
+
+    @classmethod
+    def parse_options(cls, pairs: Iterable[str]) -> dict[str, Any]:
+        """``NAME=VALUE`` texts (a command line's) -> options for ``from_url``, each converted to its
+        field's type: the names and types are the ``[repository.s3]`` settings'."""
+        types = {f.name: f.type for f in fields(cls) if f.name not in ("bucket", "prefix")}
+        options: dict[str, Any] = {}
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in types:
+                known = ", ".join(sorted(types))
+                raise ValueError(f"S3 option {pair!r}: expected NAME=VALUE, NAME one of {known}")
+            kind = str(types[name])
+            try:
+                if kind == "bool":
+                    lowered = text.strip().lower()
+                    if lowered not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                        raise ValueError("true or false")
+                    options[name] = lowered in ("true", "yes", "1", "on")
+                elif kind == "int":
+                    options[name] = int(text)
+                elif kind == "float":
+                    options[name] = float(text)
+                else:
+                    options[name] = text
+            except ValueError as exc:
+                raise ValueError(f"S3 option {name}: {text!r} is not a valid {kind} ({exc})") from None
+        if options.get("addressing", "path") not in ("path", "virtual"):
+            raise ValueError("S3 option addressing: 'path' or 'virtual'")
+        return options
 
     @property
     def url(self) -> str:
@@ -271,6 +303,24 @@ class S3Store(ObjectStore):
                 **conditions,
             ),
         )
+
+    def put_file(self, key: str, path: str) -> None:
+        """Upload the file, streaming it (reopened for each attempt), then remove it. One PUT: objects up
+        to S3's single-PUT limit (5 GiB)."""
+        full = self._key(key)
+
+        def upload() -> Any:
+            with open(path, "rb") as body:
+                return self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=full,
+                    Body=body,
+                    CacheControl=_cache_control(key),
+                    ContentType="application/octet-stream",
+                )
+
+        self._call("PUT", key, upload)
+        os.unlink(path)
 
     def put_object(self, key: str, data: bytes | memoryview) -> bool:
         if self.settings.peek_before_put:
