@@ -469,10 +469,18 @@ def _gc_storage(storage: Path, horizon_days: float, dry_run: bool, as_json: bool
 
     horizon = horizon_days * 86400
     if is_replica(storage):
+        from ..cvmfs.replica_store import ReplicaError, ReplicaStorage
+
+        replica = ReplicaStorage(storage)  # a directory, or the state of a replica in a bucket
         try:
-            fqrn = Manifest.parse((storage / ".cvmfspublished").read_bytes())[0].fqrn
-        except ManifestError as exc:
+            manifest = replica.current_manifest()
+        except (ReplicaError, OSError) as exc:
             raise click.ClickException(f"{storage}: {exc}") from exc
+        finally:
+            replica.close()
+        if manifest is None:
+            raise click.ClickException(f"{replica.where} holds no revision yet")
+        fqrn = manifest.fqrn
         return _collect(
             fqrn,
             lambda progress: collect_replica_garbage(

@@ -153,8 +153,8 @@ class ReplicaStorage:
                 raise ReplicaError(
                     f"another snapshot (or a garbage collection) of {self.where} is running"
                 ) from exc
-            if self.remote and not (self.private / REPLICA_JSON).exists():
-                self._record_store()
+            if self.remote and recorded_store(self.storage) != self.store_settings:
+                self._record_store()  # new, or reached with other settings (an endpoint moved)
             yield
         finally:
             os.close(fd)
@@ -311,9 +311,9 @@ class ReplicaStorage:
         self.write_root_file(STATUS_JSON, (json.dumps(status, indent=2) + "\n").encode(), durable=False)
 
 
-def _location(store: Mapping[str, Any]) -> tuple[str, str]:
-    """What identifies a bucket replica: its URL and endpoint (other settings may change)."""
-    return str(store.get("url", "")).rstrip("/"), str(store.get("endpoint", ""))
+def _location(store: Mapping[str, Any]) -> str:
+    """What identifies a bucket replica: its URL (the endpoint and other settings may change)."""
+    return str(store.get("url", "")).rstrip("/")
 
 
 __all__ = [
