@@ -337,3 +337,57 @@ def test_replica_gc_in_a_bucket_deletes_exactly_what_it_deletes_in_a_directory(
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+def test_the_service_keeps_a_replica_in_a_bucket(
+    source: Repository, servers: Callable[[dict[str, Path]], Server], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A ``local = false`` repository with ``storage = "s3://..."``: the replication thread snapshots into
+    the bucket, the presence index and the announcements read it there, and the daily cleanup collects
+    it."""
+    from rcds.publish.config import settings_from_dict
+    from rcds.publish.service import PublishService
+
+    server = servers({FQRN: source.storage})
+    sub = secrets.token_hex(4)
+    settings = settings_from_dict({
+        "data_dir": str(tmp_path / "svc"), "gc_horizon_days": 0.0, "replica_interval": 0.05,
+        "auth": {"gridmapfile": ""},
+        "repository": [{
+            "name": FQRN, "local": False, "upstream": server.url(), "public_key": str(source.public_key_path),
+            "storage": f"s3://{S3_BUCKET}/{sub}", "state": str(tmp_path / "state"),
+            "s3": {"endpoint": s3_server.endpoint, "retries": 2},
+        }],
+    })  # fmt: skip
+    http = f"{s3_server.endpoint}/{S3_BUCKET}/{sub}/{FQRN}"
+    svc = PublishService(settings)
+    svc.start()
+    try:
+
+        def served() -> int:
+            return svc.known_revision.get(FQRN, -1)  # set by refresh_presence, which reads the bucket
+
+        deadline = time.monotonic() + 30
+        while served() != 3:
+            assert time.monotonic() < deadline, "the replica did not reach revision 3"
+            time.sleep(0.05)
+        assert httpx.get(f"{http}/{MANIFEST}").content == (source.storage / MANIFEST).read_bytes()
+        assert not (tmp_path / "state" / MANIFEST).exists()  # the state directory holds no public file
+        _publish(source, "/sw/c", _tree(tmp_path, "c", 8))
+        while served() != 4:
+            assert time.monotonic() < deadline, "the replica did not follow to revision 4"
+            time.sleep(0.05)
+        _publish(source, "/sw/c", None)
+        _publish(source, "/sw/d", _tree(tmp_path, "d", 9))  # /sw/c is then only in revision 4: swept
+        while served() != 6:
+            assert time.monotonic() < deadline, "the replica did not follow to revision 6"
+            time.sleep(0.05)
+        report = svc.cleanup_replica(FQRN, now=time.time() + 60)
+        assert report.gc is not None and report.gc.catalogs_swept > 0 and report.gc.objects_swept > 0
+    finally:
+        svc.stop()
+    with RepositoryReader.open(source.storage, source.public_key_path, fqrn=FQRN) as want:
+        expected = _content(want)
+    with RepositoryReader.open(http, source.public_key_path, fqrn=FQRN, cache_dir=tmp_path / "c") as got:
+        assert check_repository(got).issues == []
+        assert _content(got) == expected
