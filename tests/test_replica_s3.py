@@ -352,6 +352,7 @@ def test_the_service_keeps_a_replica_in_a_bucket(
     sub = secrets.token_hex(4)
     settings = settings_from_dict({
         "data_dir": str(tmp_path / "svc"), "gc_horizon_days": 0.0, "replica_interval": 0.05,
+        "auto_cleanup": False,  # collected below, when the replica has the revisions to sweep
         "auth": {"gridmapfile": ""},
         "repository": [{
             "name": FQRN, "local": False, "upstream": server.url(), "public_key": str(source.public_key_path),

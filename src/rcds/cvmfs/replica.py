@@ -1,7 +1,10 @@
-"""A stratum 1 in Python: ``snapshot`` makes a local storage directory a verified copy of a repository.
+"""A stratum 1 in Python: ``snapshot`` makes a storage a verified copy of a repository.
 
 What ``cvmfs_server snapshot`` / ``cvmfs_swissknife pull`` do (``cvmfs-format.md`` 7.4), for a storage
-directory that ``rcds.web.repo_http`` (or any web server) then serves like a stock stratum 1::
+directory that ``rcds.web.repo_http`` (or any web server) then serves like a stock stratum 1, or for an
+S3 bucket in the CVMFS layout that clients read over its HTTP endpoint (``store=``; the directory then
+holds only the private part, see ``rcds.cvmfs.replica_store``). The public files are written only through
+the replica's ``ObjectStore``::
 
     <storage>/.cvmfspublished .cvmfswhitelist .cvmfsreflog       public, like every stratum 1
               .cvmfs_last_snapshot .cvmfs_status.json data/00..ff data/txn
@@ -21,13 +24,14 @@ One snapshot:
    replica back); the same revision with another root catalog is refused too. The same revision: nothing
    is pulled, but a re-signed whitelist (or manifest) is still copied, as ``cvmfs_server snapshot``
    does, so that the replica's whitelist never expires while the source's is kept fresh.
-3. Pull, bottom-up: for each catalog not yet in the replica's ``data/``, every object it references
-   (files, chunks) that is missing is downloaded into a staging file beside its final name
-   (``data/ab/.<name>.<random>.tmp``, which no server serves), hashed while it streams and renamed into
-   place; nested catalogs likewise. A catalog is renamed into ``data/`` only after all of
-   its objects and nested catalogs are, with a ``syncfs`` in between, so "catalog present" means "subtree
-   complete": a catalog already present is not descended (what makes incremental snapshots cheap), and
-   an interrupted snapshot resumes where it stopped. Downloads run on ``jobs`` threads.
+3. Pull, bottom-up (``rcds.cvmfs.replica_pull``): for each catalog not yet in the replica's ``data/``,
+   every object it references (files, chunks) that is missing is downloaded into a staging file (beside
+   its final name, ``data/ab/.<name>.<random>.tmp``, which no server serves; for a bucket in the private
+   ``tmp/``), hashed while it streams and, verified, stored (renamed into place; uploaded); nested
+   catalogs likewise. A catalog is stored only after all of its objects and nested catalogs are, with a
+   ``syncfs`` in between, so "catalog present" means "subtree complete": a catalog already present is
+   not descended (what makes incremental snapshots cheap), and an interrupted snapshot resumes where it
+   stopped. Downloads (and a bucket's PUTs) run on ``jobs`` threads.
    What is pulled, as ``swissknife pull -p`` does: the current revision; on every snapshot after the
    first, also the revisions published since the replica's (the root catalogs' ``previous_revision``
    chain back to the replica's revision), so a client still on one of them can fail over to this
@@ -38,7 +42,8 @@ One snapshot:
    version of them that a published revision used, and following it into swept history would only fail.
 4. The history database, certificate and meta-info objects; ``syncfs``; the replica's own
    ``.cvmfsreflog`` (every root catalog it holds, certificate, history, meta-info); then the whitelist
-   and, last, the manifest, both byte-identical to the source's; each with fsync and rename. Then
+   and, last, the manifest, both byte-identical to the source's; each durable (fsync and rename, or an
+   acknowledged PUT) before the next. Then
    ``.cvmfs_last_snapshot`` and ``last_snapshot`` in ``.cvmfs_status.json`` (``date --utc`` text).
 
 Crash safety: until the manifest is replaced the replica serves the previous revision, completely. A
