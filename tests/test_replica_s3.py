@@ -33,6 +33,8 @@ from rcds.cvmfs.repository import Repository
 from rcds.storage import store_from_settings
 from rcds.storage.s3 import DATA_CACHE_CONTROL, ROOT_CACHE_CONTROL
 from s3server import S3Server
+from test_gc import read_revision, revision_objects
+from test_replica_gc import GC_SCRIPT, World, build_world, tag_on_source
 from test_replicate import ENSEMBLE, MANIFEST, SNAPSHOT_CLI, Server, _content, _data, _publish, _tree
 from test_replicate import servers as servers  # the fixture
 from test_replicate import source as source  # the fixture
@@ -392,3 +394,59 @@ def test_the_service_keeps_a_replica_in_a_bucket(
     with RepositoryReader.open(http, source.public_key_path, fqrn=FQRN, cache_dir=tmp_path / "c") as got:
         assert check_repository(got).issues == []
         assert _content(got) == expected
+
+
+@pytest.fixture
+def twin_world(make_repo: Callable[..., Repository], bucket: BucketReplica, tmp_path: Path) -> World:
+    """test_replica_gc's world, every snapshot also made into the bucket (not through the proxy, which
+    loses HEAD's Content-Length)."""
+    bucket.endpoint = bucket.server.endpoint
+    return build_world(make_repo(), tmp_path, twins=[(bucket.state, bucket.store)])
+
+
+@pytest.mark.parametrize("failpoint", ["gc-mid-sweep", "gc-before-reflog"])
+def test_a_gc_of_a_bucket_killed_mid_sweep_is_finished_before_a_snapshot_trusts_a_catalog(
+    twin_world: World,
+    bucket: BucketReplica,
+    failpoint: str,
+    tmp_path: Path,
+    open_reader: Callable[..., RepositoryReader],
+) -> None:
+    """test_replica_gc's trap on a bucket: the sweep deletes /sw/b's objects before revision 3's catalogs,
+    so a collection killed mid-way leaves revision 3's root catalog in the bucket (and in the presence
+    index) over a half-deleted tree. The source then tags revision 3 again; the next snapshot must finish
+    the collection first, then fetch revision 3 again, completely. The directory replica of the same
+    world, collected without interruption, is the reference."""
+    w = twin_world
+    now = time.time() + 60
+    assert _data(w.replica) == bucket.data_keys()
+    collect_replica_garbage(w.replica, horizon=0, now=now)
+    reference = _data(w.replica)
+    child = subprocess.run(
+        [sys.executable, "-c", GC_SCRIPT, str(bucket.state), str(now)],
+        env={**os.environ, failpoints.ENV: failpoint}, capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert child.returncode == failpoints.EXIT_CODE, child.stderr.decode()
+    assert (bucket.state / PRIVATE_DIR / "gc-unfinished").is_file()
+    bucket.check_clean(w.key, tmp_path / "c1")  # the current revision is untouched
+    root3 = w.roots[3].object_name(Suffix.CATALOG)
+    if failpoint == "gc-mid-sweep":
+        assert root3 in bucket.data_keys()  # the trap is set
+
+    w.twins = []  # from now on only the bucket is snapshotted
+    history = tag_on_source(w.source, "pinned", w.roots[3], 3)
+    report = bucket.snap(str(w.source.storage), w.key)
+    assert report.revision == 5 and report.revisions_pulled == [3]
+    assert report.catalogs == 2  # revision 3's root catalog and /sw/b's, fetched again with all below
+    assert not (bucket.state / PRIVATE_DIR / "gc-unfinished").exists()
+    refetched = revision_objects(open_reader(w.source), w.roots[3])
+    # (old history databases aside: which ones are older than the kept revisions depends on the second
+    # each replica received them in)
+    assert {k for k in bucket.data_keys() if not k.endswith("H")} == {
+        k for k in reference | refetched if not k.endswith("H")
+    }
+    assert history.object_name(Suffix.HISTORY) in bucket.data_keys()
+    bucket.check_clean(w.key, tmp_path / "c2")
+    assert read_revision(open_reader(bucket.http, w.key), w.roots[3]) == read_revision(
+        open_reader(w.source), w.roots[3]
+    )
