@@ -153,6 +153,36 @@ def _cache_control(key: str) -> str:
     return DATA_CACHE_CONTROL if key.startswith("data/") else ROOT_CACHE_CONTROL
 
 
+# boto3 clients by what shapes them (settings and the AWS environment): making one costs ~50 ms of CPU
+# (it loads and parses the service model), which a stratum 1 polling its upstream every few seconds would
+# otherwise pay on every snapshot. Clients are thread-safe. An entry is made again after CLIENT_REUSE
+# seconds, so that credentials rotated in ~/.aws/credentials are read again.
+CLIENT_REUSE = 300.0
+_AWS_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_DEFAULT_REGION",
+)  # fmt: skip
+_clients: dict[tuple[Any, ...], tuple[float, Any]] = {}
+_clients_lock = threading.Lock()
+
+
+def _shared_client(store: S3Store) -> Any:
+    s = store.settings
+    key = (
+        s.endpoint_url, s.region, s.addressing, s.profile, s.parallelism, s.timeout,
+        tuple(os.environ.get(name) for name in _AWS_ENVIRONMENT),
+    )  # fmt: skip
+    now = time.monotonic()
+    with _clients_lock:
+        made = _clients.get(key)
+        if made is not None and now - made[0] < CLIENT_REUSE:
+            return made[1]
+    client = store._make_client()
+    with _clients_lock:
+        _clients[key] = (now, client)
+    return client
+
+
 class S3Store(ObjectStore):
     def __init__(self, settings: S3Settings, client: Any = None) -> None:
         self.settings = settings
@@ -160,7 +190,8 @@ class S3Store(ObjectStore):
         self.parallelism = settings.parallelism
         self.public_url = settings.public_url.rstrip("/")
         self._base = f"{settings.prefix}/" if settings.prefix else ""
-        self._client = client or self._make_client()
+        self._shared = client is None
+        self._client = client or _shared_client(self)
         self._conditional: bool | None = None
         self._probe_lock = threading.Lock()
 
@@ -420,4 +451,5 @@ class S3Store(ObjectStore):
             self.put(key, data, IfMatch=version)
 
     def close(self) -> None:
-        self._client.close()
+        if not self._shared:  # a shared client stays open for the next store with these settings
+            self._client.close()
