@@ -179,6 +179,10 @@ def test_a_replica_in_a_bucket_is_complete_verified_and_written_once(
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["revision"] == 4 and set(bucket.puts()) <= STAMPS
+    local = tmp_path / "local"
+    snapshot(server.url(), local, public_keys=[key])
+    with pytest.raises(ReplicaError, match="holds a replica in the directory itself"):
+        snapshot(server.url(), local, public_keys=[key], store=bucket.store)
     with pytest.raises(ReplicaError, match="is the state of the replica in"):
         snapshot(
             server.url(), bucket.state, public_keys=[key], store={**bucket.store, "url": bucket.url + "x"}

@@ -97,6 +97,11 @@ class ReplicaStorage:
             raise ReplicaError(
                 f"{self.storage} is the state of the replica in {recorded['url']}, not {store['url']}"
             )
+        if store and not recorded and (self.storage / MANIFEST).exists():
+            raise ReplicaError(
+                f"{self.storage} holds a replica in the directory itself: it cannot be the state of one in"
+                f" {store['url']}"
+            )
         self.store_settings: dict[str, Any] = dict(store or recorded)
         self.remote = bool(self.store_settings)
         self.root = str(self.storage)  # local objects are addressed with plain strings (pathlib: ~40 us)
