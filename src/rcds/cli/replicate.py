@@ -60,7 +60,13 @@ _proxy = click.option(
 )
 @click.option("--fqrn", default=None, help="Expected repository name (default: from the URL or the replica).")
 @_proxy
-@click.option("--jobs", type=click.IntRange(min=1), default=8, show_default=True, help="Parallel downloads.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Parallel downloads (and, into a bucket, PUTs).",
+)
 @click.option("--watch", is_flag=True, help="Keep snapshotting every --interval seconds until interrupted.")
 @click.option(
     "--interval",
