@@ -347,6 +347,21 @@ def test_replica_gc_in_a_bucket_deletes_exactly_what_it_deletes_in_a_directory(
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["revisions_kept"] == want.revisions_kept
+    # and rcds gc --config covers a replica in a bucket (it holds no manifest in its state directory)
+    config = tmp_path / "rcds.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "svc"}"\ngc_horizon_days = 0\n[auth]\ngridmapfile = ""\n'
+        f'[[repository]]\nname = "{FQRN}"\nlocal = false\nupstream = "{server.url()}"\n'
+        f'public_key = "{key}"\nstorage = "{bucket.url}"\nstate = "{bucket.state}"\n'
+        f'[repository.s3]\nendpoint = "{bucket.server.endpoint}"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "rcds.cli", "gc", "--config", str(config), "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[FQRN]["revisions_kept"] == want.revisions_kept
 
 
 def test_the_service_keeps_a_replica_in_a_bucket(
