@@ -501,3 +501,27 @@ def test_a_throttled_bucket_is_retried_and_a_missing_one_named(
     missing = {"url": "s3://no-such-bucket/x", "endpoint": s3_server.endpoint, "retries": 0}
     with pytest.raises(ReplicaError, match="bucket no-such-bucket does not exist"):
         snapshot(server.url(), tmp_path / "state2", public_keys=[key], store=missing)
+
+
+def test_the_presence_index_records_writes_forgets_deletes_and_lists_in_pages(tmp_path: Path) -> None:
+    """``IndexedStore`` over a local directory store (the same interface a bucket has)."""
+    from rcds.storage.indexed import IndexedStore
+    from rcds.storage.local import LocalStore
+
+    inner = LocalStore(tmp_path / "public")
+    inner.initialize()
+    inner.put("data/00/catalogC", b"c")
+    inner.put("data/00/object", b"o")
+    store = IndexedStore(inner, tmp_path / "objects.db")  # new: built from a listing, catalogs left out
+    assert store.exists("data/00/object") and not store.exists("data/00/catalogC")
+    keys = [f"data/{i % 256:02x}/{i:06d}" for i in range(10_050)]  # more than one page
+    for k in keys:
+        store.put(k, b"x")
+    assert list(store.iter_keys("data/")) == sorted([*keys, "data/00/object"])
+    assert list(store.iter_keys("data/01/")) == sorted(k for k in keys if k.startswith("data/01/"))
+    store.delete_many(keys[:5])
+    assert not any(store.exists(k) for k in keys[:5]) and not any(inner.exists(k) for k in keys[:5])
+    store.close()
+    again = IndexedStore(LocalStore(tmp_path / "public"), tmp_path / "objects.db")  # not rebuilt: kept
+    assert again.exists(keys[5]) and not again.exists(keys[0])
+    again.close()

@@ -116,15 +116,20 @@ class IndexedStore(ObjectStore):
         if not prefix.startswith(DATA_PREFIX):
             yield from self.inner.iter_keys(prefix)
             return
-        with self._lock:
-            keys = [
-                str(k)
-                for (k,) in self._db.execute(
-                    "SELECT key FROM present WHERE key >= ? AND key < ? ORDER BY key",
-                    (prefix, prefix + "\uffff"),
-                )
-            ]
-        yield from keys
+        after, end = prefix, prefix + "\uffff"
+        while True:  # in pages (keyset), so that memory stays bounded for millions of keys
+            with self._lock:
+                page = [
+                    str(k)
+                    for (k,) in self._db.execute(
+                        "SELECT key FROM present WHERE key > ? AND key < ? ORDER BY key LIMIT 10000",
+                        (after, end),
+                    )
+                ]
+            yield from page
+            if len(page) < 10000:
+                return
+            after = page[-1]
 
     # --- writes: the bucket, then the index ----------------------------------------------------------
 
