@@ -8,7 +8,10 @@ In one run, against one local ``juicefs gateway`` (tests/s3server.py, started he
    S3 / local (target >= 0.5);
 2. small-publish latency: ``--small`` commits of 10 new small files each, p50 and p95, local and S3
    (target: S3 p50 < 1 s);
-3. GC on S3: the big tree removed, then ``collect_garbage`` with a zero horizon: objects deleted per second.
+3. a stratum 1 of the local repository (the tree and the small publishes) made by ``snapshot`` (source:
+   the repository's directory, so the source costs no HTTP) into a directory and into the bucket
+   (``store=``): objects stored per second, and the ratio bucket / directory;
+4. GC on S3: the big tree removed, then ``collect_garbage`` with a zero horizon: objects deleted per second.
 
 Both repositories use the writer in this process (no ``rcds serve``: the HTTP upload path is the same for
 either storage). The S3 server runs on the same machine and competes for its cores with the writer's
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import ingest  # the tree generator and its cache
 from rcds.cvmfs.gc import collect_garbage
+from rcds.cvmfs.replica import snapshot
 from rcds.cvmfs.repository import Repository
 from s3server import run_s3_server
 
@@ -73,6 +77,28 @@ def small_publishes(repo: Repository, work: Path, n: int) -> list[float]:
     return times
 
 
+def replicate_figures(
+    result: dict[str, Any], source: Repository, work: Path, endpoint: str, jobs: int
+) -> None:
+    """A stratum 1 of ``source`` into a directory, then into the bucket: objects stored per second."""
+    bucket = {"url": f"s3://{BUCKET}/s1/{FQRN}", "endpoint": endpoint}
+    result["replicate_jobs"] = jobs
+    for name, storage, store in (("dir", work / "s1-dir", None), ("s3", work / "s1-state", bucket)):
+        t0 = time.perf_counter()
+        report = snapshot(
+            str(source.storage), storage, public_keys=[source.public_key_path], jobs=jobs, store=store
+        )
+        seconds = time.perf_counter() - t0
+        result[f"replicate_{name}_s"] = round(seconds, 2)
+        result[f"replicate_{name}_objects_per_s"] = round(report.objects_fetched / seconds, 1)
+        result["replicate_objects"] = report.objects_fetched
+        say(f"stratum 1 into {name}: {report.objects_fetched} objects in {seconds:.1f} s")
+    result["replicate_ratio_s3_to_dir"] = round(result["replicate_dir_s"] / result["replicate_s3_s"], 3)
+    result["replicate_s3_share_of_server"] = round(
+        result["replicate_s3_objects_per_s"] / result["server_put_per_s"], 2
+    )
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -87,6 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--no-peek", action="store_true", help="S3: PUT without a HEAD first (peek_before_put)"
     )
+    parser.add_argument("--jobs", type=int, default=8, help="stratum 1: snapshot(jobs=...) (default 8)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     info, reused = ingest.ensure_tree(ingest.TreeSpec(args.size_gib), args.workdir)
@@ -134,6 +161,8 @@ def main() -> None:
                 result[f"small_{name}_p50_s"] = round(statistics.median(times), 3)
                 result[f"small_{name}_p95_s"] = round(pct(times, 0.95), 3)
                 say(f"{name}: small publish p50 {statistics.median(times):.3f} s")
+
+            replicate_figures(result, local, work, server.endpoint, args.jobs)
 
             with remote.transaction() as txn:
                 txn.remove("/tree")

@@ -68,19 +68,30 @@ class World:
     source: Repository
     replica: Path
     roots: dict[int, ContentHash]
+    # replicas in buckets that receive every snapshot too, after ``replica``: (state directory, store)
+    twins: list[tuple[Path, dict[str, object]]] = dataclasses.field(default_factory=list)
 
     @property
     def key(self) -> Path:
         return self.source.public_key_path
 
     def snap(self) -> SnapshotReport:
-        return snapshot(str(self.source.storage), self.replica, public_keys=[self.key])
+        report = snapshot(str(self.source.storage), self.replica, public_keys=[self.key])
+        for state, store in self.twins:
+            snapshot(str(self.source.storage), state, public_keys=[self.key], store=store)
+        return report
 
 
 @pytest.fixture
 def world(make_repo: Callable[..., Repository], tmp_path: Path) -> World:
-    source = make_repo()
-    w = World(source, tmp_path / "replica", {0: source.manifest().root_catalog})
+    return build_world(make_repo(), tmp_path)
+
+
+def build_world(
+    source: Repository, tmp_path: Path, twins: list[tuple[Path, dict[str, object]]] | None = None
+) -> World:
+    """The world of the module's docstring (``twins``: bucket replicas snapshotted alongside)."""
+    w = World(source, tmp_path / "replica", {0: source.manifest().root_catalog}, list(twins or []))
     t0 = int(time.time()) + 10
     b = {f"f{i:02d}.txt": f"only in /sw/b, file {i}\n".encode() * 40 for i in range(30)}
     src = {

@@ -547,14 +547,16 @@ def test_the_configuration_of_a_bucket_repository(tmp_path: Path) -> None:
     assert settings_from_dict(repo(storage="s3://bkt"), tmp_path).repositories[0].store["url"] == (
         "s3://bkt/a.example.org"
     )
+    replica = repo(
+        storage="s3://bkt/s1", local=False, upstream="http://x/cvmfs/a.example.org", public_key="k"
+    )
+    rs = settings_from_dict(replica, tmp_path).repositories[0]  # a stratum 1 in a bucket
+    assert not rs.local and rs.store == {"url": "s3://bkt/s1/a.example.org"}
+    assert rs.storage == tmp_path / "rcds-data" / "a.example.org"
     for bad, message in [
         (repo(storage="s3:///x"), "names no bucket"),
         (repo(storage="s3://bkt", s3={"addressing": "dns"}), "'path' or 'virtual'"),
         (repo(storage="s3://bkt", s3={"endpont": "x"}), "s3.endpont"),
-        (
-            repo(storage="s3://bkt", local=False, upstream="http://x/cvmfs/a.example.org", public_key="k"),
-            "stratum 0",
-        ),
     ]:
         with pytest.raises(ConfigError, match=message):
             settings_from_dict(bad, tmp_path)

@@ -8,10 +8,11 @@ nothing new is then mostly the interpreter's start-up (bench/replicate.py measur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,7 +29,26 @@ _proxy = click.option(
 @click.command("replicate")
 @click.argument("urls", metavar="URL...", nargs=-1, required=True)
 @click.option(
-    "--storage", type=click.Path(path_type=Path), required=True, help="The replica's storage directory."
+    "--storage",
+    required=True,
+    help="The replica's storage directory, or s3://BUCKET/PREFIX (keys PREFIX/data/..., PREFIX/.cvmfspublished;"
+    " needs --state).",
+)
+@click.option(
+    "--state",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="With an s3:// storage: the local directory for the replica's private state (lock, staging, the"
+    " index of objects in the bucket; it remembers the bucket: later runs may give --storage DIR instead).",
+)
+@click.option(
+    "--s3",
+    "s3_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="An S3 setting, as in [repository.s3]: endpoint, region, addressing (path or virtual), https,"
+    " profile, parallelism, retries, timeout (repeatable). Credentials: AWS_ACCESS_KEY_ID/"
+    "AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or profile=NAME.",
 )
 @click.option(
     "--key",
@@ -40,7 +60,13 @@ _proxy = click.option(
 )
 @click.option("--fqrn", default=None, help="Expected repository name (default: from the URL or the replica).")
 @_proxy
-@click.option("--jobs", type=click.IntRange(min=1), default=8, show_default=True, help="Parallel downloads.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Parallel downloads (and, into a bucket, PUTs).",
+)
 @click.option("--watch", is_flag=True, help="Keep snapshotting every --interval seconds until interrupted.")
 @click.option(
     "--interval",
@@ -58,13 +84,16 @@ _proxy = click.option(
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot.")
 def replicate(
-    urls: tuple[str, ...], storage: Path, keys: tuple[Path, ...], fqrn: str | None, proxies: tuple[str, ...],
-    jobs: int, watch: bool, interval: float, notify_roots: tuple[str, ...], as_json: bool,
+    urls: tuple[str, ...], storage: str, state: Path | None, s3_options: tuple[str, ...],
+    keys: tuple[Path, ...], fqrn: str | None, proxies: tuple[str, ...], jobs: int, watch: bool,
+    interval: float, notify_roots: tuple[str, ...], as_json: bool,
 ) -> None:  # fmt: skip
     """Make STORAGE a stratum 1 of the repository at URL (several URLs: failover in order; or a directory).
 
     Verifies the signed manifest with the master key, pulls what the replica does not have yet (catalogs
-    after their subtrees, the manifest last) and leaves STORAGE ready to be served like a stock stratum 1.
+    after their subtrees, the manifest last) and leaves STORAGE ready to be served like a stock stratum 1:
+    a directory, or an S3 bucket (--storage s3://BUCKET/PREFIX --state DIR) that clients and other
+    stratum 1s read over its HTTP endpoint.
     """
     import signal
     import threading
@@ -89,6 +118,7 @@ def replicate(
         for what in report.skipped if not as_json else []:
             click.echo(f"  skipped: {what}")
 
+    directory, store = _replica_location(storage, state, s3_options)
     key_paths, proxy_list = list(keys), list(proxies) or None
     url_list = [u for arg in urls for u in arg.split(";") if u]
     remote = any(u.startswith(("http://", "https://")) for u in url_list)
@@ -96,7 +126,13 @@ def replicate(
     if not watch:
         try:
             report = replica.snapshot(
-                source, storage, public_keys=key_paths, fqrn=fqrn, proxies=proxy_list, jobs=jobs
+                source,
+                directory,
+                public_keys=key_paths,
+                fqrn=fqrn,
+                proxies=proxy_list,
+                jobs=jobs,
+                store=store,
             )
         except replica.ReplicaError as exc:
             raise click.ClickException(str(exc)) from exc
@@ -110,19 +146,49 @@ def replicate(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop_now)
-    subscriber = _replica_subscriber(url_list, fqrn, notify_roots, storage, wake) if remote else None
+    subscriber = _replica_subscriber(url_list, fqrn, notify_roots, directory, store, wake) if remote else None
     try:
         replica.watch(
-            source, storage, interval=interval, stop=stop, public_keys=key_paths, fqrn=fqrn,
-            proxies=proxy_list, jobs=jobs, on_report=show, wake=wake,
+            source, directory, interval=interval, stop=stop, public_keys=key_paths, fqrn=fqrn,
+            proxies=proxy_list, jobs=jobs, on_report=show, wake=wake, store=store,
         )  # fmt: skip
     finally:
         if subscriber is not None:
             subscriber.stop()
 
 
+def _replica_location(
+    storage: str, state: Path | None, s3_options: tuple[str, ...]
+) -> tuple[Path, dict[str, Any] | None]:
+    """The directory ``snapshot`` takes (the replica, or a bucket replica's state) and the bucket's
+    settings (None: local, or the bucket the state directory recorded)."""
+    if not storage.startswith("s3://"):
+        if s3_options:
+            raise click.UsageError("--s3 is for an s3:// --storage")
+        if state is not None:
+            raise click.UsageError(
+                "--state is for an s3:// --storage (a local replica keeps its state inside)"
+            )
+        return Path(storage), None
+    if state is None:
+        raise click.UsageError("an s3:// --storage needs --state DIR (the replica's local private state)")
+    from ..storage.s3 import S3Settings
+
+    try:
+        options = S3Settings.parse_options(s3_options)
+        S3Settings.from_url(storage, **options)  # the URL and the names checked here, before any work
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return state, {"url": storage, **options}
+
+
 def _replica_subscriber(
-    urls: list[str], fqrn: str | None, roots: tuple[str, ...], storage: Path, wake: threading.Event
+    urls: list[str],
+    fqrn: str | None,
+    roots: tuple[str, ...],
+    storage: Path,
+    store: dict[str, Any] | None,
+    wake: threading.Event,
 ) -> NotificationSubscriber | None:
     """``rcds replicate --watch``: follow the source's notifications, waking the loop for a newer revision.
 
@@ -140,10 +206,22 @@ def _replica_subscriber(
     if not roots:
         return None
 
+    from ..cvmfs.replica_store import ReplicaError, recorded_store
+    from ..storage import MANIFEST, ObjectMissing, ObjectStore, store_from_settings
+
+    public: Path | ObjectStore = storage
+    with contextlib.suppress(ReplicaError):
+        store = store or recorded_store(storage) or None
+    if store:
+        public = store_from_settings(store)  # the bucket itself: a message costs one GET
+
     def on_message(message: Activity) -> None:
         try:
-            have = Manifest.parse((storage / ".cvmfspublished").read_bytes())[0].revision
-        except (OSError, ManifestError):
+            data = (
+                public.get(MANIFEST) if isinstance(public, ObjectStore) else (public / MANIFEST).read_bytes()
+            )
+            have = Manifest.parse(data)[0].revision
+        except (OSError, ObjectMissing, ManifestError):
             have = -1
         if message.revision > have:
             wake.set()

@@ -27,7 +27,7 @@ from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
 from ..cvmfs.writer import TransactionError
-from ..publish.config import ServiceSettings
+from ..publish.config import RepositorySettings, ServiceSettings
 from ..storage import PRIVATE_DIR
 from ..storage.local import LocalStore
 
@@ -193,13 +193,27 @@ def gc(
         raise click.ClickException(
             f"neither a local repository nor a replica of this server: {', '.join(unknown)}"
         )
-    names = [n for n in (repos or tuple(ours)) if (ours[n] / ".cvmfspublished").exists()]
+    written = {r.name for r in settings.repositories if _has_been_written(r)}
+    names = [n for n in (repos or tuple(ours)) if n in written]
     reports = {
         name: dataclasses.asdict(_gc_storage(ours[name], settings.gc_horizon_days, dry_run, as_json))
         for name in names
     }
     if as_json:
         click.echo(json.dumps(reports))
+
+
+def _has_been_written(rs: RepositorySettings) -> bool:
+    """Whether a repository or replica of the configuration holds anything yet: its manifest in its
+    directory, or, for one in a bucket, the record its state directory keeps of the bucket."""
+    from ..cvmfs.replica_store import PRIVATE_DIR as REPLICA_PRIVATE_DIR
+    from ..cvmfs.replica_store import REPLICA_JSON
+
+    if not rs.store:
+        return (rs.storage / ".cvmfspublished").exists()
+    if rs.local:
+        return (rs.storage / PRIVATE_DIR / "repo.json").exists()
+    return (rs.storage / REPLICA_PRIVATE_DIR / REPLICA_JSON).exists()
 
 
 @click.command("audit")
@@ -469,10 +483,18 @@ def _gc_storage(storage: Path, horizon_days: float, dry_run: bool, as_json: bool
 
     horizon = horizon_days * 86400
     if is_replica(storage):
+        from ..cvmfs.replica_store import ReplicaError, ReplicaStorage
+
+        replica = ReplicaStorage(storage)  # a directory, or the state of a replica in a bucket
         try:
-            fqrn = Manifest.parse((storage / ".cvmfspublished").read_bytes())[0].fqrn
-        except ManifestError as exc:
+            manifest = replica.current_manifest()
+        except (ReplicaError, OSError) as exc:
             raise click.ClickException(f"{storage}: {exc}") from exc
+        finally:
+            replica.close()
+        if manifest is None:
+            raise click.ClickException(f"{replica.where} holds no revision yet")
+        fqrn = manifest.fqrn
         return _collect(
             fqrn,
             lambda progress: collect_replica_garbage(

@@ -62,10 +62,11 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..logs import fields
-from ..storage.local import LocalStore, fsync_path
+from ..storage import ObjectStore
+from ..storage.local import fsync_path
 from .gc import DEFAULT_HORIZON, GcError, GcReport, ProgressFn, collect_garbage
 from .manifest import Manifest
-from .replica import PRIVATE_DIR, ReplicaError, _Replica, date_utc
+from .replica_store import PRIVATE_DIR, ReplicaError, ReplicaStorage, date_utc, recorded_store
 
 log = logging.getLogger("rcds.gc")
 
@@ -77,13 +78,16 @@ class ReplicaBusy(GcError):
 
 
 def is_replica(storage: Path | str) -> bool:
-    """A storage directory written by ``rcds.cvmfs.replica`` (not a stratum 0 of rcds)."""
+    """A storage directory written by ``rcds.cvmfs.replica`` (not a stratum 0 of rcds), or the state
+    directory of a replica in a bucket."""
     storage = Path(storage)
-    return (
-        (storage / PRIVATE_DIR).is_dir()
-        and (storage / ".cvmfspublished").is_file()
-        and not (storage / ".rcds" / "repo.json").exists()
-    )
+    if not (storage / PRIVATE_DIR).is_dir() or (storage / ".rcds" / "repo.json").exists():
+        return False
+    try:
+        in_bucket = bool(recorded_store(storage))
+    except ReplicaError:
+        return False
+    return in_bucket or (storage / ".cvmfspublished").is_file()
 
 
 def collect_replica_garbage(
@@ -100,22 +104,28 @@ def collect_replica_garbage(
     no replica or is not garbage-collectable."""
     storage = Path(storage)
     if not is_replica(storage):
-        raise GcError(f"{storage} is not a replica made by rcds (no {PRIVATE_DIR}/ beside .cvmfspublished)")
-    replica = _Replica(storage)
+        raise GcError(
+            f"{storage} is not a replica made by rcds (no {PRIVATE_DIR}/ beside .cvmfspublished, nor the"
+            f" state of one in a bucket)"
+        )
+    replica = ReplicaStorage(storage)
     threshold = (time.time() if now is None else now) - horizon
-    if dry_run:
-        return _collect(replica, threshold, True, progress)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(replica.locked())
-        except ReplicaError as exc:
-            raise ReplicaBusy(
-                f"{storage}: a snapshot (or another garbage collection) of this replica is running"
-            ) from exc
-        return _collect(replica, threshold, False, progress)
+    try:
+        if dry_run:
+            return _collect(replica, threshold, True, progress)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(replica.locked())
+            except ReplicaError as exc:
+                raise ReplicaBusy(
+                    f"{replica.where}: a snapshot (or another garbage collection) of this replica is running"
+                ) from exc
+            return _collect(replica, threshold, False, progress)
+    finally:
+        replica.close()
 
 
-def finish_interrupted_gc(replica: _Replica) -> GcReport | None:
+def finish_interrupted_gc(replica: ReplicaStorage) -> GcReport | None:
     """Finish the collection whose ``gc-unfinished`` marker is present; the caller holds the lock.
 
     Called by ``snapshot()`` before it pulls anything. None if there was nothing to finish."""
@@ -131,7 +141,9 @@ def finish_interrupted_gc(replica: _Replica) -> GcReport | None:
     return _collect(replica, recorded, False, None)
 
 
-def _collect(replica: _Replica, threshold: float, dry_run: bool, progress: ProgressFn | None) -> GcReport:
+def _collect(
+    replica: ReplicaStorage, threshold: float, dry_run: bool, progress: ProgressFn | None
+) -> GcReport:
     recorded = _recorded_threshold(replica)
     if recorded is not None and recorded > threshold:
         threshold = recorded  # never preserve more than an unfinished run did (see the module, point 3)
@@ -140,7 +152,7 @@ def _collect(replica: _Replica, threshold: float, dry_run: bool, progress: Progr
     )
 
 
-def _recorded_threshold(replica: _Replica) -> float | None:
+def _recorded_threshold(replica: ReplicaStorage) -> float | None:
     """The threshold the unfinished run recorded; None without a (readable) marker."""
     try:
         return float(json.loads(replica.gc_unfinished.read_text())[MARKER_THRESHOLD])
@@ -156,10 +168,10 @@ class ReplicaGcTarget:
     content_index: Path | None = None
     keeps_present_catalogs_complete = True  # what a snapshot assumes
 
-    def __init__(self, replica: _Replica, threshold: float) -> None:
+    def __init__(self, replica: ReplicaStorage, threshold: float) -> None:
         self.replica = replica
         self.threshold = threshold
-        self.store: LocalStore = replica.store
+        self.store: ObjectStore = replica.store
         self.private = replica.private
         self.fqrn = self.manifest().fqrn
 
@@ -169,7 +181,7 @@ class ReplicaGcTarget:
         except ReplicaError as exc:  # unreadable
             raise GcError(str(exc)) from exc
         if manifest is None:
-            raise GcError(f"{self.replica.storage} holds no revision (no .cvmfspublished)")
+            raise GcError(f"{self.replica.where} holds no revision (no .cvmfspublished)")
         return manifest
 
     def lock(self) -> AbstractContextManager[None]:

@@ -44,9 +44,9 @@ class RepositorySettings:
     # Where a replica follows its upstream's notifications (API roots, ``.../api/v1``): None derives them from
     # ``upstream`` (``<base>/cvmfs/<name>`` -> ``<base>/api/v1``), () turns them off (polling only).
     notifications: tuple[str, ...] | None = None
-    # The public files in an S3 bucket (``storage = "s3://bucket/prefix"``): {"url": ..., plus
-    # rcds.storage.s3.S3Settings options}; ``storage`` is then the local private state directory. Empty:
-    # the public files are in ``storage``.
+    # The public files in an S3 bucket (``storage = "s3://bucket/prefix"``), ours or a replica's: {"url":
+    # ..., plus rcds.storage.s3.S3Settings options}; ``storage`` is then the local private state directory
+    # (``state``). Empty: the public files are in ``storage``.
     store: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -287,8 +287,6 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
             store = _s3_store(name, storage, TomlTable(rr.subtable("s3"), f"repository[{i}].s3."))
             storage = rr.text("state", str(data_dir / name))
         local = rr.flag("local", True)
-        if store and not local:
-            raise ConfigError(f"repository {name}: an S3 storage is for a stratum 0 (local = true)")
         upstream_raw = rr.value("upstream", [], (str, list))
         upstream = tuple([upstream_raw] if isinstance(upstream_raw, str) else upstream_raw)
         key = rr.text("public_key", "")

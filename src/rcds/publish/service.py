@@ -51,7 +51,7 @@ from ..cvmfs.writer import StagingTransaction, Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
 from ..storage import MANIFEST, PRIVATE_DIR, ObjectMissing, ObjectStore
-from ..storage.local import LocalStore, fsync_path
+from ..storage.local import fsync_path
 from .cid import cid_group
 from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
@@ -160,6 +160,8 @@ class PublishService:
         self._enqueue_lock = threading.Lock()
         # Per repository: the CID-like directories inside its one-level CIDs (collisions, see namespace).
         self._shadowed: dict[str, list[str]] = {}
+        self._replica_stores: dict[str, ObjectStore] = {}  # replicas kept in buckets, read by ``public``
+        self._replica_stores_lock = threading.Lock()
         self._collisions_warned: set[str] = set()
         self.repositories: dict[str, Repository] = {}
         self.workers: list[RepositoryWorker] = []
@@ -241,16 +243,28 @@ class PublishService:
     def storage(self, name: str) -> Path:
         return next(r.storage for r in self.settings.repositories if r.name == name)
 
+    def public(self, name: str) -> Path | ObjectStore:
+        """Where repository ``name``'s public files are read: its directory, or its bucket (ours, or a
+        replica kept in a bucket: ``storage = "s3://..."`` with ``local = false``)."""
+        rs = next(r for r in self.settings.repositories if r.name == name)
+        if not rs.store:
+            return rs.storage
+        if name in self.repositories:
+            return self.repositories[name].store
+        with self._replica_stores_lock:
+            if name not in self._replica_stores:
+                from ..storage import store_from_settings
+
+                self._replica_stores[name] = store_from_settings(rs.store)
+            return self._replica_stores[name]
+
     def refresh_presence(self, name: str, force: bool = False) -> bool:
         """Rescan a repository's CIDs if its live revision is not the one the index shows.
 
         Covers revisions made outside this process (``rcds cleanup``, ``rcds repo``) and replicas of other
         servers' repositories, which change under us. Returns True if the index changed.
         """
-        storage: Path | ObjectStore = self.storage(name)
-        repo = self.repositories.get(name)
-        if repo is not None and not isinstance(repo.store, LocalStore):
-            storage = repo.store  # a repository in a bucket
+        storage = self.public(name)
         try:
             if isinstance(storage, ObjectStore):
                 manifest = storage.get(".cvmfspublished")
@@ -549,12 +563,7 @@ class PublishService:
         with self.cleanup_lock, self.paused(name):
             assert self.state is not None
             self.flush_touches()
-            storages: dict[str, Path | ObjectStore] = {
-                r.name: self.repositories[r.name].store
-                if r.store and r.name in self.repositories
-                else r.storage
-                for r in self.settings.repositories
-            }
+            storages = {r.name: self.public(r.name) for r in self.settings.repositories}
             plan = plan_cleanup(
                 name, storages, self.state.access_times(), self.prefix, self.settings.maxdays, now
             )
@@ -609,8 +618,12 @@ class PublishService:
         now = self.clock() if now is None else now
         started = time.monotonic()
         revision, collectable = 0, False
-        with contextlib.suppress(OSError, ManifestError):
-            manifest = Manifest.parse((storage / ".cvmfspublished").read_bytes())[0]
+        public = self.public(name)
+        with contextlib.suppress(OSError, ManifestError, ObjectMissing):
+            data = (
+                public.get(MANIFEST) if isinstance(public, ObjectStore) else (public / MANIFEST).read_bytes()
+            )
+            manifest = Manifest.parse(data)[0]
             revision, collectable = manifest.revision, manifest.garbage_collectable
         report = CleanupReport(plan=CleanupPlan(repository=name, revision=revision), dry_run=dry_run)
         if gc and revision and not collectable:
@@ -735,8 +748,9 @@ class PublishService:
                 try:
                     with self.replica_locks[rs.name]:  # never while cleanup collects its garbage
                         report = snapshot(
-                            list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name
-                        )
+                            list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name,
+                            store=rs.store or None,
+                        )  # fmt: skip
                     if failures:
                         log.info(
                             "replica source back", extra=fields(repository=rs.name, after_failures=failures)
@@ -793,8 +807,13 @@ class PublishService:
             try:
                 if worker is not None:  # ours: its store (a directory or a bucket)
                     manifest = worker.repo.store.get(MANIFEST)
-                else:
-                    manifest = (self.storage(name) / MANIFEST).read_bytes()
+                else:  # a replica: its directory or its bucket
+                    public = self.public(name)
+                    manifest = (
+                        public.get(MANIFEST)
+                        if isinstance(public, ObjectStore)
+                        else (public / MANIFEST).read_bytes()
+                    )
             except (OSError, ObjectMissing):
                 return False
         if not self.notifications.announce(name, manifest):

@@ -13,6 +13,7 @@ private directory.
 from __future__ import annotations
 
 import errno
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -85,6 +86,15 @@ class ObjectStore(ABC):
     @abstractmethod
     def sync(self) -> None:
         """Make every completed put durable. Called before anything that references those objects."""
+
+    def put_file(self, key: str, path: str) -> None:
+        """Store the content of the local file ``path`` under ``key`` (atomically, as ``put``), consuming
+        the file: it is moved into place or removed. A local store renames it (give it a file on the same
+        file system); a remote one uploads it, streaming."""
+        with open(path, "rb") as f:
+            data = f.read()
+        self.put(key, data)
+        os.unlink(path)
 
     def put_object(self, key: str, data: bytes | memoryview) -> bool:
         """Put a content-addressed object unless present (dedup). Returns True if it was written."""

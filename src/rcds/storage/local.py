@@ -110,6 +110,17 @@ class LocalStore(ObjectStore):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(tmp, target)
 
+    def put_file(self, key: str, path: str) -> None:
+        """Rename ``path`` into place (it must be on this store's file system: no copy, no fsync)."""
+        target = self._file(key)
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            if not os.path.exists(path):
+                raise
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(path, target)
+
     def put_durable(self, key: str, data: bytes) -> None:
         """Put and fsync file and directory at once: for the manifest, the last step of a publish."""
         self.put(key, data)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import random
 import secrets
 import threading
@@ -86,6 +87,37 @@ class S3Settings:
             raise ValueError(f"unknown S3 settings for {url}: {', '.join(unknown)}")
         return cls(bucket=parts.netloc, prefix=parts.path.strip("/"), **options)
 
+    @classmethod
+    def parse_options(cls, pairs: Iterable[str]) -> dict[str, Any]:
+        """``NAME=VALUE`` texts (a command line's) -> options for ``from_url``, each converted to its
+        field's type: the names and types are the ``[repository.s3]`` settings'."""
+        types = {f.name: f.type for f in fields(cls) if f.name not in ("bucket", "prefix")}
+        options: dict[str, Any] = {}
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in types:
+                known = ", ".join(sorted(types))
+                raise ValueError(f"S3 option {pair!r}: expected NAME=VALUE, NAME one of {known}")
+            kind = str(types[name])
+            try:
+                if kind == "bool":
+                    lowered = text.strip().lower()
+                    if lowered not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                        raise ValueError("true or false")
+                    options[name] = lowered in ("true", "yes", "1", "on")
+                elif kind == "int":
+                    options[name] = int(text)
+                elif kind == "float":
+                    options[name] = float(text)
+                else:
+                    options[name] = text
+            except ValueError as exc:
+                raise ValueError(f"S3 option {name}: {text!r} is not a valid {kind} ({exc})") from None
+        if options.get("addressing", "path") not in ("path", "virtual"):
+            raise ValueError("S3 option addressing: 'path' or 'virtual'")
+        return options
+
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
@@ -121,6 +153,36 @@ def _cache_control(key: str) -> str:
     return DATA_CACHE_CONTROL if key.startswith("data/") else ROOT_CACHE_CONTROL
 
 
+# boto3 clients by what shapes them (settings and the AWS environment): making one costs ~50 ms of CPU
+# (it loads and parses the service model), which a stratum 1 polling its upstream every few seconds would
+# otherwise pay on every snapshot. Clients are thread-safe. An entry is made again after CLIENT_REUSE
+# seconds, so that credentials rotated in ~/.aws/credentials are read again.
+CLIENT_REUSE = 300.0
+_AWS_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_DEFAULT_REGION",
+)  # fmt: skip
+_clients: dict[tuple[Any, ...], tuple[float, Any]] = {}
+_clients_lock = threading.Lock()
+
+
+def _shared_client(store: S3Store) -> Any:
+    s = store.settings
+    key = (
+        s.endpoint_url, s.region, s.addressing, s.profile, s.parallelism, s.timeout,
+        tuple(os.environ.get(name) for name in _AWS_ENVIRONMENT),
+    )  # fmt: skip
+    now = time.monotonic()
+    with _clients_lock:
+        made = _clients.get(key)
+        if made is not None and now - made[0] < CLIENT_REUSE:
+            return made[1]
+    client = store._make_client()
+    with _clients_lock:
+        _clients[key] = (now, client)
+    return client
+
+
 class S3Store(ObjectStore):
     def __init__(self, settings: S3Settings, client: Any = None) -> None:
         self.settings = settings
@@ -128,7 +190,8 @@ class S3Store(ObjectStore):
         self.parallelism = settings.parallelism
         self.public_url = settings.public_url.rstrip("/")
         self._base = f"{settings.prefix}/" if settings.prefix else ""
-        self._client = client or self._make_client()
+        self._shared = client is None
+        self._client = client or _shared_client(self)
         self._conditional: bool | None = None
         self._probe_lock = threading.Lock()
 
@@ -272,6 +335,24 @@ class S3Store(ObjectStore):
             ),
         )
 
+    def put_file(self, key: str, path: str) -> None:
+        """Upload the file, streaming it (reopened for each attempt), then remove it. One PUT: objects up
+        to S3's single-PUT limit (5 GiB)."""
+        full = self._key(key)
+
+        def upload() -> Any:
+            with open(path, "rb") as body:
+                return self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=full,
+                    Body=body,
+                    CacheControl=_cache_control(key),
+                    ContentType="application/octet-stream",
+                )
+
+        self._call("PUT", key, upload)
+        os.unlink(path)
+
     def put_object(self, key: str, data: bytes | memoryview) -> bool:
         if self.settings.peek_before_put:
             return super().put_object(key, data)
@@ -370,4 +451,5 @@ class S3Store(ObjectStore):
             self.put(key, data, IfMatch=version)
 
     def close(self) -> None:
-        self._client.close()
+        if not self._shared:  # a shared client stays open for the next store with these settings
+            self._client.close()
