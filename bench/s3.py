@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument(
         "--meta", choices=("badger", "sqlite3"), default="badger", help="the S3 server's metadata engine"
     )
+    parser.add_argument("--parallelism", type=int, help="S3: puts in flight (default: S3Settings')")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     info, reused = ingest.ensure_tree(ingest.TreeSpec(args.size_gib), args.workdir)
@@ -115,6 +116,9 @@ def main() -> None:
             server.create_bucket(BUCKET)
             os.environ.update(server.env())
             store = {"url": f"s3://{BUCKET}/{FQRN}", "endpoint": server.endpoint}
+            if args.parallelism:
+                store["parallelism"] = args.parallelism
+                result["parallelism"] = args.parallelism
             if args.no_peek:
                 store["peek_before_put"] = False
                 result["peek_before_put"] = False
