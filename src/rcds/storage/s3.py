@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -192,7 +191,9 @@ class S3Store(ObjectStore):
         self.public_url = settings.public_url.rstrip("/")
         self._base = f"{settings.prefix}/" if settings.prefix else ""
         self._session = self._make_session()
-        self._given_client = client
+        self._data = self._make_data_store()
+        self._boto: Any = client
+        self._boto_lock = threading.Lock()
         self._conditional: bool | None = None
         self._probe_lock = threading.Lock()
 
@@ -206,11 +207,15 @@ class S3Store(ObjectStore):
             ) from exc
         return boto3.session.Session(profile_name=self.settings.profile or None)
 
-    @cached_property
+    @property
     def _client(self) -> Any:
-        """boto3: listing, deletes, and the credentials (made on first use: a publish lists nothing)."""
-        if self._given_client is not None:
-            return self._given_client
+        """boto3: listing and deletes (made on first use: a publish needs neither)."""
+        with self._boto_lock:
+            if self._boto is None:
+                self._boto = self._make_client()
+            return self._boto
+
+    def _make_client(self) -> Any:
         import botocore.handlers
         from botocore.config import Config
 
@@ -233,8 +238,7 @@ class S3Store(ObjectStore):
         client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
         return client
 
-    @cached_property
-    def _data(self) -> Any:
+    def _make_data_store(self) -> Any:
         """obstore: PUT, GET and HEAD of objects, the per-object hot path."""
         from obstore.store import S3Store as ObstoreS3
 
@@ -479,5 +483,5 @@ class S3Store(ObjectStore):
             self.put(key, data, mode={"e_tag": version})
 
     def close(self) -> None:
-        if "_client" in self.__dict__:
-            self._client.close()
+        if self._boto is not None:
+            self._boto.close()
