@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import secrets
+import ssl
 import subprocess
 import sys
 import threading
@@ -136,7 +137,7 @@ def test_rcds_repo_check_reads_the_bucket(s3_repo: Repository, tmp_path: Path) -
 
 class ThrottlingProxy:
     """Forwards every request to the real server unchanged (Host kept: the signature covers it), except
-    the first ``fail`` ones, answered with ``status`` and an S3 error body."""
+    the first ``fail`` ones, answered with ``status`` and an S3 error body; over TLS with ``tls``."""
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class ThrottlingProxy:
         status: int = 503,
         code: str = "SlowDown",
         record: list[tuple[str, str]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.remaining = fail
@@ -209,7 +211,10 @@ class ThrottlingProxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:  # an https endpoint in front of the plain one
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def __enter__(self) -> str:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -328,6 +333,32 @@ def test_credentials_of_a_profile_in_the_aws_files_sign_both_clients(
     assert not store.exists("data/00/x")
     with pytest.raises(Exception, match="nobody"):  # botocore's ProfileNotFound, at once
         S3Store(S3Settings(S3_BUCKET, prefix, endpoint=s3_server.endpoint, profile="nobody"))
+
+
+def test_an_https_endpoint_with_a_private_ca_from_aws_ca_bundle(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both clients trust the CA bundle boto3's configuration names (here ``AWS_CA_BUNDLE``); without it the
+    certificate is refused and the error names the bucket."""
+    from pki import make_ca, make_host_cert
+
+    ca = make_ca()
+    cert, key = make_host_cert(ca).write(tmp_path, "host")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    with ThrottlingProxy(s3_server.endpoint, fail=0, tls=tls) as endpoint:
+        assert endpoint.startswith("https://")
+        settings = S3Settings(S3_BUCKET, f"tls-{secrets.token_hex(4)}", endpoint=endpoint, retries=0)
+        with pytest.raises(StorageError, match=f"bucket {S3_BUCKET}: PUT data/00/x failed"):
+            S3Store(settings).put("data/00/x", b"x")  # the private CA is not trusted by default
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+        store = S3Store(settings)
+        store.put("data/00/x", b"over https")  # obstore
+        assert store.get("data/00/x") == b"over https"
+        assert list(store.iter_keys("data/")) == ["data/00/x"]  # boto3
+        store.delete_many(["data/00/x"])
+        assert not store.exists("data/00/x")
 
 
 @pytest.fixture

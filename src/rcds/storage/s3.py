@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -252,15 +253,21 @@ class S3Store(ObjectStore):
         if endpoint:
             config["endpoint"] = endpoint
         credentials = self._session.get_credentials()
+        client_options: dict[str, Any] = {
+            "allow_http": bool(endpoint and endpoint.startswith("http://")),
+            "connect_timeout": timedelta(seconds=min(s.timeout, 10)),
+            "timeout": timedelta(seconds=s.timeout),
+            "pool_max_idle_per_host": str(max(s.parallelism, 10)),
+        }
+        # A private CA for an https endpoint, as boto3 takes it (AWS_CA_BUNDLE or the profile's
+        # ca_bundle; botocore's session holds the resolved setting): added to obstore's trusted roots.
+        ca_bundle = self._session._session.get_config_variable("ca_bundle")
+        if ca_bundle:
+            client_options["root_certificate"] = Path(ca_bundle).read_bytes()
         return ObstoreS3(
             s.bucket,
             config=config,  # type: ignore[arg-type]
-            client_options={
-                "allow_http": bool(endpoint and endpoint.startswith("http://")),
-                "connect_timeout": timedelta(seconds=min(s.timeout, 10)),
-                "timeout": timedelta(seconds=s.timeout),
-                "pool_max_idle_per_host": str(max(s.parallelism, 10)),
-            },
+            client_options=client_options,  # type: ignore[arg-type]
             retry_config={"max_retries": 0},  # ours, below
             # Without credentials in boto3's chain, obstore's own (environment, instance roles) is tried.
             credential_provider=_SessionCredentials(credentials) if credentials is not None else None,  # type: ignore[arg-type]
