@@ -15,7 +15,9 @@ In one run, against one local ``juicefs gateway`` (tests/s3server.py, started he
 
 Both repositories use the writer in this process (no ``rcds serve``: the HTTP upload path is the same for
 either storage). The S3 server runs on the same machine and competes for its cores with the writer's
-compression: a remote S3 service would not.
+compression: a remote S3 service would not. So its metadata engine is juicefs's ``badger`` (an embedded
+key-value store; tests/s3server.py's default): per small PUT it spends about 2.5x less CPU than
+``sqlite3``, which would otherwise be the server's ceiling here (``--meta sqlite3`` to compare).
 
     python bench/s3.py                    # 1 GiB tree (generated once into /tmp/rcds-bench)
     python bench/s3.py --size-gib 0.2     # quicker
@@ -99,6 +101,12 @@ def replicate_figures(
     )
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -114,19 +122,30 @@ def main() -> None:
         "--no-peek", action="store_true", help="S3: PUT without a HEAD first (peek_before_put)"
     )
     parser.add_argument("--jobs", type=int, default=8, help="stratum 1: snapshot(jobs=...) (default 8)")
+    parser.add_argument(
+        "--meta", choices=("badger", "sqlite3"), default="badger", help="the S3 server's metadata engine"
+    )
+    parser.add_argument("--parallelism", type=int, help="S3: puts in flight (default: S3Settings')")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     info, reused = ingest.ensure_tree(ingest.TreeSpec(args.size_gib), args.workdir)
     tree = args.workdir / f"tree-{ingest.TreeSpec(args.size_gib).key}"
     say(f"tree {tree} ({'cached' if reused else 'generated'}): {info.total_bytes / 2**30:.2f} GiB")
     ingest.warm_cache(ingest.content_files(tree))
-    result: dict[str, Any] = {"size_gib": round(info.total_bytes / 2**30, 3), "cores": os.cpu_count()}
+    result: dict[str, Any] = {
+        "size_gib": round(info.total_bytes / 2**30, 3),
+        "cores": os.cpu_count(),
+        "server_meta": args.meta,
+    }
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="s3bench-") as tmp:
         work = Path(tmp)
-        with run_s3_server(work / "s3server") as server:
+        with run_s3_server(work / "s3server", meta=args.meta) as server:
             server.create_bucket(BUCKET)
             os.environ.update(server.env())
             store = {"url": f"s3://{BUCKET}/{FQRN}", "endpoint": server.endpoint}
+            if args.parallelism:
+                store["parallelism"] = args.parallelism
+                result["parallelism"] = args.parallelism
             if args.no_peek:
                 store["peek_before_put"] = False
                 result["peek_before_put"] = False
@@ -144,7 +163,14 @@ def main() -> None:
             say(f"s3 server: {result['server_put_per_s']} bare 4 KiB PUT/s")
 
             for name, repo in (("local", local), ("s3", remote)):
+                cpu_before = time.process_time(), process_cpu(server.process.pid)
                 seconds, objects = publish_tree(repo, "/tree", tree)
+                # CPU seconds of this process (writer and client) and of the S3 server: on 2 cores their
+                # sum, not the network, is what bounds the publish
+                result[f"tree_{name}_cpu_s"] = round(time.process_time() - cpu_before[0], 1)
+                result[f"tree_{name}_server_cpu_s"] = round(
+                    process_cpu(server.process.pid) - cpu_before[1], 1
+                )
                 result[f"tree_{name}_s"] = round(seconds, 2)
                 result[f"tree_{name}_mib_per_s"] = round(info.total_bytes / 2**20 / seconds, 1)
                 result["tree_objects"] = objects

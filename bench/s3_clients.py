@@ -1,15 +1,20 @@
 """Which S3 client for rcds's object store: boto3, obstore or aiobotocore, on rcds's workload.
 
 A publish writes many small content-addressed objects in parallel (after an existence check), GC deletes
-in batches, readers GET. Each client does, against one local ``juicefs gateway`` (tests/s3server.py):
-N PUTs of 4 KiB objects with 16 in flight, N HEADs, N GETs, and the N keys deleted with DeleteObjects
-(1,000 keys a request; obstore's delete of one key, 16 in flight, is itself a DeleteObjects request).
+in batches, readers GET. Each client does, against one local ``juicefs gateway`` (tests/s3server.py,
+badger metadata): N PUTs of ``--size`` bytes (default 50 KB, the mean object of bench/s3.py's 1 GiB
+tree) with 16 in flight, N HEADs, N GETs, and the N keys deleted with DeleteObjects (1,000 keys a
+request; obstore's bulk delete, whose reply from this server it rejects, is tried and reported).
 
-    python bench/s3_clients.py [--objects 2000]
+Besides requests per second it reports the CPU per request of the client (this process: every thread,
+obstore's Rust ones included) and of the server: on 2 cores shared by the writer, the client and a
+local server, CPU per request is what bounds a publish, not latency.
 
-Needs boto3, obstore and aiobotocore (``pip install boto3 obstore aiobotocore``; aiobotocore pins its own
-botocore, so a separate venv is best) and the ``juicefs`` binary. The machine is shared: compare the
-clients within one run, not across runs.
+    python bench/s3_clients.py [--objects 2000] [--size 50000] [--clients boto3,obstore]
+
+Needs boto3 and obstore (the ``s3`` extra), aiobotocore for its row (``pip install aiobotocore``; it
+pins its own botocore, so a separate venv is best; skipped when missing), and the ``juicefs`` binary.
+The machine is shared: compare the clients within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from s3server import S3Server, run_s3_server
 
 PARALLEL = 16
-SIZE = 4096
 
 
 def _md5_header(params: dict[str, Any], **_: Any) -> None:
@@ -39,10 +45,35 @@ def _md5_header(params: dict[str, Any], **_: Any) -> None:
     params["headers"]["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
 
 
-def _timed(label: str, n: int, fn: Callable[[], object], out: dict[str, float]) -> None:
-    t0 = time.perf_counter()
-    fn()
-    out[label] = round(n / (time.perf_counter() - t0), 1)
+SERVER_PID = 0  # the S3 server's process, for its CPU per request
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Cpu:
+    """Wall time and the CPU of client and server over a block: ``<op>/s``, ``<op> client ms``,
+    ``<op> server ms`` (CPU milliseconds per request) into ``out``."""
+
+    def __init__(self, op: str, n: int, out: dict[str, float]) -> None:
+        self.op, self.n, self.out = op, n, out
+
+    def __enter__(self) -> None:
+        self.t0, self.c0, self.s0 = time.perf_counter(), time.process_time(), process_cpu(SERVER_PID)
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        self.out[f"{self.op}/s"] = round(self.n / wall, 1)
+        self.out[f"{self.op} client ms"] = round(1e3 * (time.process_time() - self.c0) / self.n, 3)
+        self.out[f"{self.op} server ms"] = round(1e3 * (process_cpu(SERVER_PID) - self.s0) / self.n, 3)
+
+
+def _timed(op: str, n: int, fn: Callable[[], object], out: dict[str, float]) -> None:
+    with Cpu(op, n, out):
+        fn()
 
 
 def bench_boto3(server: S3Server, bucket: str, keys: list[str], payload: bytes) -> dict[str, float]:
@@ -68,19 +99,19 @@ def bench_boto3(server: S3Server, bucket: str, keys: list[str], payload: bytes) 
     out: dict[str, float] = {}
     with ThreadPoolExecutor(PARALLEL) as pool:
         _timed(
-            "put/s",
+            "put",
             len(keys),
             lambda: list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=payload), keys)),
             out,
         )
         _timed(
-            "head/s",
+            "head",
             len(keys),
             lambda: list(pool.map(lambda k: client.head_object(Bucket=bucket, Key=k), keys)),
             out,
         )
         _timed(
-            "get/s",
+            "get",
             len(keys),
             lambda: list(pool.map(lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].read(), keys)),
             out,
@@ -91,7 +122,7 @@ def bench_boto3(server: S3Server, bucket: str, keys: list[str], payload: bytes) 
             batch = [{"Key": k} for k in keys[i : i + 1000]]
             client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
-    _timed("delete/s", len(keys), delete, out)
+    _timed("delete", len(keys), delete, out)
     return out
 
 
@@ -109,18 +140,16 @@ def bench_obstore(server: S3Server, bucket: str, keys: list[str], payload: bytes
     )
     out: dict[str, float] = {}
     with ThreadPoolExecutor(PARALLEL) as pool:
-        _timed(
-            "put/s", len(keys), lambda: list(pool.map(lambda k: obstore.put(store, k, payload), keys)), out
-        )
-        _timed("head/s", len(keys), lambda: list(pool.map(lambda k: obstore.head(store, k), keys)), out)
-        _timed("get/s", len(keys), lambda: list(pool.map(lambda k: obstore.get(store, k).bytes(), keys)), out)
-        try:
-            _timed(
-                "delete/s", len(keys), lambda: list(pool.map(lambda k: obstore.delete(store, k), keys)), out
-            )
-        except Exception as exc:  # juicefs's DeleteObjects reply lacks <Key>: object_store rejects it
-            print(f"obstore delete failed: {str(exc).splitlines()[0]}", flush=True)
-            out["delete/s"] = 0.0
+        _timed("put", len(keys), lambda: list(pool.map(lambda k: obstore.put(store, k, payload), keys)), out)
+        _timed("head", len(keys), lambda: list(pool.map(lambda k: obstore.head(store, k), keys)), out)
+        _timed("get", len(keys), lambda: list(pool.map(lambda k: obstore.get(store, k).bytes(), keys)), out)
+    try:  # obstore.delete with many paths sends DeleteObjects of up to 1,000 keys
+        _timed("delete", len(keys), lambda: obstore.delete(store, keys), out)
+    except Exception as exc:  # juicefs's reply has <Deleted> without <Key>: object_store rejects it
+        print(f"obstore delete failed: {str(exc).splitlines()[0]}", flush=True)
+        out.pop("delete client ms", None)
+        out.pop("delete server ms", None)
+        out["delete/s"] = 0.0  # failed
     return out
 
 
@@ -161,19 +190,17 @@ def bench_aiobotocore(server: S3Server, bucket: str, keys: list[str], payload: b
                     await body.read()
 
             steps: list[tuple[str, Callable[[str], Any]]] = [
-                ("put/s", lambda k: client.put_object(Bucket=bucket, Key=k, Body=payload)),
-                ("head/s", lambda k: client.head_object(Bucket=bucket, Key=k)),
-                ("get/s", get),
+                ("put", lambda k: client.put_object(Bucket=bucket, Key=k, Body=payload)),
+                ("head", lambda k: client.head_object(Bucket=bucket, Key=k)),
+                ("get", get),
             ]
             for label, fn in steps:
-                t0 = time.perf_counter()
-                await each(fn)
-                out[label] = round(len(keys) / (time.perf_counter() - t0), 1)
-            t0 = time.perf_counter()
-            for i in range(0, len(keys), 1000):
-                batch = [{"Key": k} for k in keys[i : i + 1000]]
-                await client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-            out["delete/s"] = round(len(keys) / (time.perf_counter() - t0), 1)
+                with Cpu(label, len(keys), out):
+                    await each(fn)
+            with Cpu("delete", len(keys), out):
+                for i in range(0, len(keys), 1000):
+                    batch = [{"Key": k} for k in keys[i : i + 1000]]
+                    await client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
         return out
 
     return asyncio.run(run())
@@ -182,15 +209,21 @@ def bench_aiobotocore(server: S3Server, bucket: str, keys: list[str], payload: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--objects", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=50_000, help="bytes per object")
+    parser.add_argument("--clients", default="boto3,obstore,aiobotocore")
+    parser.add_argument("--meta", choices=("badger", "sqlite3"), default="badger")
     args = parser.parse_args()
-    payload = bytes(range(256)) * (SIZE // 256)
+    global SERVER_PID
+    payload = os.urandom(args.size)
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp, run_s3_server(Path(tmp) / "s3") as server:
-        for name, fn in (
-            ("boto3", bench_boto3),
-            ("obstore", bench_obstore),
-            ("aiobotocore", bench_aiobotocore),
-        ):
+    benches = {"boto3": bench_boto3, "obstore": bench_obstore, "aiobotocore": bench_aiobotocore}
+    with tempfile.TemporaryDirectory() as tmp, run_s3_server(Path(tmp) / "s3", meta=args.meta) as server:
+        SERVER_PID = server.process.pid
+        for name in args.clients.split(","):
+            fn = benches[name]
+            if importlib.util.find_spec(name) is None:
+                print(f"{name}: not installed, skipped", flush=True)
+                continue
             bucket = f"bench-{name}"
             server.create_bucket(bucket)
             keys = [

@@ -159,6 +159,7 @@ def new_repo(
 # --- storage backends: every storage-dependent test runs on a local directory and on a real S3 server ---
 
 S3_BUCKET = "rcds-tests"
+S3_META_ENV = "RCDS_S3_META"  # the test server's metadata engine: badger (default) or sqlite3
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +172,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{message}, and {REQUIRE_ENV}=1 requires it")
         pytest.skip(message)
-    with run_s3_server(tmp_path_factory.mktemp("s3server"), binary) as server:
+    meta = os.environ.get(S3_META_ENV, "badger")
+    with run_s3_server(tmp_path_factory.mktemp("s3server"), binary, meta=meta) as server:
         server.create_bucket(S3_BUCKET, public_read=True)
         saved = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())

@@ -28,6 +28,7 @@ import httpx
 ACCESS_KEY = "rcdstestadmin"
 SECRET_KEY = "rcds-test-secret-key"
 VOLUME = "rcdsvol"
+META_ENGINES = {"sqlite3": "sqlite3://{root}/meta.db", "badger": "badger://{root}/meta"}
 
 
 def _free_port() -> int:
@@ -104,10 +105,17 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def run_s3_server(root: Path, binary: str = "juicefs") -> Iterator[S3Server]:
-    """Format a volume under ``root`` and serve it on a free port until the context ends."""
+def run_s3_server(root: Path, binary: str = "juicefs", meta: str = "badger") -> Iterator[S3Server]:
+    """Format a volume under ``root`` and serve it on a free port until the context ends.
+
+    ``meta`` is juicefs's metadata engine: "badger" (an embedded key-value store, ``meta/``; its value
+    log is a sparse 2 GiB file) or "sqlite3" (``meta.db``). Badger spends about 2.5x less server CPU per
+    small PUT, which matters when the server shares 2 cores with the writer; tests/test_s3.py and the
+    S3 halves of test_gc/test_crash_safety pass on both, a little faster on badger."""
     root.mkdir(parents=True, exist_ok=True)
-    meta = f"sqlite3://{root}/meta.db"
+    if meta not in META_ENGINES:
+        raise ValueError(f"juicefs metadata engine {meta!r}: one of {', '.join(META_ENGINES)}")
+    meta = META_ENGINES[meta].format(root=root)
     log = root / "gateway.log"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
     subprocess.run(

@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import secrets
+import ssl
 import subprocess
 import sys
 import threading
@@ -136,7 +137,7 @@ def test_rcds_repo_check_reads_the_bucket(s3_repo: Repository, tmp_path: Path) -
 
 class ThrottlingProxy:
     """Forwards every request to the real server unchanged (Host kept: the signature covers it), except
-    the first ``fail`` ones, answered with ``status`` and an S3 error body."""
+    the first ``fail`` ones, answered with ``status`` and an S3 error body; over TLS with ``tls``."""
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class ThrottlingProxy:
         status: int = 503,
         code: str = "SlowDown",
         record: list[tuple[str, str]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.remaining = fail
@@ -209,7 +211,10 @@ class ThrottlingProxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:  # an https endpoint in front of the plain one
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def __enter__(self) -> str:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -276,6 +281,84 @@ def test_a_missing_bucket_is_named(s3_server: S3Server) -> None:
     store = S3Store(S3Settings("no-such-bucket", "p", endpoint=s3_server.endpoint, retries=0))
     with pytest.raises(StorageError, match="bucket no-such-bucket does not exist"):
         store.put("data/00/x", b"x")
+
+
+def test_one_retry_layer_for_both_clients(s3_server: S3Server) -> None:
+    """PUT/GET/HEAD go through obstore, deletes through boto3: each request is tried ``retries`` + 1 times
+    in all (rcds's backoff; the clients' own retries are off), and the error says why."""
+    proxy = ThrottlingProxy(s3_server.endpoint, fail=10**6)
+    with proxy as endpoint:
+        store = S3Store(S3Settings(S3_BUCKET, "retries", endpoint=endpoint, retries=2))
+        for op, call in [
+            ("PUT", lambda: store.put("data/00/x", b"x")),
+            ("GET", lambda: store.get("data/00/x")),
+            ("HEAD", lambda: store.exists("data/00/x")),
+            ("DeleteObjects", lambda: store.delete_many(["data/00/x"])),
+        ]:
+            before = proxy.failed
+            with pytest.raises(StorageError, match=f"bucket {S3_BUCKET}: {op} .*throttled"):
+                call()
+            assert proxy.failed - before == 3, op
+
+
+def test_a_vanished_bucket_is_no_missing_object(s3_server: S3Server) -> None:
+    """A GET from a bucket that does not exist is a storage failure naming it, not a missing object
+    (readers would take that for a missing file)."""
+    store = S3Store(S3Settings("no-such-bucket", "p", endpoint=s3_server.endpoint, retries=0))
+    with pytest.raises(StorageError, match="bucket no-such-bucket does not exist") as err:
+        store.get(MANIFEST)
+    assert not isinstance(err.value, KeyError)
+
+
+def test_credentials_of_a_profile_in_the_aws_files_sign_both_clients(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard chain (here a named profile in a credentials file, no variables) is boto3's; obstore,
+    which reads no AWS files, signs with what boto3 found."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[rcds]\naws_access_key_id = {s3_server.access_key}\naws_secret_access_key = {s3_server.secret_key}\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    prefix = f"profile-{secrets.token_hex(4)}"
+    store = S3Store(S3Settings(S3_BUCKET, prefix, endpoint=s3_server.endpoint, profile="rcds", retries=0))
+    store.put("data/00/x", b"from a profile")  # obstore
+    assert store.get("data/00/x") == b"from a profile" and store.size("data/00/x") == 14
+    assert list(store.iter_keys("data/")) == ["data/00/x"]  # boto3
+    store.delete_many(["data/00/x"])
+    assert not store.exists("data/00/x")
+    with pytest.raises(Exception, match="nobody"):  # botocore's ProfileNotFound, at once
+        S3Store(S3Settings(S3_BUCKET, prefix, endpoint=s3_server.endpoint, profile="nobody"))
+
+
+def test_an_https_endpoint_with_a_private_ca_from_aws_ca_bundle(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both clients trust the CA bundle boto3's configuration names (here ``AWS_CA_BUNDLE``); without it the
+    certificate is refused and the error names the bucket."""
+    from pki import make_ca, make_host_cert
+
+    ca = make_ca()
+    cert, key = make_host_cert(ca).write(tmp_path, "host")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    with ThrottlingProxy(s3_server.endpoint, fail=0, tls=tls) as endpoint:
+        assert endpoint.startswith("https://")
+        settings = S3Settings(S3_BUCKET, f"tls-{secrets.token_hex(4)}", endpoint=endpoint, retries=0)
+        with pytest.raises(StorageError, match=f"bucket {S3_BUCKET}: PUT data/00/x failed"):
+            S3Store(settings).put("data/00/x", b"x")  # the private CA is not trusted by default
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+        store = S3Store(settings)
+        store.put("data/00/x", b"over https")  # obstore
+        assert store.get("data/00/x") == b"over https"
+        assert list(store.iter_keys("data/")) == ["data/00/x"]  # boto3
+        store.delete_many(["data/00/x"])
+        assert not store.exists("data/00/x")
 
 
 @pytest.fixture
