@@ -32,8 +32,9 @@ TREE: dict[str, object] = {
     "lib": {"libx.so": _BINARY, "random.bin": os.urandom(50_000)},
 }
 
-# Runs Python with zlib-ng unimportable: rcds.cvmfs.objects falls back to the standard library's zlib.
-_WITHOUT_ZLIB_NG = "import sys; sys.modules['zlib_ng'] = None\n"
+# Runs Python with zlib-ng and ISA-L unimportable: rcds.cvmfs.objects falls back to the standard library's
+# zlib.
+_WITHOUT_ZLIB_NG = "import sys; sys.modules['zlib_ng'] = None; sys.modules['isal'] = None\n"
 
 
 def _without_zlib_ng(code: str) -> str:
@@ -99,6 +100,33 @@ def test_every_object_inflates_with_stock_zlib_and_is_named_by_its_bytes(
         )  # and no bigger than stock, give or take
 
 
+def test_objects_inflate_with_isal_in_bounded_pieces_and_a_bad_stream_is_a_zlib_error() -> None:
+    assert objects.ISAL, "isal is a dependency: the reading paths inflate with it"
+    inflating = objects.inflater()
+    assert type(inflating).__module__.startswith("isal")
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in ~64 KB
+    out, calls, buf = 0, 0, bomb
+    while buf:
+        piece = inflating.decompress(buf, 4 << 20)
+        assert len(piece) <= 4 << 20  # max_length bounds what one call makes, as zlib's does
+        out, calls, buf = out + len(piece), calls + 1, inflating.unconsumed_tail
+    out += len(inflating.flush())
+    assert (out, inflating.eof, inflating.unused_data) == (64 << 20, True, b"")
+    assert calls >= 16
+    stream = zlib.compress(_TEXT)
+    broken = stream[:20] + b"\xff" * 40 + stream[60:]
+    try:
+        objects.inflater().decompress(broken)
+    except objects.ZlibError:
+        pass
+    else:
+        raise AssertionError("a corrupt stream inflated without an error")
+    truncated = objects.inflater()
+    truncated.decompress(stream[:-10])
+    assert not truncated.eof
+    assert objects.decompress(stream) == _TEXT  # whole objects too
+
+
 def test_a_reader_without_zlib_ng_reads_what_zlib_ng_wrote(
     make_repo: Callable[..., Repository], tmp_path: Path
 ) -> None:
@@ -110,7 +138,7 @@ def test_a_reader_without_zlib_ng_reads_what_zlib_ng_wrote(
 import hashlib, json
 from rcds.cvmfs import objects
 from rcds.cvmfs.reader import RepositoryReader
-assert not objects.ZLIB_NG
+assert not objects.ZLIB_NG and not objects.ISAL
 with RepositoryReader.open({str(repo.storage)!r}, {str(repo.public_key_path)!r}, fqrn={FQRN!r},
                            cache_dir={str(tmp_path / "old-cache")!r}) as r:
     print(json.dumps({{p: hashlib.sha256(r.read("/sw/a/" + p)).hexdigest()
