@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20, help="small publishes per storage (default 20)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rcds-bench"))
     parser.add_argument(
-        "--no-peek", action="store_true", help="S3: PUT without a HEAD first (peek_before_put)"
+        "--peek", action="store_true", help="S3: a HEAD before each PUT (peek_before_put; off by default)"
     )
     parser.add_argument("--jobs", type=int, default=8, help="stratum 1: snapshot(jobs=...) (default 8)")
     parser.add_argument(
@@ -146,9 +146,7 @@ def main() -> None:
             if args.parallelism:
                 store["parallelism"] = args.parallelism
                 result["parallelism"] = args.parallelism
-            if args.no_peek:
-                store["peek_before_put"] = False
-                result["peek_before_put"] = False
+            store["peek_before_put"] = result["peek_before_put"] = args.peek
             local = Repository.create(FQRN, work / "local")
             remote = Repository.create(FQRN, work / "s3state", store=store)
 
