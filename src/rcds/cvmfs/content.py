@@ -271,6 +271,10 @@ class ContentWriter:
         self._budget = threading.Semaphore(max(1, max_inflight // READ_BLOCK))
         self._stats_lock = threading.Lock()
         self.stats = IngestStats()
+        # Objects this writer has stored or is storing (digest + suffix): identical content met twice in
+        # one transaction (often in the same batch, before the index knows it) is put once, without
+        # asking the store, whose put_object may not look first (S3 without peek_before_put).
+        self._stored: set[bytes] = set()
         self._max_inflight_blocks = max(1, max_inflight // READ_BLOCK)
         self._batch = _Batch()
 
@@ -318,7 +322,18 @@ class ContentWriter:
     def _compress_and_put(self, data: bytes | memoryview, suffix: Suffix, key: bytes | None) -> _Stored:
         """Deflate, name and store one piece the index did not know; record it under ``key``."""
         stored, h = compress(data)
-        written = self.store.put_object(h.object_name(suffix), stored)
+        name = h.digest + suffix.value.encode()
+        with self._stats_lock:
+            first = name not in self._stored
+            self._stored.add(name)
+        written = False
+        if first:
+            try:
+                written = self.store.put_object(h.object_name(suffix), stored)
+            except BaseException:
+                with self._stats_lock:  # not stored: a later copy must try again
+                    self._stored.discard(name)
+                raise
         if key is not None and self.index is not None:
             self.index.put(key, h.digest)
         if written:
