@@ -6,6 +6,11 @@ memory); every other S3 test runs on the juicefs gateway, which ignores the head
 Two writers on one bucket repository are two machines here: two state directories (each its own
 ``.rcds/``, hence its own writer flock, content index and catalog cache) with the same keys and
 ``repo.json``, so the local lock stops neither; only the bucket's conditional writes keep them apart.
+
+What they guard: the two root files a commit replaces, the reflog and then the manifest (``If-Match`` on
+the versions its transaction started from), and a new repository's manifest (``If-None-Match: *``). The
+objects, catalogs and history a losing commit wrote are content-addressed: unreferenced, harmless, GC's.
+The whitelist is not guarded (README, "A repository in an S3 bucket").
 """
 
 from __future__ import annotations
@@ -113,6 +118,9 @@ def test_of_two_writers_from_the_same_revision_the_second_commit_is_refused(
         txn_b.add_directory("/b", theirs)
         won = txn_a.commit()
         assert won.revision == 2
+        # A reader on the second machine (a service thread's status, say) sees revision 2 meanwhile: the
+        # open transaction's base stays the revision it started from.
+        assert second.manifest().revision == 2
         with pytest.raises(ConditionFailed):
             txn_b.commit()
     finally:
@@ -158,7 +166,7 @@ def test_of_two_creators_racing_on_one_bucket_key_the_second_manifest_is_refused
     not match."""
     store = bucket_store()
     failpoint = tmp_path / "failpoint"
-    failpoint.write_text("after-reflog:sleep=4")
+    failpoint.write_text("after-reflog:sleep=4")  # the second's whole create takes ~0.2 s
     monkeypatch.setenv(failpoints.FILE_ENV, str(failpoint))
     outcome: list[BaseException | Repository] = []
 
