@@ -28,6 +28,7 @@ import pytest
 from conftest import FQRN, write_tree
 from rcds.cvmfs import failpoints
 from rcds.cvmfs.checker import check_repository
+from rcds.cvmfs.gc import GcReport, collect_garbage
 from rcds.cvmfs.repository import MANIFEST, PRIVATE_DIR, REFLOG, Repository, RepositoryError
 from rcds.storage import ConditionFailed
 from rcds.storage.s3 import S3Settings, S3Store
@@ -189,3 +190,45 @@ def test_of_two_creators_racing_on_one_bucket_key_the_second_manifest_is_refused
     assert len(outcome) == 1 and isinstance(outcome[0], ConditionFailed), outcome
     assert_clean(second, tmp_path / "c")
     assert second.manifest().revision == 0
+
+
+def test_a_collection_on_one_machine_does_not_publish_over_a_commit_on_another(
+    first: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GC re-signs the manifest with its trimmed reflog as its last step; if another machine committed
+    since GC read the manifest, that step is refused and the other machine's revision stays. (The other
+    machine's content index is empty here; one listing an object the sweep deleted would not re-upload
+    it: GC and publishing on two machines at once is not safe, README says so.)"""
+    publish(first, "/old", write_tree(tmp_path / "old", {"old.txt": b"old\n" * 100}))
+    with first.transaction() as txn:  # revision 2 drops /old: revision 1's objects are garbage
+        txn.remove("/old")
+        txn.add_directory("/kept", write_tree(tmp_path / "kept", {"kept.txt": b"kept\n"}))
+        txn.commit()
+    second = second_machine(first, tmp_path / "machine2")
+    failpoint = tmp_path / "failpoint"
+    failpoint.write_text("gc-before-reflog:sleep=3")  # the other machine's commit takes ~0.3 s
+    monkeypatch.setenv(failpoints.FILE_ENV, str(failpoint))
+    sweeping = threading.Event()
+    outcome: list[BaseException | GcReport] = []
+
+    def collect() -> None:
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase in ("index", "sweep"):  # the manifest and its versions are read: commit now
+                sweeping.set()
+
+        try:
+            outcome.append(collect_garbage(first, horizon=0, progress=progress))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    assert sweeping.wait(30), outcome
+    assert publish(second, "/new", write_tree(tmp_path / "new", {"new.txt": b"new\n"})) == 3
+    collector.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ConditionFailed), outcome
+    with first.reader(cache_dir=tmp_path / "c") as reader:
+        assert reader.manifest.revision == 3
+        assert reader.read("/new/new.txt") == b"new\n"
+        assert reader.read("/kept/kept.txt") == b"kept\n"
+    assert_clean(first, tmp_path / "c2")
