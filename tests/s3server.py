@@ -6,11 +6,16 @@ conditional writes: rcds detects that and relies on its writer lock), ``x-amz-ac
 bucket policy) and stored ``Cache-Control`` (the headers are sent; they are not read back).
 
 Without the binary a test skips, unless ``RCDS_REQUIRE_TOOLS=1`` (CI), where it fails.
+
+For what juicefs lacks, conditional writes, ``run_moto_server`` starts moto's standalone S3 emulator
+(``moto.server``, from the test extra), which enforces ``If-None-Match``/``If-Match`` on PUT but checks no
+signatures and keeps everything in memory: only tests/test_s3_conditional.py uses it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -161,6 +166,43 @@ def run_s3_server(root: Path, binary: str = "juicefs", meta: str = "badger") -> 
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError("juicefs gateway did not come up in 30 s")
+            time.sleep(0.1)
+        yield server
+    finally:
+        server.stop()
+
+
+def moto_available() -> bool:
+    """moto's S3 emulator and the Flask app its standalone server runs in (the test extra)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("moto", "flask", "flask_cors"))
+
+
+@contextlib.contextmanager
+def run_moto_server(root: Path) -> Iterator[S3Server]:
+    """moto's standalone S3 server (``python -m moto.server``) on a free port of 127.0.0.1, in its own
+    process, until the context ends. It accepts any credentials; ``env()`` gives juicefs's, so that either
+    server's tests may set them for the process."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "moto.log"
+    port = _free_port()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, process, root)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"moto server exited: {log.read_text(errors='replace')[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.endpoint}/moto-api/", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto server did not come up in 30 s")
             time.sleep(0.1)
         yield server
     finally:

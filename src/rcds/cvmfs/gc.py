@@ -95,7 +95,7 @@ from .history import History
 from .manifest import Manifest
 from .objects import ObjectCorrupt, decompress, verify
 from .reflog import Reflog, RefType
-from .repository import REFLOG, Repository, RepositoryError
+from .repository import REFLOG, Repository, RepositoryError, RootVersions
 
 log = logging.getLogger("rcds.gc")
 
@@ -202,9 +202,13 @@ class Stratum0:
         self.private = repo.private
         self.catalog_cache = repo.catalog_cache
         self.content_index = repo.private / "content-index.db"
+        self.versions: RootVersions | None = None  # until manifest(): the repository's last read
 
     def manifest(self) -> Manifest:
-        return self.repo.manifest()
+        # The versions the collection replaces the reflog and manifest on (its own: a service thread's
+        # ``repo.manifest()`` meanwhile must not move them past another machine's commit).
+        manifest, self.versions = self.repo.manifest_and_versions()
+        return manifest
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -221,7 +225,9 @@ class Stratum0:
 
     def write_reflog(self, manifest: Manifest, reflog: Path) -> None:
         """The reflog, then the manifest re-signed for the same root catalog and revision with its ``Y``."""
-        self.repo.publish_manifest(manifest, reflog, after_reflog="gc-before-manifest")
+        self.repo.publish_manifest(
+            manifest, reflog, after_reflog="gc-before-manifest", based_on=self.versions
+        )
 
     def write_status(self, **fields: str) -> None:
         self.repo.write_status(**fields)

@@ -59,6 +59,17 @@ class RepositoryError(Exception):
     """The repository does not exist, is locked, or is inconsistent."""
 
 
+@dataclass(frozen=True)
+class RootVersions:
+    """The versions (``ObjectStore.version``: an ETag on a bucket with conditional writes, else None) of
+    the reflog and the manifest a commit started from. ``publish_manifest`` replaces each only if it is
+    still at that version, so that of two writers (two machines on one bucket) from the same revision the
+    second fails instead of overwriting the first's reflog and manifest."""
+
+    manifest: str | None
+    reflog: str | None
+
+
 @dataclass
 class RepoConfig:
     fqrn: str
@@ -105,7 +116,9 @@ class Repository:
         self.fqrn = self.config.fqrn
         self.keys_dir = Path(self.config.keys_dir) if self.config.keys_dir else self.private / "keys"
         self.store: ObjectStore = _open_configured_store(self.storage, self.config.store)
-        self._manifest_version: str | None = None
+        # The root files' versions as last read (``manifest``), for the conditional replaces of
+        # ``publish_manifest``; a transaction keeps its own (``manifest_and_versions``).
+        self._versions = RootVersions(None, None)
         self.catalog_cache = self.private / "catalogs"
         self.catalog_cache.mkdir(exist_ok=True)
         self._certificate_key: rsa.RSAPrivateKey | None = None
@@ -199,7 +212,9 @@ class Repository:
         manifest = Manifest(
             root_hash, 0, self.config.ttl, self.fqrn, root_size, cert_hash, history_hash, None, None, now
         )
-        self.publish_manifest(manifest, reflog_path)
+        # No manifest may be there (If-None-Match where the store can: of two creators on one bucket key
+        # one succeeds); a reflog without one is a crashed create's, replaced.
+        self.publish_manifest(manifest, reflog_path, based_on=RootVersions(None, self.store.version(REFLOG)))
 
     # --- keys and signing ------------------------------------------------------------------------
 
@@ -267,25 +282,41 @@ class Repository:
     # --- manifest, catalogs, history -------------------------------------------------------------
 
     def manifest(self) -> Manifest:
-        """The published manifest; remembers its version for the conditional replace in
+        """The published manifest; remembers the root files' versions for the conditional replaces in
         ``publish_manifest`` (stores with conditional writes: a second writer cannot commit over it)."""
-        self._manifest_version = self.store.version(MANIFEST)
-        return Manifest.parse(self.store.get(MANIFEST))[0]
+        manifest, self._versions = self.manifest_and_versions()
+        return manifest
+
+    def manifest_and_versions(self) -> tuple[Manifest, RootVersions]:
+        """The published manifest and the root files' versions, remembered nowhere (a transaction's own:
+        another ``manifest()`` call meanwhile, e.g. from a service thread, must not move its base)."""
+        # The reflog's version first: a commit landing between the reads then fails at the reflog, before
+        # it writes anything, rather than after replacing it.
+        reflog = self.store.version(REFLOG)
+        version = self.store.version(MANIFEST)
+        return Manifest.parse(self.store.get(MANIFEST))[0], RootVersions(version, reflog)
 
     def publish_manifest(
-        self, manifest: Manifest, reflog_path: Path, after_reflog: str = "after-reflog"
+        self,
+        manifest: Manifest,
+        reflog_path: Path,
+        after_reflog: str = "after-reflog",
+        based_on: RootVersions | None = None,
     ) -> Manifest:
-        """The last step of every publish: reflog, then the signed manifest, each durable.
+        """The last step of every publish: reflog, then the signed manifest, each durable, each replaced
+        only if still at ``based_on`` (default: as the last ``manifest()`` read them) where the store has
+        conditional writes; else ``ConditionFailed`` and, if the reflog was refused, nothing written.
 
         ``after_reflog`` names the failure point between the two (garbage collection uses its own)."""
+        based_on = based_on or self._versions
         reflog_bytes = reflog_path.read_bytes()
         manifest = dataclasses.replace(manifest, reflog=ContentHash.of(reflog_bytes))
-        self.store.put_durable(REFLOG, reflog_bytes)
+        self.store.replace_if(REFLOG, reflog_bytes, based_on.reflog)
         self.write_reflog_checksum(manifest.reflog)
         failpoints.hit(after_reflog)
         self.store.sync()
-        self.store.replace_if(MANIFEST, manifest.sign(self.certificate_key()), self._manifest_version)
-        self._manifest_version = self.store.version(MANIFEST)
+        self.store.replace_if(MANIFEST, manifest.sign(self.certificate_key()), based_on.manifest)
+        self._versions = RootVersions(self.store.version(MANIFEST), self.store.version(REFLOG))
         return manifest
 
     def write_reflog_checksum(self, h: ContentHash | None) -> None:
@@ -324,9 +355,9 @@ class Repository:
             manifest = self.manifest()
             actual = ContentHash.of(self.store.get(REFLOG))
             if manifest.reflog is not None and actual != manifest.reflog:
-                self.store.put_durable(
-                    MANIFEST, dataclasses.replace(manifest, reflog=actual).sign(self.certificate_key())
-                )
+                # Conditional too: on a bucket another machine's commit may land meanwhile.
+                signed = dataclasses.replace(manifest, reflog=actual).sign(self.certificate_key())
+                self.store.replace_if(MANIFEST, signed, self._versions.manifest)
                 done.append("re-signed the manifest for a reflog left by an interrupted publish")
             checksum = self.private / REFLOG_CHECKSUM
             if checksum.exists() and checksum.read_text() != actual.hex:

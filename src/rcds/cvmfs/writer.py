@@ -111,7 +111,7 @@ class Transaction:
         self._closed = False
         try:
             repo.recover()
-            self.base = repo.manifest()
+            self.base, self.base_versions = repo.manifest_and_versions()
             self._open_work(workers)
             self._load("", self.base.root_catalog, None)
         except BaseException:
@@ -701,7 +701,7 @@ class Transaction:
             None,
             timestamp,
         )
-        manifest = repo.publish_manifest(manifest, reflog_path)
+        manifest = repo.publish_manifest(manifest, reflog_path, based_on=self.base_versions)
         failpoints.hit("after-manifest")
         reflog_path.unlink(missing_ok=True)
         self.index.flush()
