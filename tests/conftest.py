@@ -27,7 +27,7 @@ from rcds.cvmfs.chunking import ChunkParams
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import PRIVATE_DIR, Repository
 from rcds.storage.local import LocalStore
-from s3server import S3Server, juicefs_binary, run_s3_server
+from s3server import S3Server, juicefs_binary, run_s3_server, server_environment
 from tools import REQUIRE_ENV
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "cvmfs-reference"
@@ -175,16 +175,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     meta = os.environ.get(S3_META_ENV, "badger")
     with run_s3_server(tmp_path_factory.mktemp("s3server"), binary, meta=meta) as server:
         server.create_bucket(S3_BUCKET, public_read=True)
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
+        with server_environment(server):
             yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def s3_store(server: S3Server, fqrn: str = FQRN, **options: object) -> dict[str, object]:

@@ -157,19 +157,40 @@ def run_s3_server(root: Path, binary: str = "juicefs", meta: str = "badger") -> 
         )
     server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, process, root)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"juicefs gateway exited: {log.read_text(errors='replace')[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.endpoint}/minio/health/live", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("juicefs gateway did not come up in 30 s")
-            time.sleep(0.1)
+        _wait_until_up(server, "/minio/health/live", "juicefs gateway", log)
         yield server
     finally:
         server.stop()
+
+
+def _wait_until_up(server: S3Server, health_path: str, name: str, log: Path) -> None:
+    """Until ``health_path`` answers 200 (30 s at most); the server's log in the error if it exits."""
+    deadline = time.monotonic() + 30
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text(errors='replace')[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.endpoint}{health_path}", timeout=1).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not come up in 30 s")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def server_environment(server: S3Server) -> Iterator[S3Server]:
+    """The server's credentials in this process's environment (what the AWS chain reads) while the
+    context lasts; what was there before is put back."""
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def moto_available() -> bool:
@@ -194,16 +215,7 @@ def run_moto_server(root: Path) -> Iterator[S3Server]:
         )
     server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, process, root)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moto server exited: {log.read_text(errors='replace')[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.endpoint}/moto-api/", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("moto server did not come up in 30 s")
-            time.sleep(0.1)
+        _wait_until_up(server, "/moto-api/", "moto server", log)
         yield server
     finally:
         server.stop()

@@ -32,7 +32,7 @@ from rcds.cvmfs.gc import GcReport, collect_garbage
 from rcds.cvmfs.repository import MANIFEST, PRIVATE_DIR, REFLOG, Repository, RepositoryError
 from rcds.storage import ConditionFailed
 from rcds.storage.s3 import S3Settings, S3Store
-from s3server import S3Server, moto_available, run_moto_server
+from s3server import S3Server, moto_available, run_moto_server, server_environment
 from tools import REQUIRE_ENV
 
 BUCKET = "rcds-conditional"
@@ -49,16 +49,8 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         pytest.skip(message)
     with run_moto_server(tmp_path_factory.mktemp("moto")) as server:
         server.create_bucket(BUCKET)
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
+        with server_environment(server):
             yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.fixture
