@@ -257,6 +257,10 @@ def _on_pty(
     def controlling_terminal() -> None:
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        # As an interactive shell starts a foreground job: Ctrl-C at its default. A test run started in
+        # the background (`cmd &`, nohup) ignores SIGINT, and an ignored signal stays ignored across exec.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "rcds.cli", *args],
