@@ -11,6 +11,7 @@ import io
 import os
 import random
 import stat
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from rcds.cvmfs.reflog import Reflog, RefType
 from rcds.cvmfs.repository import Repository, RepositoryError
 from rcds.cvmfs.tree import EntryKind, TreeEntry
 from rcds.cvmfs.writer import TransactionError, TreeError, _xattr_blob
+from rcds.ingest.tarstream import tar_entries
 
 BIG = random.Random(7).randbytes(700 * 1024)  # > SMALL_CHUNKS.max_size: several chunks
 
@@ -808,6 +810,28 @@ def test_files_around_the_chunk_size_limits_read_back_and_follow_the_chunking_ru
     else:
         assert d.hash is not None and d.chunks == []
     check(reader)
+
+
+def test_a_big_file_is_cut_alike_from_a_directory_and_from_a_tar_stream(
+    repo: Repository, tmp_path: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    # a directory's big files are cut where they lie (file_cuts), a tar's as they stream by (iter_chunks)
+    data = random.Random(11).randbytes(6 * SMALL_CHUNKS.max_size + 4321)
+    publish(repo, "/from-dir", tree_dir(tmp_path, {"f.bin": data}))
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("f.bin")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    tar.seek(0)
+    with repo.transaction() as txn:
+        txn.add_tree("/from-tar", tar_entries(tar))
+        txn.commit()
+    reader = open_reader(repo)
+    from_dir, from_tar = reader.stat("/from-dir/f.bin"), reader.stat("/from-tar/f.bin")
+    assert len(from_dir.chunks) > 3
+    assert from_dir.chunks == from_tar.chunks
+    assert reader.read("/from-dir/f.bin") == data
 
 
 def test_resign_replaces_the_whitelist_and_the_warning_follows_its_expiry(repo: Repository) -> None:
