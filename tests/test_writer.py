@@ -30,6 +30,7 @@ from rcds.cvmfs.repository import Repository, RepositoryError
 from rcds.cvmfs.tree import EntryKind, TreeEntry
 from rcds.cvmfs.writer import TransactionError, TreeError, _xattr_blob
 from rcds.ingest.tarstream import tar_entries
+from rcds.storage.local import LocalStore
 
 BIG = random.Random(7).randbytes(700 * 1024)  # > SMALL_CHUNKS.max_size: several chunks
 
@@ -832,6 +833,24 @@ def test_a_big_file_is_cut_alike_from_a_directory_and_from_a_tar_stream(
     assert len(from_dir.chunks) > 3
     assert from_dir.chunks == from_tar.chunks
     assert reader.read("/from-dir/f.bin") == data
+
+
+def test_objects_of_a_large_ingest_start_going_to_disk_before_the_commit(
+    tmp_path: Path, repo_template: Path
+) -> None:
+    repo = new_repo(tmp_path / "storage", repo_template)  # a local store: its early sync
+    store = repo.store
+    assert isinstance(store, LocalStore)
+    store.early_sync_bytes = 64 << 10  # instead of 64 MiB
+    files = {f"f{i}.bin": random.Random(i).randbytes(16 << 10) for i in range(12)}  # incompressible
+    with repo.transaction() as txn:
+        txn.add_directory("/cid", tree_dir(tmp_path, files))
+        started = store._early_sync
+        assert started is not None and started.name == "rcds-early-sync"  # before the commit
+        txn.commit()
+    started.join(10)
+    assert not started.is_alive()
+    check(RepositoryReader.open(repo.storage, repo.public_key_path, fqrn=repo.fqrn, cache_dir=tmp_path / "c"))
 
 
 def test_resign_replaces_the_whitelist_and_the_warning_follows_its_expiry(repo: Repository) -> None:
