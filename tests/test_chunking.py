@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +20,7 @@ from rcds.cvmfs.chunking import (
     DEFAULT_MAX,
     DEFAULT_MIN,
     ChunkParams,
+    file_cuts,
     find_cut,
     iter_chunks,
     xor32_states,
@@ -297,6 +300,31 @@ def test_prng_cut_marks_with_first(prng_data: bytes) -> None:
     assert _marks(chunks)[:-1] == PRNG_MARKS
 
 
+def _cuts_of(data: bytes, params: ChunkParams, size: int | None = None) -> list[tuple[int, int]]:
+    """``file_cuts`` of ``data`` written to a real file."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return list(file_cuts(f.fileno(), len(data) if size is None else size, params))
+
+
+def test_prng_cut_marks_of_a_file(prng_data: bytes) -> None:
+    # what the directory ingest cuts a big file into: the C++ detector's marks, read only where a cut can be
+    cuts = _cuts_of(prng_data, PRNG_PARAMS)
+    assert [offset + length for offset, length in cuts][:-1] == PRNG_MARKS
+    assert [offset for offset, _ in cuts] == [0, *PRNG_MARKS]
+    assert sum(length for _, length in cuts) == PRNG_DATA_SIZE
+
+
+def test_file_cuts_of_a_file_shorter_than_its_size_is_an_eof_error() -> None:
+    params = ChunkParams(64, 128, 256)
+    data = os.urandom(1000)
+    with pytest.raises(EOFError, match="shorter than 1500 bytes"):
+        _cuts_of(data, params, size=1500)
+    # a file that grew: only the first ``size`` bytes are cut
+    assert sum(n for _, n in _cuts_of(data, params, size=700)) == 700
+
+
 # ---------------------------------------------------------------------------------------------
 # Fast implementation against the scalar reference
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +359,10 @@ def test_iter_chunks_matches_reference(
         assert chunk_all(data, params, max_read=max_read, seed=seed) == expected
         assert find_cut(data, params) == expected_find_cut(data, params)
         assert find_cut(memoryview(data), params) == expected_find_cut(data, params)
+        offset = 0
+        for (at, length), chunk in zip(_cuts_of(data, params), expected, strict=True):
+            assert (at, length) == (offset, len(chunk))
+            offset += length
 
 
 @settings(max_examples=50, deadline=None)

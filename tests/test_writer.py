@@ -11,6 +11,7 @@ import io
 import os
 import random
 import stat
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from rcds.cvmfs.reflog import Reflog, RefType
 from rcds.cvmfs.repository import Repository, RepositoryError
 from rcds.cvmfs.tree import EntryKind, TreeEntry
 from rcds.cvmfs.writer import TransactionError, TreeError, _xattr_blob
+from rcds.ingest.tarstream import tar_entries
+from rcds.storage.local import LocalStore
 
 BIG = random.Random(7).randbytes(700 * 1024)  # > SMALL_CHUNKS.max_size: several chunks
 
@@ -808,6 +811,46 @@ def test_files_around_the_chunk_size_limits_read_back_and_follow_the_chunking_ru
     else:
         assert d.hash is not None and d.chunks == []
     check(reader)
+
+
+def test_a_big_file_is_cut_alike_from_a_directory_and_from_a_tar_stream(
+    repo: Repository, tmp_path: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    # a directory's big files are cut where they lie (file_cuts), a tar's as they stream by (iter_chunks)
+    data = random.Random(11).randbytes(6 * SMALL_CHUNKS.max_size + 4321)
+    publish(repo, "/from-dir", tree_dir(tmp_path, {"f.bin": data}))
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("f.bin")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    tar.seek(0)
+    with repo.transaction() as txn:
+        txn.add_tree("/from-tar", tar_entries(tar))
+        txn.commit()
+    reader = open_reader(repo)
+    from_dir, from_tar = reader.stat("/from-dir/f.bin"), reader.stat("/from-tar/f.bin")
+    assert len(from_dir.chunks) > 3
+    assert from_dir.chunks == from_tar.chunks
+    assert reader.read("/from-dir/f.bin") == data
+
+
+def test_objects_of_a_large_ingest_start_going_to_disk_before_the_commit(
+    tmp_path: Path, repo_template: Path
+) -> None:
+    repo = new_repo(tmp_path / "storage", repo_template)  # a local store: its early sync
+    store = repo.store
+    assert isinstance(store, LocalStore)
+    store.early_sync_bytes = 64 << 10  # instead of 64 MiB
+    files = {f"f{i}.bin": random.Random(i).randbytes(16 << 10) for i in range(12)}  # incompressible
+    with repo.transaction() as txn:
+        txn.add_directory("/cid", tree_dir(tmp_path, files))
+        started = store._early_sync
+        assert started is not None and started.name == "rcds-early-sync"  # before the commit
+        txn.commit()
+    started.join(10)
+    assert not started.is_alive()
+    check(RepositoryReader.open(repo.storage, repo.public_key_path, fqrn=repo.fqrn, cache_dir=tmp_path / "c"))
 
 
 def test_resign_replaces_the_whitelist_and_the_warning_follows_its_expiry(repo: Repository) -> None:

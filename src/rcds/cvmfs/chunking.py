@@ -22,6 +22,7 @@ releases the GIL in its loops, so chunking can run alongside compression threads
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX",
     "DEFAULT_MIN",
     "ChunkParams",
+    "file_cuts",
     "find_cut",
     "iter_chunks",
     "xor32_states",
@@ -106,6 +108,7 @@ class _Scratch(threading.local):
         self.acc: npt.NDArray[np.uint32] = np.empty(0, dtype=np.uint32)
         self.tmp: npt.NDArray[np.uint32] = np.empty(0, dtype=np.uint32)
         self.mask: npt.NDArray[np.bool_] = np.empty(0, dtype=np.bool_)
+        self.window = bytearray()  # file_cuts' read buffer
 
     def reserve(self, size: int) -> None:
         import numpy as np
@@ -234,3 +237,44 @@ def iter_chunks(stream: BinaryIO, params: ChunkParams, first: bytes = b"") -> It
             buf += block
         else:
             eof = True
+
+
+def file_cuts(fd: int, size: int, params: ChunkParams) -> Iterator[tuple[int, int]]:
+    """The pieces ``iter_chunks`` cuts the first ``size`` bytes of the open file ``fd`` into, as
+    ``(offset, length)``, without keeping their bytes.
+
+    A cut can only fall between ``min_size`` and ``max_size`` bytes into a piece, so only that stretch
+    (plus the 31 bytes the rolling window needs before it) is read, with ``os.preadv`` into one per-thread
+    buffer: nothing is copied out, and whoever stores a piece reads it again (from the page cache) on
+    its own thread. EOFError if the file is shorter than ``size``.
+    """
+    import numpy as np
+
+    lead = XOR32_WINDOW - 1
+    scratch = _thread_scratch()
+    need = min(params.max_size, size) - params.min_size + lead
+    if need > lead and len(scratch.window) < need:
+        scratch.window = bytearray(params.max_size - params.min_size + lead)
+    view = memoryview(scratch.window)
+    data = np.frombuffer(scratch.window, dtype=np.uint8) if need > lead else None
+    start = 0
+    try:
+        while start < size:
+            limit = min(size - start, params.max_size)
+            cut = limit  # no cut mark: max_size, or the rest of the file
+            if limit > params.min_size and data is not None:
+                n = limit - params.min_size + lead
+                first = start + params.min_size - lead
+                got = 0
+                while got < n:
+                    k = os.preadv(fd, [view[got:n]], first + got)
+                    if k == 0:
+                        raise EOFError(f"the file is shorter than {size} bytes")
+                    got += k
+                hit = _scan(data[:n], lead, n, params.threshold)
+                if hit is not None:
+                    cut = hit + params.min_size - lead
+            yield start, cut
+            start += cut
+    finally:
+        view.release()

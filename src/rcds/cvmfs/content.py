@@ -21,7 +21,7 @@ from typing import BinaryIO, Protocol, cast
 
 from ..storage import ObjectStore
 from .catalog import Chunk
-from .chunking import ChunkParams, iter_chunks
+from .chunking import ChunkParams, file_cuts, iter_chunks
 from .hashes import ContentHash, Suffix
 from .objects import compress
 
@@ -450,10 +450,8 @@ class ContentWriter:
 
     def _add_file(self, path: Path | str, size: int) -> PendingContent:
         if size > self.params.min_size and self.index is not None:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(4 * READ_BLOCK):
-                    h.update(block)
+            with open(path, "rb", buffering=0) as f:
+                h = hashlib.file_digest(f, "sha256")  # into one reused buffer: no bytes object per block
             key = b"F" + h.digest() + struct.pack("<QQQ", *self._param_tuple())
             hit = self.index.get(key)
             if hit is not None:
@@ -466,18 +464,51 @@ class ContentWriter:
                     return PendingContent(
                         size, None, [(c.offset, c.size, _Done((c.hash, 0))) for c in chunks], None, self
                     )
-            with open(path, "rb") as f:
-                pending = self.add_stream(f, size)
+            pending = self._add_big_file(path, size)
             if pending._whole is None:
                 pending._index_key = key
             return pending
         if size > self.params.min_size:  # chunked, without an index to skip it
-            with open(path, "rb") as f:
-                return self.add_stream(f, size)
+            return self._add_big_file(path, size)
         with self._stats_lock:
             self.stats.files += 1
             self.stats.bytes_in += size
         return self._add_to_batch(os.fspath(path), size)  # read by the pool task
+
+    def _add_big_file(self, path: Path | str, size: int) -> PendingContent:
+        """A file that may be chunked: cut here (``file_cuts`` reads only where a cut can fall), each piece
+        read, deflated and stored by a pool task, so no piece's bytes pass through this thread."""
+        name = os.fspath(path)
+        pieces: list[tuple[int, int, Future[tuple[ContentHash, int]]]] = []
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for offset, length in file_cuts(fd, size, self.params):
+                suffix = Suffix.NONE if length == size else Suffix.PARTIAL
+                blocks = self._acquire(length)
+                future = self.pool.submit(self._store_file_piece, name, offset, length, suffix, blocks)
+                if length == size:  # no cut: a sole piece is a whole file
+                    with self._stats_lock:
+                        self.stats.files += 1
+                        self.stats.bytes_in += size
+                    return PendingContent(size, future, [], None, self)
+                pieces.append((offset, length, future))
+        finally:
+            os.close(fd)
+        with self._stats_lock:
+            self.stats.files += 1
+            self.stats.bytes_in += size
+        return PendingContent(size, None, pieces, None, self)
+
+    def _store_file_piece(
+        self, path: str, offset: int, length: int, suffix: Suffix, blocks: int
+    ) -> tuple[ContentHash, int]:
+        """Pool task: read ``length`` bytes of ``path`` at ``offset`` and store them as one piece."""
+        try:
+            data = _read_file(path, length, offset)
+        except BaseException:
+            self._release(blocks)
+            raise
+        return self._store_piece(data, suffix, blocks)
 
     def _param_tuple(self) -> tuple[int, int, int]:
         return self.params.min_size, self.params.avg_size, self.params.max_size
@@ -504,16 +535,16 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
-def _read_file(path: str, size: int) -> bytes:
-    """The first ``size`` bytes of the file at ``path`` (EOFError if it is shorter)."""
+def _read_file(path: str, size: int, offset: int = 0) -> bytes:
+    """``size`` bytes of the file at ``path`` from ``offset`` (EOFError if it is shorter)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.read(fd, size)
+        data = os.pread(fd, size, offset)
         if len(data) < size:
             parts = [data]
             got = len(data)
             while got < size:
-                block = os.read(fd, size - got)
+                block = os.pread(fd, size - got, offset + got)
                 if not block:
                     raise EOFError(f"{path}: ended {size - got} bytes early")
                 parts.append(block)

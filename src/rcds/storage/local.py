@@ -8,6 +8,7 @@ import functools
 import itertools
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
@@ -24,21 +25,31 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
-@functools.cache
-def _load_syncfs() -> Callable[[int], int] | None:
-    """libc's ``syncfs``, looked up on the first sync (ctypes and the lookup cost a command's start-up)."""
+def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A libc function by name (``syncfs``, ``sync_file_range``: Linux only), None where there is none.
+    Looked up when first needed: importing ctypes costs a command's start-up."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
     try:
-        fn = ctypes.CDLL(name, use_errno=True).syncfs
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)  # the process's own libc: no library search
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int]
-    return cast(Callable[[int], int], fn)
+    fn.argtypes = list(argtypes)
+    return cast(Callable[..., int], fn)
+
+
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    import ctypes
+
+    return _libc_function("syncfs", ctypes.c_int)
+
+
+# After this many bytes put, a background syncfs starts writing them to disk while the ingest goes on: the
+# disk works during compression, and the commit's own syncfs finds little left (1 GiB ingest to a fresh
+# ext4: commit 1.9 s -> 0.3 s). One syncfs for many objects, where a per-object sync_file_range cost ~90 us
+# each on small files.
+EARLY_SYNC_BYTES = 64 << 20
 
 
 _TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL: safe across the ingest threads
@@ -47,12 +58,17 @@ _TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL: safe across
 class LocalStore(ObjectStore):
     """A directory laid out like a stock stratum 0 (``data/00`` ... ``data/ff``)."""
 
+    early_sync_bytes = EARLY_SYNC_BYTES
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.staging = self.root / PRIVATE_DIR / "tmp"
         # Plain strings for the per-object paths: pathlib costs microseconds per object, which adds up
         # over tens of thousands of small files.
         self._root_prefix = os.path.join(self.root, "")
+        self._unsynced = 0
+        self._early_sync: threading.Thread | None = None
+        self._early_sync_lock = threading.Lock()
 
     @property
     def description(self) -> str:
@@ -104,6 +120,9 @@ class LocalStore(ObjectStore):
                 view = view[n:]
         finally:
             os.close(fd)
+        self._unsynced += len(data)  # a lost update between threads only delays the next early sync
+        if self._unsynced >= self.early_sync_bytes:
+            self._start_early_sync()
         try:
             os.replace(tmp, target)
         except FileNotFoundError:
@@ -140,8 +159,23 @@ class LocalStore(ObjectStore):
             for f in files:
                 yield f"{rel}/{f}"
 
+    def _start_early_sync(self) -> None:
+        with self._early_sync_lock:
+            if self._early_sync is not None and self._early_sync.is_alive():
+                return  # the running one takes what it finds; the count restarts when the next one starts
+            self._unsynced = 0
+            self._early_sync = threading.Thread(
+                target=self._sync_quietly, name="rcds-early-sync", daemon=True
+            )
+            self._early_sync.start()
+
+    def _sync_quietly(self) -> None:
+        # Only a head start: durability comes from the commit's own sync, which reports any error.
+        with contextlib.suppress(OSError):
+            self.sync()
+
     def sync(self) -> None:
-        syncfs = _load_syncfs()
+        syncfs = _syncfs()
         if syncfs is not None:
             fd = os.open(self.root, os.O_RDONLY)
             try:
