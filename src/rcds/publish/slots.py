@@ -98,6 +98,7 @@ class SlotResult:
     rejected: str | None = None  # the tarball's fault (IngestError, TreeError): the job fails
     error: BaseException | None = None  # anything else (a full disk, a lost lease...): retried
     seconds: float = 0.0
+    early: bool = False  # staged as it arrived (``early``): an error sends it back to the queue
 
 
 @dataclass
@@ -159,6 +160,19 @@ class IngestSlots:
             future = self._pool.submit(ingest)
             self.running.append(_Running(jobs, leases, future))
         future.add_done_callback(lambda _: self.on_done())
+
+    def try_start(self, job: Job, lease: Lease, ingest: Callable[[], list[SlotResult]]) -> bool:
+        """``start`` one job if it ``fits`` now, checked and taken at once (an upload staged as it arrives
+        claims its slot from the web server's threads, beside the worker's dispatch)."""
+        assert self._pool is not None
+        with self._lock:
+            free = self.size - len(self.running)
+            if free <= 0 or (self.size >= 2 and job.size > self.small_bytes and free <= 1):
+                return False
+            future = self._pool.submit(ingest)
+            self.running.append(_Running([job], [lease], future))
+        future.add_done_callback(lambda _: self.on_done())
+        return True
 
     def take_finished(self, max_jobs: int) -> list[SlotResult]:
         """Finished ingests for one commit (at least one slot's, up to ``max_jobs``), in starting order.
