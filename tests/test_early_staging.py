@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from rcds.cvmfs.failpoints import FILE_ENV
+from rcds.publish.early import FollowingReader, SpoolDiscarded
 from rcds.publish.leases import Lease, Leases
+from rcds.publish.service import SpoolFile
 from server import RcdsServer, make_tarball
 
 SOLO = ("solo.rcds.test",)
@@ -134,6 +137,40 @@ def spool_files(srv: RcdsServer) -> list[str]:
 
 def no_leases_left(srv: RcdsServer) -> None:
     until(lambda: not leases_of(srv), srv, timeout=10)
+
+
+def test_a_following_reader_gets_the_bytes_as_they_are_written(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path, limit=1 << 20)
+    reader = FollowingReader(spool.part, spool.progress, cancelled=lambda: False)
+    waits: list[int] = []
+    reader.keep = lambda: waits.append(1)  # called while it waits for the writer
+    data = os.urandom(300_000)
+
+    def write() -> None:
+        for i in range(0, len(data), 70_000):
+            time.sleep(0.6 if i == 0 else 0.05)  # one pause long enough for a keep()
+            spool.write(data[i : i + 70_000])
+        spool.finish()  # complete (and renamed to .tar: the open reader goes on)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    got = [reader.read(100_000) for _ in range(4)]
+    writer.join()
+    # Full reads as from a finished file, blocking for the bytes; a short read and EOF only at the end.
+    assert [len(b) for b in got] == [100_000, 100_000, 100_000, 0]
+    assert b"".join(got) == data and waits
+    reader.close()
+    spool.discard()
+
+    aborted = SpoolFile(tmp_path, limit=1 << 20)
+    reader = FollowingReader(aborted.part, aborted.progress, cancelled=lambda: False)
+    aborted.write(b"x" * 1000)
+    assert reader.read(600) == b"x" * 600
+    threading.Timer(0.2, aborted.discard).start()
+    with pytest.raises(SpoolDiscarded):
+        reader.read(600)  # 400 bytes there, then the upload is aborted: the staging stops, no short read
+    reader.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
@@ -267,5 +304,46 @@ def test_killed_mid_early_staging_publishes_exactly_what_was_acknowledged(tmp_pa
         assert srv.api("exists", cid="partial").text == "MISSING\n"
         no_leases_left(srv)
         assert spool_files(srv) == []
+    finally:
+        srv.close()
+
+
+def test_small_publishes_overtake_a_big_upload_staged_as_it_arrives(tmp_path: Path) -> None:
+    """A big staging uses every core (its compression workers) yet gives way: small publishes that come
+    while it runs go live before it, each within seconds."""
+    big = tmp_path / "big.tar"
+    with tarfile.open(big, "w") as tar:  # random data: its compression keeps the cores busy for seconds
+        for i in range(12):
+            info = tarfile.TarInfo(f"blob/{i:02d}.bin")
+            info.size = 16 << 20
+            tar.addfile(info, io.BytesIO(os.urandom(info.size)))
+    (tmp_path / "srv").mkdir()
+    srv = RcdsServer(tmp_path / "srv", repos=SOLO, top_config=CONFIG)
+    srv.start()
+    sent: list[int] = []
+
+    def upload_big() -> None:
+        with big.open("rb") as f:
+            sent.append(srv.client.post("/pubapi/publish", params={"cid": "big"}, content=f).status_code)
+
+    try:
+        uploader = threading.Thread(target=upload_big)
+        uploader.start()
+        until(lambda: early_lease(srv, "big"), srv)
+        smalls = [f"small{i}" for i in range(5)]
+        took = []
+        for cid in smalls:
+            started = time.monotonic()
+            assert srv.publish(cid, make_tarball({"run.sh": f"echo {cid}\n"})).text == "OK\n"
+            assert srv.wait_state(cid)["state"] == "published"
+            took.append(time.monotonic() - started)
+        uploader.join()
+        assert sent == [200]
+        doc = srv.wait_state("big", timeout=120)
+        assert doc["state"] == "published"
+        assert max(srv.status(c)["revision"] for c in smalls) < doc["revision"]  # they went first
+        assert max(took) < 5.0, took
+        assert metric(srv, "staged") == 1.0
+        no_leases_left(srv)
     finally:
         srv.close()

@@ -61,8 +61,9 @@ class SpoolProgress:
             self.discarded = True
             self._cond.notify_all()
 
-    def wait_beyond(self, offset: int, cancelled: Callable[[], bool]) -> int:
-        """Bytes written past ``offset``, once there are any; 0 at the end of a complete upload."""
+    def wait_beyond(self, offset: int, cancelled: Callable[[], bool], keep: Callable[[], None]) -> int:
+        """Bytes written past ``offset``, once there are any; 0 at the end of a complete upload. ``keep``
+        is called while it waits (it keeps the staging's lease alive, and may raise to stop it)."""
         with self._cond:
             while True:
                 if self.discarded:
@@ -71,7 +72,8 @@ class SpoolProgress:
                     return self.written - offset
                 if cancelled():
                     raise SpoolDiscarded("the service is stopping")
-                self._cond.wait(WAIT_SECONDS)
+                if not self._cond.wait(WAIT_SECONDS):
+                    keep()
 
 
 class FollowingReader:
@@ -83,12 +85,13 @@ class FollowingReader:
         self._progress = progress
         self._cancelled = cancelled
         self._offset = 0
+        self.keep: Callable[[], None] = lambda: None  # called while waiting for the writer
 
     def read(self, n: int = -1) -> bytes:
         parts: list[bytes] = []
         wanted = n if n >= 0 else 1 << 62
         while wanted > 0:
-            available = self._progress.wait_beyond(self._offset, self._cancelled)
+            available = self._progress.wait_beyond(self._offset, self._cancelled, self.keep)
             if available == 0:
                 break
             data = os.pread(self._fd, min(wanted, available, 1 << 24), self._offset)
