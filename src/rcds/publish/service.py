@@ -1393,22 +1393,28 @@ class RepositoryWorker(threading.Thread):
                           self.repo_name, None, None, 0, None)  # fmt: skip
         if not slots.fits(provisional):  # the commit's writer lock is not needed: a staging runs beside it
             return False
-        got = svc.leases.acquire(
-            self.repo_name, f"{svc.prefix}/{cid}", f"upload of {cid} (staged as it arrives)",
-            svc.settings.lease_seconds,
-        )  # fmt: skip
+        reader = FollowingReader(spool.part, spool.progress, svc.stopping.is_set)  # opened while it exists
+        try:
+            got = svc.leases.acquire(
+                self.repo_name, f"{svc.prefix}/{cid}", f"upload of {cid} (staged as it arrives)",
+                svc.settings.lease_seconds,
+            )  # fmt: skip
+        except BaseException:
+            reader.close()
+            raise
         if isinstance(got, Busy):
+            reader.close()
             return None
         early = EarlyStaging(cid, self.repo_name, got, provisional)
-        reader = FollowingReader(spool.part, spool.progress, svc.stopping.is_set)  # opened while it exists
         spool.early = early
+        svc.metrics.publishing.labels(self.repo_name).inc()
         if not slots.try_start(provisional, got, functools.partial(self._ingest_early, early, reader)):
+            svc.metrics.publishing.labels(self.repo_name).dec()
             spool.early = None
             reader.close()
             with contextlib.suppress(Exception):
                 svc.leases.release(got.token)
             return False
-        svc.metrics.publishing.labels(self.repo_name).inc()
         log.info(
             "staging an upload as it arrives",
             extra=fields(cid=cid, repository=self.repo_name, expected_bytes=size),
@@ -1453,8 +1459,9 @@ class RepositoryWorker(threading.Thread):
         result.seconds = time.monotonic() - early.started
         durable = early.outcome(svc.stopping.is_set)
         if durable is None:  # aborted, refused or queued without it: as if it had never started
-            if result.staging is not None:
-                result.staging.abort()
+            with contextlib.suppress(Exception):
+                if result.staging is not None:
+                    result.staging.abort()
             with contextlib.suppress(Exception):
                 svc.leases.release(early.lease.token)
             svc.metrics.publishing.labels(self.repo_name).dec()
