@@ -23,6 +23,7 @@ from rcds.cvmfs.failpoints import FILE_ENV
 from rcds.publish.early import FollowingReader, SpoolDiscarded
 from rcds.publish.leases import Lease, Leases
 from rcds.publish.service import SpoolFile
+from rcds.publish.state import StateDB
 from server import RcdsServer, make_tarball
 
 SOLO = ("solo.rcds.test",)
@@ -345,5 +346,38 @@ def test_small_publishes_overtake_a_big_upload_staged_as_it_arrives(tmp_path: Pa
         assert max(took) < 5.0, took
         assert metric(srv, "staged") == 1.0
         no_leases_left(srv)
+    finally:
+        srv.close()
+
+
+def test_an_early_staging_that_fails_hands_the_job_to_the_queue_without_spending_an_attempt(
+    tmp_path: Path,
+) -> None:
+    """Its lease is taken away mid-upload (as if it had expired): the staging stops with LeaseLost, the
+    acknowledged job goes back to the queue with no attempt counted and is ingested from the spool."""
+    srv = RcdsServer(tmp_path, repos=SOLO, top_config=f"{CONFIG}\nlease_seconds = 1.5").start()
+    try:
+        data = big_tar()
+        upload = Upload(srv, "lost", len(data))
+        upload.send(data[: len(data) // 3])
+        until(lambda: early_lease(srv, "lost"), srv)
+        observer = Leases(state_db(srv))
+        (lease,) = observer.list()
+        assert observer.release(lease.token) is not None
+        observer.close()
+        time.sleep(1.0)  # the staging refreshes its lease every half second: it finds it gone
+        upload.send(data[len(data) // 3 :])
+        assert upload.answer() == (200, "OK\n")
+        doc = srv.wait_state("lost")
+        assert doc["state"] == "published" and doc["files"] == 12 + 4, doc
+        state = StateDB(state_db(srv))
+        job = state.latest("lost")
+        state.close()
+        assert job is not None and job.attempts == 0 and job.reason is None, job  # no attempt spent
+        assert metric(srv, "failed") == 1.0 and metric(srv, "staged") == 0.0
+        (failed,) = log_events(srv, "early staging failed, the job is queued")
+        assert "LeaseLost" in str(failed["reason"]), failed
+        no_leases_left(srv)
+        assert spool_files(srv) == []
     finally:
         srv.close()
