@@ -273,6 +273,12 @@ def test_a_leased_path_falls_back_to_the_queue(solo: RcdsServer) -> None:
     assert upload.answer() == (200, "OK\n")
     assert metric(solo, "lease_busy") == 1.0
     until(lambda: solo.status("held")["state"] == "queued", solo)
+    # A job is queued and due: the next big upload leaves the slots to it (acknowledged work first).
+    upload = Upload(solo, "next", len(data))
+    upload.send(data)
+    assert upload.answer() == (200, "OK\n")
+    assert metric(solo, "queued_work") == 1.0
+    assert solo.wait_state("next")["state"] == "published"
     external.release(lease.token)
     external.close()
     assert solo.wait_state("held")["state"] == "published"

@@ -486,6 +486,10 @@ class PublishService:
         if not, the upload takes the queue's path once accepted. Blocking (SQLite): off the event loop."""
         if not self.running or self.stopping.is_set() or spool.early is not None:
             return False
+        assert self.state is not None
+        if self.state.queued(limit=1):  # acknowledged work first: a slot taken now would be theirs
+            self.metrics.early_staging.labels("queued_work").inc()
+            return False
         busy = False
         for worker in sorted(self.workers, key=lambda w: w.slots.free if w.slots else 0, reverse=True):
             try:
