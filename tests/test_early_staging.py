@@ -7,6 +7,7 @@ the server (its lease table, its repository, its API), then finish the body or h
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -387,3 +388,26 @@ def test_an_early_staging_that_fails_hands_the_job_to_the_queue_without_spending
         assert spool_files(srv) == []
     finally:
         srv.close()
+
+
+def test_a_compressed_upload_is_staged_as_it_arrives_and_an_aborted_one_stops(solo: RcdsServer) -> None:
+    """gzip is inflated in a thread of its own (``tarstream``): it follows the spool too, and an abort
+    reaches it through that thread."""
+    data = gzip.compress(big_tar(), compresslevel=1)
+    assert len(data) > SMALL_BYTES
+    upload = Upload(solo, "gz", len(data))
+    upload.send(data[: len(data) // 2])
+    until(lambda: early_lease(solo, "gz"), solo)
+    upload.send(data[len(data) // 2 :])
+    assert upload.answer() == (200, "OK\n")
+    doc = solo.wait_state("gz")
+    assert doc["state"] == "published" and doc["files"] == 12 + 4, doc
+    assert metric(solo, "staged") == 1.0
+    upload = Upload(solo, "gz2", len(data))
+    upload.send(data[: len(data) // 2])
+    until(lambda: early_lease(solo, "gz2"), solo)
+    upload.hang_up()
+    until(lambda: metric(solo, "abandoned") == 1.0, solo)
+    no_leases_left(solo)
+    assert spool_files(solo) == []
+    assert solo.status("gz2")["state"] == "missing"
