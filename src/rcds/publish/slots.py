@@ -8,6 +8,9 @@ without the repository's writer lock). The worker then grafts every staged tree 
 commit into one revision (group commit) in one short transaction. Everything that touches the state
 database stays in the worker's thread; a slot only ingests.
 
+A slot may also be claimed by a big upload still arriving (``early``, ``try_start``): it stages from the
+spool as it is written and its result joins the worker's commits only once the upload is queued.
+
 Fairness: with two slots or more, big tarballs (over ``small_publish_bytes``) never take the last free
 slot, so a small publish starts at once however many big ones are queued; big ones start in queue order
 whenever a slot is free, so they make progress.
