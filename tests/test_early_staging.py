@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import signal
 import socket
 import tarfile
 import threading
@@ -411,3 +412,26 @@ def test_a_compressed_upload_is_staged_as_it_arrives_and_an_aborted_one_stops(so
     no_leases_left(solo)
     assert spool_files(solo) == []
     assert solo.status("gz2")["state"] == "missing"
+
+
+def test_a_clean_stop_during_an_early_staging_is_prompt_and_leaves_nothing(tmp_path: Path) -> None:
+    srv = RcdsServer(tmp_path, repos=SOLO, top_config=CONFIG).start()
+    try:
+        data = big_tar()
+        upload = Upload(srv, "stopped", len(data))
+        upload.send(data[: len(data) // 2])
+        until(lambda: early_lease(srv, "stopped"), srv)
+        started = time.monotonic()
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        upload.hang_up()  # else the web server grants the request its grace (shutdown_timeout, 10 s)
+        assert srv.stop(timeout=30) == 0
+        assert time.monotonic() - started < 5
+        assert log_events(srv, "early staging dropped")
+        assert leases_of(srv) == []
+        srv.start()
+        assert srv.status("stopped")["state"] == "missing"
+        assert spool_files(srv) == []
+    finally:
+        srv.close()
