@@ -429,3 +429,21 @@ def test_a_clean_stop_during_an_early_staging_is_prompt_and_leaves_nothing(tmp_p
         assert spool_files(srv) == []
     finally:
         srv.close()
+
+
+def test_the_same_cid_uploaded_twice_at_once_is_staged_once(solo: RcdsServer) -> None:
+    data = big_tar()
+    first = Upload(solo, "dup", len(data))
+    first.send(data[: len(data) // 2])
+    until(lambda: early_lease(solo, "dup"), solo)
+    second = Upload(solo, "dup", len(data))  # before the first is queued: it is received too
+    second.send(data)
+    assert second.answer() == (200, "OK\n")  # queued first; its ingest waits for the lease
+    assert metric(solo, "duplicate") == 1.0
+    first.send(data[len(data) // 2 :])
+    assert first.answer() == (200, "OK\n")  # the CID is queued already: this one and its staging go
+    assert solo.wait_state("dup")["state"] == "published"
+    assert metric(solo, "abandoned") == 1.0 and metric(solo, "staged") == 0.0
+    assert len([e for e in log_events(solo, "published") if e.get("cid") == "dup"]) == 1
+    no_leases_left(solo)
+    assert spool_files(solo) == []

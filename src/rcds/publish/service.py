@@ -210,6 +210,8 @@ class PublishService:
             on_drop=lambda reason: self.metrics.notification_drops.labels(reason).inc(),
         )
         self._replica_wakes: list[threading.Event] = []  # set on stop: replication threads wait on them
+        self._early_cids: set[str] = set()  # CIDs being staged as they arrive (``start_early``)
+        self._early_lock = threading.Lock()
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -490,19 +492,34 @@ class PublishService:
         if self.state.queued(limit=1):  # acknowledged work first: a slot taken now would be theirs
             self.metrics.early_staging.labels("queued_work").inc()
             return False
-        busy = False
-        for worker in sorted(self.workers, key=lambda w: w.slots.free if w.slots else 0, reverse=True):
-            try:
-                started = worker.stage_early(cid, spool, striplevels, identity, size)
-            except Exception as exc:  # a locked state database, out of descriptors: the queue's path then
-                log.warning("cannot stage an upload as it arrives", extra=fields(cid=cid, error=str(exc)))
-                self.metrics.early_staging.labels("error").inc()
+        with self._early_lock:  # the same CID uploaded twice at once: one staging (in another repository
+            if cid in self._early_cids:  # the lease would not stop the second), the other is refused later
+                self.metrics.early_staging.labels("duplicate").inc()
                 return False
-            if started is True:
-                return True
-            busy = busy or started is None
-        self.metrics.early_staging.labels("lease_busy" if busy else "no_slot").inc()
-        return False
+            self._early_cids.add(cid)
+        started: bool | None = False
+        try:
+            busy = False
+            for worker in sorted(self.workers, key=lambda w: w.slots.free if w.slots else 0, reverse=True):
+                try:
+                    started = worker.stage_early(cid, spool, striplevels, identity, size)
+                except Exception as exc:  # a locked state database, out of descriptors: the queue's path
+                    log.warning("cannot stage an upload as it arrives", extra=fields(cid=cid, error=str(exc)))
+                    self.metrics.early_staging.labels("error").inc()
+                    return False
+                if started is True:
+                    return True
+                busy = busy or started is None
+            self.metrics.early_staging.labels("lease_busy" if busy else "no_slot").inc()
+            return False
+        finally:
+            if started is not True:
+                self.early_over(cid)
+
+    def early_over(self, cid: str) -> None:
+        """An early staging of ``cid`` is over (handed to the commit, dropped, or never started)."""
+        with self._early_lock:
+            self._early_cids.discard(cid)
 
     def accept(self, cid: str, spool: SpoolFile, striplevels: int, identity: str) -> Outcome:
         """Make a received upload durable and queue it. Blocking (fsync): call it off the event loop.
@@ -1462,6 +1479,7 @@ class RepositoryWorker(threading.Thread):
                 staging.abort()
         result.seconds = time.monotonic() - early.started
         durable = early.outcome(svc.stopping.is_set)
+        svc.early_over(job.cid)  # handed over (the queue has the CID now) or dropped
         if durable is None:  # aborted, refused or queued without it: as if it had never started
             with contextlib.suppress(Exception):
                 if result.staging is not None:
