@@ -85,6 +85,19 @@ class ServiceMetrics:
             "rcds_leases_expired", "Leases that expired (their holder made no progress)", ["repository"],
             registry=r,
         )  # fmt: skip
+        self.early_staging = Counter(
+            "rcds_early_staging",
+            "Big uploads by how they were ingested: staged as they arrived (staged), or not: no free slot, "
+            "queued work first, lease busy, duplicate CID, upload abandoned, staging failed (requeued), error",
+            ["outcome"],
+            registry=r,
+        )
+        self.early_overlap_seconds = Histogram(
+            "rcds_early_staging_overlap_seconds",
+            "Seconds an early staging ran before its upload was acknowledged (ingest time saved)",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=r,
+        )
         self.graft_seconds = Histogram(
             "rcds_graft_seconds", "One revision grafting staged ingests (the writer lock held)", ["repository"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r,

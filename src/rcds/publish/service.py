@@ -1,7 +1,9 @@
 """The publish service: uploads in, signed revisions out.
 
 * An upload is streamed into a spool file, fsynced and recorded as a queued job in the state database
-  before the caller is told ``OK`` (``accept``). Acknowledged work survives crashes and restarts.
+  before the caller is told ``OK`` (``accept``). Acknowledged work survives crashes and restarts. A big
+  one is staged in an ingest slot while it arrives (``start_early``, ``early``) and handed to the
+  commit only once it is queued.
 * One worker thread per local repository pulls queued jobs (the free worker takes the next work, so CIDs
   go to the least busy repository). It ingests them in ``ingest_slots`` slots at once, each job under a
   lease on its own path (``leases``, ``slots``: staged without the writer lock), and grafts every ingest
@@ -55,6 +57,7 @@ from ..storage.local import fsync_path
 from .cid import cid_group
 from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
 from .config import RepositorySettings, ServiceSettings
+from .early import EarlyStaging, FollowingReader, SpoolProgress
 from .lastuse import server_name, write_records
 from .leases import Busy, Lease, Leases
 from .metrics import ServiceMetrics
@@ -71,6 +74,12 @@ if TYPE_CHECKING:
     from ..cvmfs.subscriber import Activity
 
 log = logging.getLogger("rcds.publish")
+
+# Compression workers of a big tarball's staging: all the cores, as the core's own ingest. Small publishes
+# beside it are not starved: the big one's reader gives way to them (``LeasedReader``), and its workers
+# have nothing to compress while it does. Measured in bench/README.md ("Service against core"): on two
+# cores, all of them beat all but one by 15-25 % of the service's time.
+_BIG_STAGING_WORKERS = os.cpu_count() or 1
 
 RESIGN_DAYS_LEFT = 7  # re-sign a local repository's whitelist when it expires sooner than this
 STORAGE_LOG_INTERVAL = 600.0  # seconds between warnings while publishing waits for a failed storage
@@ -108,7 +117,10 @@ class Outcome:
 
 
 class SpoolFile:
-    """An upload being received: written to ``<id>.part``, renamed to ``<id>.tar`` once complete and fsynced."""
+    """An upload being received: written to ``<id>.part``, renamed to ``<id>.tar`` once complete and fsynced.
+
+    ``progress`` tells a ``FollowingReader`` (early staging, ``early``) how far the writing is.
+    """
 
     def __init__(self, directory: Path, limit: int) -> None:
         self.id = uuid.uuid4().hex
@@ -116,6 +128,8 @@ class SpoolFile:
         self.path = directory / f"{self.id}.tar"
         self.limit = limit
         self.size = 0
+        self.progress = SpoolProgress()
+        self.early: EarlyStaging | None = None  # set while a slot stages this upload as it arrives
         self._f: BinaryIO | None = open(self.part, "xb", buffering=0)  # noqa: SIM115 - closed in finish/discard
 
     def write(self, data: bytes) -> None:
@@ -127,10 +141,12 @@ class SpoolFile:
         while view:
             n = self._f.write(view)
             view = view[n or 0 :]
+        self.progress.wrote(len(data))
 
     def finish(self) -> None:
         """Make the complete upload durable under its final name."""
         assert self._f is not None
+        self.progress.finish()  # an early staging reads the tail while the fsync runs
         os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
@@ -138,6 +154,9 @@ class SpoolFile:
         fsync_path(self.path.parent)
 
     def discard(self) -> None:
+        self.progress.discard()  # stops an early staging's reader
+        if self.early is not None:
+            self.early.abandon()
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -191,6 +210,8 @@ class PublishService:
             on_drop=lambda reason: self.metrics.notification_drops.labels(reason).inc(),
         )
         self._replica_wakes: list[threading.Event] = []  # set on stop: replication threads wait on them
+        self._early_cids: set[str] = set()  # CIDs being staged as they arrive (``start_early``)
+        self._early_lock = threading.Lock()
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -461,8 +482,51 @@ class PublishService:
         self._check_running()
         return SpoolFile(self.spool_dir, self.settings.max_upload)
 
+    def start_early(self, cid: str, spool: SpoolFile, striplevels: int, identity: str, size: int) -> bool:
+        """Start staging a big upload (``size``: expected, or received so far) while it arrives, in a free
+        ingest slot of a repository whose lease on the CID's path is free (``early``). Whether it started;
+        if not, the upload takes the queue's path once accepted. Blocking (SQLite): off the event loop."""
+        if not self.running or self.stopping.is_set() or spool.early is not None:
+            return False
+        assert self.state is not None
+        if self.state.queued(limit=1):  # acknowledged work first: a slot taken now would be theirs
+            self.metrics.early_staging.labels("queued_work").inc()
+            return False
+        with self._early_lock:  # the same CID uploaded twice at once: one staging (in another repository
+            if cid in self._early_cids:  # the lease would not stop the second), the other is refused later
+                self.metrics.early_staging.labels("duplicate").inc()
+                return False
+            self._early_cids.add(cid)
+        started: bool | None = False
+        try:
+            busy = False
+            for worker in sorted(self.workers, key=lambda w: w.slots.free if w.slots else 0, reverse=True):
+                try:
+                    started = worker.stage_early(cid, spool, striplevels, identity, size)
+                except Exception as exc:  # a locked state database, out of descriptors: the queue's path
+                    log.warning("cannot stage an upload as it arrives", extra=fields(cid=cid, error=str(exc)))
+                    self.metrics.early_staging.labels("error").inc()
+                    return False
+                if started is True:
+                    return True
+                busy = busy or started is None
+            self.metrics.early_staging.labels("lease_busy" if busy else "no_slot").inc()
+            return False
+        finally:
+            if started is not True:
+                self.early_over(cid)
+
+    def early_over(self, cid: str) -> None:
+        """An early staging of ``cid`` is over (handed to the commit, dropped, or never started)."""
+        with self._early_lock:
+            self._early_cids.discard(cid)
+
     def accept(self, cid: str, spool: SpoolFile, striplevels: int, identity: str) -> Outcome:
-        """Make a received upload durable and queue it. Blocking (fsync): call it off the event loop."""
+        """Make a received upload durable and queue it. Blocking (fsync): call it off the event loop.
+
+        An upload staged as it arrived (``spool.early``) is queued claimed by the repository that staged
+        it, and its staged tree handed to that repository's next commit; otherwise the staging is dropped.
+        """
         assert self.state is not None
         self._check_running()
         where = self.presence.find(cid)
@@ -471,13 +535,30 @@ class PublishService:
             self.touch(cid)
             return Outcome(where)
         spool.finish()  # the fsync stays outside the lock: large uploads must not hold up the others
-        with self._enqueue_lock:
-            try:
-                self.namespace.check(cid)  # again: a conflicting upload may have been queued meanwhile
-            except NamespaceConflict:
-                spool.discard()
-                raise
-            job_id = self.state.enqueue(cid, str(spool.path), spool.size, striplevels, identity)
+        early = spool.early
+        handing_over = False
+        job_id: int | None = None
+        try:
+            with self._enqueue_lock:
+                try:
+                    self.namespace.check(cid)  # again: a conflicting upload may have been queued meanwhile
+                except NamespaceConflict:
+                    spool.discard()
+                    raise
+                handing_over = early is not None and early.begin_hand_over()
+                claimed_by = early.repository if early is not None and handing_over else None
+                job_id = self.state.enqueue(
+                    cid, str(spool.path), spool.size, striplevels, identity, claimed_by
+                )
+            if early is not None and handing_over and job_id is not None:
+                now = time.time()
+                durable = dataclasses.replace(
+                    early.provisional, id=job_id, spool=str(spool.path), size=spool.size, submitted=now
+                )
+                early.hand_over(durable)
+        finally:
+            if early is not None and not (handing_over and job_id is not None):
+                early.abandon()
         if job_id is None:  # a concurrent upload of the same CID was queued first
             spool.discard()
             return Outcome(self.presence.find(cid))
@@ -486,7 +567,11 @@ class PublishService:
             for worker in self.workers:
                 if worker.slots is not None:
                     worker.slots.small_arrived = time.monotonic()
-        log.info("queued", extra=fields(cid=cid, job=job_id, bytes=spool.size, identity=identity))
+        log.info(
+            "queued",
+            extra=fields(cid=cid, job=job_id, bytes=spool.size, identity=identity,
+                         staged_early=early.repository if handing_over and early is not None else None),
+        )  # fmt: skip
         self._notify()
         return Outcome(None)
 
@@ -1281,10 +1366,7 @@ class RepositoryWorker(threading.Thread):
                 if svc.leases.refresh(lease.token) is None:  # it waited for the jobs before it in its slot
                     raise LeaseLost("the lease expired before the ingest started")
                 if staging is None:
-                    # A big tarball compresses on all cores but one: small publishes beside it keep a core.
-                    staging = self.repo.staging(
-                        workers=max(1, (os.cpu_count() or 2) - 1) if big_run else None
-                    )
+                    staging = self.repo.staging(workers=_BIG_STAGING_WORKERS if big_run else None)
                     staging.clock = svc.clock
                 with open(job.spool, "rb") as raw:
                     give_way = self.slots.small_in_progress if big_run and self.slots is not None else None
@@ -1319,6 +1401,111 @@ class RepositoryWorker(threading.Thread):
                 )  # fmt: skip
         return results
 
+    def stage_early(
+        self, cid: str, spool: SpoolFile, striplevels: int, identity: str, size: int
+    ) -> bool | None:
+        """Claim a free slot and the lease on the CID's path, and stage ``spool`` there as it arrives
+        (``early``). True: started; None: the path is leased; False: no slot here now."""
+        svc, slots = self.service, self.slots
+        if slots is None or svc.leases is None or not self.accepting.is_set() or self.storage_waiting:
+            return False
+        now = time.time()
+        provisional = Job(0, cid, PUBLISHING, str(spool.part), size, striplevels, identity, now, now, None,
+                          self.repo_name, None, None, 0, None)  # fmt: skip
+        if not slots.fits(provisional):  # the commit's writer lock is not needed: a staging runs beside it
+            return False
+        reader = FollowingReader(spool.part, spool.progress, svc.stopping.is_set)  # opened while it exists
+        try:
+            got = svc.leases.acquire(
+                self.repo_name, f"{svc.prefix}/{cid}", f"upload of {cid} (staged as it arrives)",
+                svc.settings.lease_seconds,
+            )  # fmt: skip
+        except BaseException:
+            reader.close()
+            raise
+        if isinstance(got, Busy):
+            reader.close()
+            return None
+        early = EarlyStaging(cid, self.repo_name, got, provisional)
+        spool.early = early
+        svc.metrics.publishing.labels(self.repo_name).inc()
+        if not slots.try_start(provisional, got, functools.partial(self._ingest_early, early, reader)):
+            svc.metrics.publishing.labels(self.repo_name).dec()
+            spool.early = None
+            reader.close()
+            with contextlib.suppress(Exception):
+                svc.leases.release(got.token)
+            return False
+        log.info(
+            "staging an upload as it arrives",
+            extra=fields(cid=cid, repository=self.repo_name, expected_bytes=size),
+        )
+        return True
+
+    def _ingest_early(self, early: EarlyStaging, raw: FollowingReader) -> list[SlotResult]:
+        """In a slot's thread: stage an upload as it arrives, then wait for ``accept`` (``early``). The
+        result goes to the normal commit only once the job is durably queued; otherwise it is dropped here.
+        Never raises; touches no state."""
+        svc = self.service
+        assert svc.leases is not None
+        job = early.provisional
+        result = SlotResult(job, early.lease, early=True)
+        staging: StagingTransaction | None = None
+        try:
+            staging = self.repo.staging(workers=_BIG_STAGING_WORKERS)
+            staging.clock = svc.clock
+            give_way = self.slots.small_in_progress if self.slots is not None else None
+            reader = LeasedReader(
+                cast(BinaryIO, raw), svc.leases, early.lease, svc.stopping.is_set, give_way or (lambda: False)
+            )
+            raw.keep = reader.keep  # a client pausing does not cost the lease while it is within its limits
+            entries = _with_publisher(
+                tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels),
+                job.identity,
+                int(svc.clock()),
+            )
+            result.staged = staging.stage(f"/{svc.prefix}/{job.cid}", entries)
+            staging.seal()
+            result.staging = staging
+        except (IngestError, TreeError) as exc:
+            result.rejected = str(exc)
+        except Exception as exc:  # the upload aborted, the service stopping, a full disk...
+            result.error = exc
+        finally:
+            raw.close()
+        if result.staging is None and staging is not None:
+            result.staged = None
+            with contextlib.suppress(Exception):
+                staging.abort()
+        result.seconds = time.monotonic() - early.started
+        durable = early.outcome(svc.stopping.is_set)
+        svc.early_over(job.cid)  # handed over (the queue has the CID now) or dropped
+        if durable is None:  # aborted, refused or queued without it: as if it had never started
+            with contextlib.suppress(Exception):
+                if result.staging is not None:
+                    result.staging.abort()
+            with contextlib.suppress(Exception):
+                svc.leases.release(early.lease.token)
+            svc.metrics.publishing.labels(self.repo_name).dec()
+            svc.metrics.early_staging.labels("abandoned").inc()
+            log.info(
+                "early staging dropped",
+                extra=fields(cid=job.cid, repository=self.repo_name,
+                             reason=str(result.error or result.rejected or "the upload was not queued")),
+            )  # fmt: skip
+            return []
+        result.job = durable
+        if early.handed_at is not None:
+            svc.metrics.early_overlap_seconds.observe(early.handed_at - early.started)
+        if result.staged is not None:
+            svc.metrics.early_staging.labels("staged").inc()
+            log.info(
+                "staged", extra=fields(cid=durable.cid, repository=self.repo_name, files=result.staged.entries,
+                                       bytes=result.staged.stats.bytes_in, seconds=round(result.seconds, 3),
+                                       early=True),
+            )  # fmt: skip
+        return [result]
+
     @staticmethod
     def _drop_staging(
         staging: StagingTransaction, results: list[SlotResult], error: BaseException | None = None
@@ -1349,6 +1536,14 @@ class RepositoryWorker(threading.Thread):
         if wait is not None:
             self._storage_failed(wait, exc, 1)
             self._write_state(functools.partial(self._wait, job, wait))
+            return
+        if slot.early:  # the queue's path takes it from the durable spool, as if it had never started early
+            svc.metrics.early_staging.labels("failed").inc()
+            log.warning(
+                "early staging failed, the job is queued",
+                extra=fields(cid=job.cid, repository=self.repo_name, reason=f"{type(exc).__name__}: {exc}"),
+            )
+            self._write_state(functools.partial(svc.state.reset_to_queued, [job.id]))
             return
         if isinstance(exc, LeaseLost):
             svc.metrics.failures.labels("lease").inc()

@@ -8,6 +8,9 @@ without the repository's writer lock). The worker then grafts every staged tree 
 commit into one revision (group commit) in one short transaction. Everything that touches the state
 database stays in the worker's thread; a slot only ingests.
 
+A slot may also be claimed by a big upload still arriving (``early``, ``try_start``): it stages from the
+spool as it is written and its result joins the worker's commits only once the upload is queued.
+
 Fairness: with two slots or more, big tarballs (over ``small_publish_bytes``) never take the last free
 slot, so a small publish starts at once however many big ones are queued; big ones start in queue order
 whenever a slot is free, so they make progress.
@@ -98,6 +101,7 @@ class SlotResult:
     rejected: str | None = None  # the tarball's fault (IngestError, TreeError): the job fails
     error: BaseException | None = None  # anything else (a full disk, a lost lease...): retried
     seconds: float = 0.0
+    early: bool = False  # staged as it arrived (``early``): an error sends it back to the queue
 
 
 @dataclass
@@ -159,6 +163,19 @@ class IngestSlots:
             future = self._pool.submit(ingest)
             self.running.append(_Running(jobs, leases, future))
         future.add_done_callback(lambda _: self.on_done())
+
+    def try_start(self, job: Job, lease: Lease, ingest: Callable[[], list[SlotResult]]) -> bool:
+        """``start`` one job if it ``fits`` now, checked and taken at once (an upload staged as it arrives
+        claims its slot from the web server's threads, beside the worker's dispatch)."""
+        assert self._pool is not None
+        with self._lock:
+            free = self.size - len(self.running)
+            if free <= 0 or (self.size >= 2 and job.size > self.small_bytes and free <= 1):
+                return False
+            future = self._pool.submit(ingest)
+            self.running.append(_Running([job], [lease], future))
+        future.add_done_callback(lambda _: self.on_done())
+        return True
 
     def take_finished(self, max_jobs: int) -> list[SlotResult]:
         """Finished ingests for one commit (at least one slot's, up to ``max_jobs``), in starting order.

@@ -104,14 +104,23 @@ class StateDB(SqliteFile):
 
     # --- the queue -------------------------------------------------------------------------------
 
-    def enqueue(self, cid: str, spool: str, size: int, striplevels: int, identity: str) -> int | None:
-        """Record an uploaded spool file as a queued job. None if the CID already has an active job."""
+    def enqueue(
+        self, cid: str, spool: str, size: int, striplevels: int, identity: str, claimed_by: str | None = None
+    ) -> int | None:
+        """Record an uploaded spool file as a queued job. None if the CID already has an active job.
+
+        ``claimed_by``: a repository whose ingest slot staged the upload as it arrived; the job is recorded
+        as publishing there at once (a restart requeues it, as any interrupted job).
+        """
+        now = time.time()
+        state = QUEUED if claimed_by is None else PUBLISHING
+        started = None if claimed_by is None else now
         try:
             with self._txn() as db:
                 cur = db.execute(
-                    "INSERT INTO jobs (cid, state, spool, size, striplevels, identity, submitted) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (cid, QUEUED, spool, size, striplevels, identity, time.time()),
+                    "INSERT INTO jobs (cid, state, spool, size, striplevels, identity, submitted, started, "
+                    "repository) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (cid, state, spool, size, striplevels, identity, now, started, claimed_by),
                 )
                 return cur.lastrowid
         except sqlite3.IntegrityError:

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -184,7 +184,22 @@ class PubApi:
             return web.json_response(doc, headers={"Cache-control": "max-age=0"})
         return await self._publish(request, cid, identity, info)
 
-    async def _receive(self, request: web.Request, spool: SpoolFile) -> None:
+    async def _receive(
+        self, request: web.Request, spool: SpoolFile, stage_early: Callable[[int], bool] | None = None
+    ) -> None:
+        """The body into ``spool``. ``stage_early(size)`` is called once the upload is known to be big
+        (its Content-Length, or the bytes received so far, above ``small_publish_bytes``): from then on it
+        is ingested as it arrives (``rcds.publish.early``)."""
+        threshold = self.service.settings.small_publish_bytes
+        pending = stage_early
+
+        async def start_if_big(size: int) -> None:
+            nonlocal pending
+            if pending is not None and size > threshold:
+                start, pending = pending, None
+                await asyncio.to_thread(start, size)
+
+        await start_if_big(request.content_length or 0)
         buffered: list[bytes] = []
         size = 0
         async for block in _body(request, self.upload_limits):
@@ -193,6 +208,7 @@ class PubApi:
             if size >= READ_BLOCK:  # write in ~1 MiB pieces, off the event loop
                 await asyncio.to_thread(spool.write, b"".join(buffered))
                 buffered, size = [], 0
+                await start_if_big(spool.size)
         if buffered:
             await asyncio.to_thread(spool.write, b"".join(buffered))
 
@@ -288,7 +304,8 @@ class PubApi:
                 await self._drain(request)
                 await download(url, svc.settings.source, spool)
             else:
-                await self._receive(request, spool)
+                stage = functools.partial(svc.start_early, cid, spool, striplevels, identity.name)
+                await self._receive(request, spool, stage)
             if spool.size == 0:
                 raise bad_request("error getting publish data: empty upload")
             info["bytes"] = spool.size
