@@ -1178,13 +1178,14 @@ class RepositoryWorker(threading.Thread):
         cids = [job.cid for job, _, _ in done]
         for job, _, _ in done:  # a crash from here on is fine: recovery finds the CIDs in the live revision
             Path(job.spool).unlink(missing_ok=True)
+        # The last-use time first: a status that finds the CID present finds its last use too.
+        self._write_state(functools.partial(state.mark_shared, dict.fromkeys(cids, now)))
         svc.presence.add(self.repo_name, cids, result.revision)
         self._write_state(
             functools.partial(
                 state.mark_published, [(job.id, n) for job, n, _ in done], self.repo_name, result.revision
             )
         )
-        self._write_state(functools.partial(state.mark_shared, dict.fromkeys(cids, now)))
         for job, n, nbytes in done:
             m.publish_seconds.labels(self.repo_name).observe(time.time() - job.submitted)
             m.bytes_ingested.labels(self.repo_name).inc(nbytes)
