@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import resource
 import signal
@@ -136,6 +138,16 @@ class RcdsServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """The server's JSON log records of one event, in order."""
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if doc.get("event") == event:
+                    out.append(doc)
+        return out
 
     # --- API helpers -----------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import json
 import os
 import signal
 import socket
@@ -96,16 +95,6 @@ def leases_of(srv: RcdsServer) -> list[Lease]:
         return leases.list()
     finally:
         leases.close()
-
-
-def log_events(srv: RcdsServer, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in srv.log().splitlines():
-        with contextlib.suppress(ValueError):
-            doc = json.loads(line)
-            if doc.get("event") == event:
-                out.append(doc)
-    return out
 
 
 def until(condition: Callable[[], bool], srv: RcdsServer, timeout: float = 30) -> None:
@@ -206,9 +195,9 @@ def test_a_big_upload_is_staged_while_it_arrives_and_published_only_after_ok(sol
     # Counted as the queue counts them: the files, data/, the root, .publisher, .cvmfscatalog.
     assert doc["state"] == "published" and doc["files"] == 12 + 4, doc
     assert metric(solo, "staged") == 1.0
-    staged = [e for e in log_events(solo, "staged") if e.get("cid") == "big"]
+    staged = [e for e in solo.log_events("staged") if e.get("cid") == "big"]
     assert len(staged) == 1 and staged[0]["early"] is True, staged  # one ingest: no second one from the spool
-    starts = log_events(solo, "staging an upload as it arrives")
+    starts = solo.log_events("staging an upload as it arrives")
     assert [e["cid"] for e in starts] == ["big"]  # never the small one
     no_leases_left(solo)
     assert spool_files(solo) == []
@@ -284,7 +273,7 @@ def test_a_leased_path_falls_back_to_the_queue(solo: RcdsServer) -> None:
     external.release(lease.token)
     external.close()
     assert solo.wait_state("held")["state"] == "published"
-    assert log_events(solo, "staging an upload as it arrives") == []
+    assert solo.log_events("staging an upload as it arrives") == []
     no_leases_left(solo)
 
 
@@ -298,7 +287,7 @@ def test_killed_mid_early_staging_publishes_exactly_what_was_acknowledged(tmp_pa
         upload = Upload(srv, "acked", len(acked))
         upload.send(acked)
         assert upload.answer() == (200, "OK\n")  # staged early, its commit stalls
-        until(lambda: bool(log_events(srv, "staged")), srv)
+        until(lambda: bool(srv.log_events("staged")), srv)
         partial = big_tar()
         half = Upload(srv, "partial", len(partial))
         half.send(partial[: len(partial) // 2])
@@ -377,7 +366,7 @@ def test_an_early_staging_that_fails_hands_the_job_to_the_queue_without_spending
         state.close()
         assert job is not None and job.attempts == 0 and job.reason is None, job  # no attempt spent
         assert metric(srv, "failed") == 1.0 and metric(srv, "staged") == 0.0
-        (failed,) = log_events(srv, "early staging failed, the job is queued")
+        (failed,) = srv.log_events("early staging failed, the job is queued")
         assert "LeaseLost" in str(failed["reason"]), failed
         no_leases_left(srv)
         assert spool_files(srv) == []
@@ -422,7 +411,7 @@ def test_a_clean_stop_during_an_early_staging_is_prompt_and_leaves_nothing(tmp_p
         upload.hang_up()  # else the web server grants the request its grace (shutdown_timeout, 10 s)
         assert srv.stop(timeout=30) == 0
         assert time.monotonic() - started < 5
-        assert log_events(srv, "early staging dropped")
+        assert srv.log_events("early staging dropped")
         assert leases_of(srv) == []
         srv.start()
         assert srv.status("stopped")["state"] == "missing"
@@ -444,6 +433,6 @@ def test_the_same_cid_uploaded_twice_at_once_is_staged_once(solo: RcdsServer) ->
     assert first.answer() == (200, "OK\n")  # the CID is queued already: this one and its staging go
     assert solo.wait_state("dup")["state"] == "published"
     assert metric(solo, "abandoned") == 1.0 and metric(solo, "staged") == 0.0
-    assert len([e for e in log_events(solo, "published") if e.get("cid") == "dup"]) == 1
+    assert len([e for e in solo.log_events("published") if e.get("cid") == "dup"]) == 1
     no_leases_left(solo)
     assert spool_files(solo) == []

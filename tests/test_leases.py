@@ -9,9 +9,7 @@ leases held publishes everything acknowledged after its restart and holds no lea
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import io
-import json
 import os
 import tarfile
 import threading
@@ -161,16 +159,6 @@ def state_db(srv: RcdsServer) -> Path:
     return srv.root / "data" / "queue" / "state.db"
 
 
-def log_events(srv: RcdsServer, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in srv.log().splitlines():
-        with contextlib.suppress(ValueError):
-            doc = json.loads(line)
-            if doc.get("event") == event:
-                out.append(doc)
-    return out
-
-
 def no_leases_left(srv: RcdsServer, timeout: float = 10) -> None:
     """Every lease is released (a publish's lease goes right after its job is marked published)."""
     leases = Leases(state_db(srv))
@@ -251,7 +239,7 @@ def test_a_leased_path_keeps_its_job_queued(solo: RcdsServer) -> None:
     assert solo.publish("h", small("h")).text == "OK\n"
     assert solo.wait_state("h")["state"] == "published"
     deadline = time.monotonic() + 10  # the worker looks at g/x, finds its path leased, leaves it queued
-    while not (busy := log_events(solo, "lease busy, job stays queued")):
+    while not (busy := solo.log_events("lease busy, job stays queued")):
         assert time.monotonic() < deadline, solo.log()[-3000:]
         time.sleep(0.05)
     assert solo.status("g/x")["state"] == "queued"
@@ -274,7 +262,7 @@ def test_an_ingest_that_stalls_past_its_lease_is_refused_then_retried(tmp_path: 
     try:
         assert srv.publish("slow", small("slow")).text == "OK\n"
         deadline = time.monotonic() + 30
-        while not log_events(srv, "staged ingest refused: lease expired"):
+        while not srv.log_events("staged ingest refused: lease expired"):
             assert time.monotonic() < deadline, srv.log()[-3000:]
             time.sleep(0.05)
         doc = srv.status("slow")
@@ -282,7 +270,7 @@ def test_an_ingest_that_stalls_past_its_lease_is_refused_then_retried(tmp_path: 
         assert not present(srv, "slow")
         stall.write_text("")
         assert srv.wait_state("slow")["state"] == "published"
-        expired = log_events(srv, "lease expired")
+        expired = srv.log_events("lease expired")
         assert expired and expired[0]["path"] == "sw/slow", srv.log()[-3000:]
         assert 'rcds_leases_expired_total{repository="solo.rcds.test"}' in srv.client.get("/metrics").text
         no_leases_left(srv)
@@ -312,7 +300,7 @@ def test_killed_with_leases_held_everything_acknowledged_publishes(tmp_path: Pat
         for c in cids:
             assert srv.wait_state(c)["state"] == "published", c
         no_leases_left(srv)
-        released = log_events(srv, "lease released")
+        released = srv.log_events("lease released")
         assert {x.path for x in left_behind} <= {str(e["path"]) for e in released if e.get("reason")}
     finally:
         srv.close()
