@@ -15,9 +15,12 @@ The whitelist is not guarded (README, "A repository in an S3 bucket").
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -154,12 +157,12 @@ def test_of_two_creators_racing_on_one_bucket_key_the_second_manifest_is_refused
     bucket_store: Callable[[], dict[str, object]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both pass the "no manifest there yet" check; the first stalls between its reflog and its manifest
-    while the second creates the repository whole. The first's manifest (``If-None-Match: *``) is then
-    refused instead of replacing the second's, whose whitelist (signed by another master key) it would
-    not match."""
+    while the second (another process, as on another machine) creates the repository whole. The first's
+    manifest (``If-None-Match: *``) is then refused instead of replacing the second's, whose whitelist
+    (signed by another master key) it would not match."""
     store = bucket_store()
     failpoint = tmp_path / "failpoint"
-    failpoint.write_text("after-reflog:sleep=4")  # the second's whole create takes ~0.2 s
+    failpoint.write_text("after-reflog:sleep=60")  # until the file is cleared
     monkeypatch.setenv(failpoints.FILE_ENV, str(failpoint))
     outcome: list[BaseException | Repository] = []
 
@@ -173,13 +176,19 @@ def test_of_two_creators_racing_on_one_bucket_key_the_second_manifest_is_refused
     creator.start()
     probe = S3Store(S3Settings.from_url(str(store["url"]), endpoint=str(store["endpoint"])))
     deadline = time.monotonic() + 30
-    while not probe.exists(REFLOG):  # the first is in its stall
+    while not probe.exists(REFLOG):  # the first has passed its check; it stalls at its failpoint
         assert time.monotonic() < deadline and creator.is_alive()
         time.sleep(0.05)
-    failpoint.write_text("")
-    second = Repository.create(FQRN, tmp_path / "second", store=store)
+    code = "import sys, json; from rcds.cvmfs.repository import Repository; "
+    code += "Repository.create(sys.argv[1], sys.argv[2], store=json.loads(sys.argv[3]))"
+    env = {k: v for k, v in os.environ.items() if k != failpoints.FILE_ENV}
+    subprocess.run(
+        [sys.executable, "-c", code, FQRN, str(tmp_path / "second"), json.dumps(store)], env=env, check=True
+    )
+    failpoint.write_text("")  # the first goes on to its manifest
     creator.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], ConditionFailed), outcome
+    second = Repository(tmp_path / "second")
     assert_clean(second, tmp_path / "c")
     assert second.manifest().revision == 0
 
@@ -198,7 +207,7 @@ def test_a_collection_on_one_machine_does_not_publish_over_a_commit_on_another(
         txn.commit()
     second = second_machine(first, tmp_path / "machine2")
     failpoint = tmp_path / "failpoint"
-    failpoint.write_text("gc-before-reflog:sleep=3")  # the other machine's commit takes ~0.3 s
+    failpoint.write_text("gc-before-reflog:sleep=60")  # until the other machine has committed
     monkeypatch.setenv(failpoints.FILE_ENV, str(failpoint))
     sweeping = threading.Event()
     outcome: list[BaseException | GcReport] = []
@@ -217,6 +226,7 @@ def test_a_collection_on_one_machine_does_not_publish_over_a_commit_on_another(
     collector.start()
     assert sweeping.wait(30), outcome
     assert publish(second, "/new", write_tree(tmp_path / "new", {"new.txt": b"new\n"})) == 3
+    failpoint.write_text("")  # the collection goes on to its reflog and manifest
     collector.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], ConditionFailed), outcome
     with first.reader(cache_dir=tmp_path / "c") as reader:

@@ -5,7 +5,7 @@ or a power cut for everything not yet fsynced) when it reaches that point.
 ``RCDS_FAILPOINT=<name>:enospc`` instead raises ``OSError(ENOSPC)`` there, as a full disk would;
 ``<name>:eio`` raises ``OSError(EIO)``, a failing disk; ``<name>:error`` raises ``FailpointError``, an error
 that is nobody's environment (as a bug would be); ``<name>:sleep=<seconds>`` stalls there (a stuck disk or
-a stalled ingest).
+a stalled ingest; from a file, until the file says otherwise or the seconds are up).
 ``RCDS_FAILPOINT_FILE=<path>`` reads the setting from that file at every point instead (missing or empty:
 none), so that a test can fill and free the "disk" of a running server.
 Unset, ``hit`` costs one or two dictionary lookups.
@@ -46,4 +46,19 @@ def hit(name: str) -> None:
     if point == f"{name}:error":
         raise FailpointError(f"failpoint {name}")
     if point.startswith(f"{name}:sleep="):
-        time.sleep(float(point.split("=", 1)[1]))
+        _stall(float(point.split("=", 1)[1]), point, path)
+
+
+def _stall(seconds: float, point: str, path: str | None) -> None:
+    """Sleep ``seconds``; with a failpoint file, wake early once the file no longer says ``point`` (a test
+    frees a stalled process when it is ready, instead of guessing how long the rest takes)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+        if path is not None:
+            try:
+                with open(path) as f:
+                    if f.read().strip() != point:
+                        return
+            except OSError:
+                return
