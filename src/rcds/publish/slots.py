@@ -1,6 +1,6 @@
 """Ingest slots: the publishes of one repository ingested at once, each under a lease on its own path.
 
-A repository's worker (``service.RepositoryWorker``) is a dispatcher and a committer. It gives each free
+A repository's worker (``worker.RepositoryWorker``) is a dispatcher and a committer. It gives each free
 slot a queued job whose path it could lease (``leases``), or a run of small ones (up to the batch
 budget, ``batch_max_jobs`` and ``batch_max_bytes``, so that a burst still publishes in few revisions), and
 the slot builds each CID's subtree in turn as a staged tree (``StagingTransaction``: decompression, hashing, compression, object writes and catalogs,
