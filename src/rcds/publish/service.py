@@ -67,11 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rcds.publish")
 
-# Compression workers of a big tarball's staging: all the cores, as the core's own ingest. Small publishes
-# beside it are not starved: the big one's reader gives way to them (``LeasedReader``), and its workers
-# have nothing to compress while it does. Measured in bench/README.md ("Service against core"): on two
-# cores, all of them beat all but one by 15-25 % of the service's time.
-
 REPLICA_BUSY_WAIT = 120.0  # seconds cleanup waits for a replica another process holds (rcds repo gc)
 CLOCK_OFFSET_ENV = (
     "RCDS_CLOCK_OFFSET"  # tests: seconds added to the service's clock (last-use, publish times)
