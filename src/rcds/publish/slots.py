@@ -149,33 +149,39 @@ class IngestSlots:
     def fits(self, job: Job) -> bool:
         """Whether ``job`` may take a free slot now (the last one is kept for small publishes)."""
         with self._lock:
-            free = self.size - len(self.running)
-            if free <= 0:
-                return False
-            if self.size < 2 or job.size <= self.small_bytes:
-                return True
-            return free > 1
+            return self._fits(job)
+
+    def _fits(self, job: Job) -> bool:  # with the lock held
+        free = self.size - len(self.running)
+        if free <= 0:
+            return False
+        if self.size < 2 or job.size <= self.small_bytes:
+            return True
+        return free > 1
 
     def start(self, jobs: list[Job], leases: list[Lease], ingest: Callable[[], list[SlotResult]]) -> None:
         """Run ``ingest`` (the jobs' ingests, one after the other) in a free slot."""
-        assert self._pool is not None
         with self._lock:
-            future = self._pool.submit(ingest)
-            self.running.append(_Running(jobs, leases, future))
+            future = self._submit(jobs, leases, ingest)
         future.add_done_callback(lambda _: self.on_done())
 
     def try_start(self, job: Job, lease: Lease, ingest: Callable[[], list[SlotResult]]) -> bool:
         """``start`` one job if it ``fits`` now, checked and taken at once (an upload staged as it arrives
         claims its slot from the web server's threads, beside the worker's dispatch)."""
-        assert self._pool is not None
         with self._lock:
-            free = self.size - len(self.running)
-            if free <= 0 or (self.size >= 2 and job.size > self.small_bytes and free <= 1):
+            if not self._fits(job):
                 return False
-            future = self._pool.submit(ingest)
-            self.running.append(_Running([job], [lease], future))
+            future = self._submit([job], [lease], ingest)
         future.add_done_callback(lambda _: self.on_done())
         return True
+
+    def _submit(
+        self, jobs: list[Job], leases: list[Lease], ingest: Callable[[], list[SlotResult]]
+    ) -> Future[list[SlotResult]]:  # with the lock held
+        assert self._pool is not None
+        future = self._pool.submit(ingest)
+        self.running.append(_Running(jobs, leases, future))
+        return future
 
     def take_finished(self, max_jobs: int) -> list[SlotResult]:
         """Finished ingests for one commit (at least one slot's, up to ``max_jobs``), in starting order.
