@@ -256,13 +256,13 @@ def file_cuts(fd: int, size: int, params: ChunkParams) -> Iterator[tuple[int, in
     if need > lead and len(scratch.window) < need:
         scratch.window = bytearray(params.max_size - params.min_size + lead)
     view = memoryview(scratch.window)
-    data = np.frombuffer(scratch.window, dtype=np.uint8) if need > lead else None
+    data = np.frombuffer(scratch.window, dtype=np.uint8)
     start = 0
     try:
         while start < size:
             limit = min(size - start, params.max_size)
             cut = limit  # no cut mark: max_size, or the rest of the file
-            if limit > params.min_size and data is not None:
+            if limit > params.min_size:  # (never for a file of min_size bytes or less: no buffer then)
                 n = limit - params.min_size + lead
                 first = start + params.min_size - lead
                 got = 0

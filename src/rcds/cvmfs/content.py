@@ -280,6 +280,12 @@ class ContentWriter:
 
     # --- pieces ----------------------------------------------------------------------------------
 
+    def _count_file(self, size: int, pieces_from_index: int = 0) -> None:
+        with self._stats_lock:
+            self.stats.files += 1
+            self.stats.bytes_in += size
+            self.stats.pieces_from_index += pieces_from_index
+
     def _acquire(self, nbytes: int) -> int:
         # Rounded up: a batch of small files holding 1.9 MiB counts as two blocks, not one (rounding
         # down let ~96 near-1-MiB batches of a fast tar stream sit in memory at once).
@@ -413,9 +419,7 @@ class ContentWriter:
 
     def add_stream(self, stream: BinaryIO, size: int) -> PendingContent:
         """Ingest exactly ``size`` bytes from ``stream`` (read now, in order; stored in the background)."""
-        with self._stats_lock:
-            self.stats.files += 1
-            self.stats.bytes_in += size
+        self._count_file(size)
         if size <= self.params.min_size:
             return self._add_to_batch(_read_exact(stream, size), size)
         limited = cast(BinaryIO, _Limited(stream, size))
@@ -439,9 +443,7 @@ class ContentWriter:
         if self.file_cache is not None:
             known = self.file_cache.get(path, size, st)
             if known is not None:
-                with self._stats_lock:
-                    self.stats.files += 1
-                    self.stats.bytes_in += size
+                self._count_file(size)
                 return PendingContent.done(StoredContent(size, known.hash, list(known.chunks)), self)
             pending = self._add_file(path, size)
             self.file_cache.put(path, size, pending)
@@ -457,10 +459,7 @@ class ContentWriter:
             if hit is not None:
                 chunks = _decode_chunks(hit)
                 if all(self.store.exists(c.hash.object_name(Suffix.PARTIAL)) for c in chunks):
-                    with self._stats_lock:
-                        self.stats.files += 1
-                        self.stats.bytes_in += size
-                        self.stats.pieces_from_index += len(chunks)
+                    self._count_file(size, pieces_from_index=len(chunks))
                     return PendingContent(
                         size, None, [(c.offset, c.size, _Done((c.hash, 0))) for c in chunks], None, self
                     )
@@ -470,9 +469,7 @@ class ContentWriter:
             return pending
         if size > self.params.min_size:  # chunked, without an index to skip it
             return self._add_big_file(path, size)
-        with self._stats_lock:
-            self.stats.files += 1
-            self.stats.bytes_in += size
+        self._count_file(size)
         return self._add_to_batch(os.fspath(path), size)  # read by the pool task
 
     def _add_big_file(self, path: Path | str, size: int) -> PendingContent:
@@ -483,20 +480,15 @@ class ContentWriter:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for offset, length in file_cuts(fd, size, self.params):
-                suffix = Suffix.NONE if length == size else Suffix.PARTIAL
+                suffix = Suffix.NONE if length == size else Suffix.PARTIAL  # a sole piece is a whole file
                 blocks = self._acquire(length)
                 future = self.pool.submit(self._store_file_piece, name, offset, length, suffix, blocks)
-                if length == size:  # no cut: a sole piece is a whole file
-                    with self._stats_lock:
-                        self.stats.files += 1
-                        self.stats.bytes_in += size
-                    return PendingContent(size, future, [], None, self)
                 pieces.append((offset, length, future))
         finally:
             os.close(fd)
-        with self._stats_lock:
-            self.stats.files += 1
-            self.stats.bytes_in += size
+        self._count_file(size)
+        if len(pieces) == 1:  # no cut: the whole file, one object
+            return PendingContent(size, pieces[0][2], [], None, self)
         return PendingContent(size, None, pieces, None, self)
 
     def _store_file_piece(
