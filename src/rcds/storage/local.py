@@ -25,24 +25,18 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
-def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
-    """A libc function by name (``syncfs``, ``sync_file_range``: Linux only), None where there is none.
-    Looked up when first needed: importing ctypes costs a command's start-up."""
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs`` (Linux), None where there is none; looked up on the first sync (importing ctypes
+    costs a command's start-up), in the process's own symbols (no library search)."""
     import ctypes
 
     try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)  # the process's own libc: no library search
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         return None
-    fn.argtypes = list(argtypes)
-    return cast(Callable[..., int], fn)
-
-
-@functools.cache
-def _syncfs() -> Callable[[int], int] | None:
-    import ctypes
-
-    return _libc_function("syncfs", ctypes.c_int)
+    fn.argtypes = [ctypes.c_int]
+    return cast(Callable[[int], int], fn)
 
 
 # After this many bytes put, a background syncfs starts writing them to disk while the ingest goes on: the
