@@ -26,15 +26,20 @@ class FailpointError(RuntimeError):
     pass
 
 
-def hit(name: str) -> None:
-    point = os.environ.get(ENV)
+def _setting() -> str | None:
+    """The failpoint set now: the file's (``FILE_ENV``) if there is one, else ``ENV``'s."""
     path = os.environ.get(FILE_ENV)
-    if path is not None:
-        try:
-            with open(path) as f:
-                point = f.read().strip() or None
-        except OSError:
-            point = None
+    if path is None:
+        return os.environ.get(ENV)
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def hit(name: str) -> None:
+    point = _setting()
     if point is None or not point.startswith(name):
         return
     if point == name:
@@ -46,19 +51,14 @@ def hit(name: str) -> None:
     if point == f"{name}:error":
         raise FailpointError(f"failpoint {name}")
     if point.startswith(f"{name}:sleep="):
-        _stall(float(point.split("=", 1)[1]), point, path)
+        _stall(float(point.split("=", 1)[1]), point)
 
 
-def _stall(seconds: float, point: str, path: str | None) -> None:
-    """Sleep ``seconds``; with a failpoint file, wake early once the file no longer says ``point`` (a test
-    frees a stalled process when it is ready, instead of guessing how long the rest takes)."""
+def _stall(seconds: float, point: str) -> None:
+    """Sleep ``seconds``, or less once the failpoint set is no longer ``point`` (a test frees a stalled
+    process from the file when it is ready, instead of guessing how long the rest takes)."""
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.05))
-        if path is not None:
-            try:
-                with open(path) as f:
-                    if f.read().strip() != point:
-                        return
-            except OSError:
-                return
+        if _setting() != point:
+            return
