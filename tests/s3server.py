@@ -130,34 +130,42 @@ def run_s3_server(root: Path, binary: str = "juicefs", meta: str = "badger") -> 
     )
     port = _free_port()
     env = dict(os.environ, MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
+    command = [
+        binary,
+        "gateway",
+        "--no-banner",
+        "--no-usage-report",
+        "--no-bgjob",
+        "--multi-buckets",
+        "--cache-dir",
+        str(root / "cache"),
+        "--cache-size",
+        "0",
+        "--metrics",
+        f"127.0.0.1:{_free_port()}",
+        "--log",
+        str(log),
+        meta,
+        f"127.0.0.1:{port}",
+    ]
+    with _serving(command, root, port, log, "/minio/health/live", "juicefs gateway", env) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _serving(
+    command: list[str], root: Path, port: int, log: Path, health_path: str, name: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[S3Server]:  # fmt: skip
+    """``command`` started in its own session (output into ``log``), as the S3 server on ``port`` once
+    ``health_path`` answers 200; stopped when the context ends."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [
-                binary,
-                "gateway",
-                "--no-banner",
-                "--no-usage-report",
-                "--no-bgjob",
-                "--multi-buckets",
-                "--cache-dir",
-                str(root / "cache"),
-                "--cache-size",
-                "0",
-                "--metrics",
-                f"127.0.0.1:{_free_port()}",
-                "--log",
-                str(log),
-                meta,
-                f"127.0.0.1:{port}",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, process, root)
     try:
-        _wait_until_up(server, "/minio/health/live", "juicefs gateway", log)
+        _wait_until_up(server, health_path, name, log)
         yield server
     finally:
         server.stop()
@@ -206,16 +214,6 @@ def run_moto_server(root: Path) -> Iterator[S3Server]:
     root.mkdir(parents=True, exist_ok=True)
     log = root / "moto.log"
     port = _free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, process, root)
-    try:
-        _wait_until_up(server, "/moto-api/", "moto server", log)
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _serving(command, root, port, log, "/moto-api/", "moto server") as server:
         yield server
-    finally:
-        server.stop()
