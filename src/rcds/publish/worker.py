@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 from ..cvmfs.catalog import NESTED_MARKER
 from ..cvmfs.repository import Repository, RepositoryError
 from ..cvmfs.tree import EntryKind, TreeEntry
-from ..cvmfs.writer import StagingTransaction, Transaction, TreeError
+from ..cvmfs.writer import StagedTree, StagingTransaction, Transaction, TreeError
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
 from .cid import cid_group
@@ -464,19 +464,9 @@ class RepositoryWorker(threading.Thread):
                 if svc.leases.refresh(lease.token) is None:  # it waited for the jobs before it in its slot
                     raise LeaseLost("the lease expired before the ingest started")
                 if staging is None:
-                    staging = self.repo.staging(workers=_BIG_STAGING_WORKERS if big_run else None)
-                    staging.clock = svc.clock
+                    staging = self._new_staging(big_run)
                 with open(job.spool, "rb") as raw:
-                    give_way = self.slots.small_in_progress if big_run and self.slots is not None else None
-                    reader = LeasedReader(
-                        raw, svc.leases, lease, svc.stopping.is_set, give_way or (lambda: False)
-                    )
-                    entries = _with_publisher(
-                        tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels),
-                        job.identity,
-                        int(svc.clock()),
-                    )
-                    result.staged = staging.stage(f"/{svc.prefix}/{job.cid}", entries)
+                    result.staged = self._stage(staging, self._leased_reader(raw, lease, big_run), job)
                 result.staging = staging
             except (IngestError, TreeError) as exc:
                 result.rejected = str(exc)  # raised before any catalog changed: the staging goes on
@@ -492,12 +482,38 @@ class RepositoryWorker(threading.Thread):
             except Exception as exc:
                 self._drop_staging(staging, results, exc)
         for r in results:
-            if r.staged is not None:
-                log.info(
-                    "staged", extra=fields(cid=r.job.cid, repository=self.repo_name, files=r.staged.entries,
-                                           bytes=r.staged.stats.bytes_in, seconds=round(r.seconds, 3)),
-                )  # fmt: skip
+            self._log_staged(r)
         return results
+
+    def _new_staging(self, big: bool) -> StagingTransaction:
+        """A staging for slot ingests: a big tarball's compresses on every core."""
+        staging = self.repo.staging(workers=_BIG_STAGING_WORKERS if big else None)
+        staging.clock = self.service.clock
+        return staging
+
+    def _leased_reader(self, raw: BinaryIO, lease: Lease, big: bool) -> LeasedReader:
+        """``raw`` read under ``lease`` (kept alive, lost: stop); a big tarball gives way to small publishes."""
+        svc = self.service
+        assert svc.leases is not None
+        give_way = self.slots.small_in_progress if big and self.slots is not None else (lambda: False)
+        return LeasedReader(raw, svc.leases, lease, svc.stopping.is_set, give_way)
+
+    def _stage(self, staging: StagingTransaction, reader: LeasedReader, job: Job) -> StagedTree:
+        """The job's tarball, read from ``reader``, staged at its CID's path (with its publisher file)."""
+        svc = self.service
+        entries = _with_publisher(
+            tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels), job.identity,
+            int(svc.clock()),
+        )  # fmt: skip
+        return staging.stage(f"/{svc.prefix}/{job.cid}", entries)
+
+    def _log_staged(self, result: SlotResult, **extra: object) -> None:
+        if result.staged is not None:
+            log.info(
+                "staged", extra=fields(cid=result.job.cid, repository=self.repo_name,
+                                       files=result.staged.entries, bytes=result.staged.stats.bytes_in,
+                                       seconds=round(result.seconds, 3), **extra),
+            )  # fmt: skip
 
     def stage_early(
         self, cid: str, spool: SpoolFile, striplevels: int, identity: str, size: int
@@ -550,19 +566,10 @@ class RepositoryWorker(threading.Thread):
         result = SlotResult(job, early.lease, early=True)
         staging: StagingTransaction | None = None
         try:
-            staging = self.repo.staging(workers=_BIG_STAGING_WORKERS)
-            staging.clock = svc.clock
-            give_way = self.slots.small_in_progress if self.slots is not None else None
-            reader = LeasedReader(
-                cast(BinaryIO, raw), svc.leases, early.lease, svc.stopping.is_set, give_way or (lambda: False)
-            )
+            staging = self._new_staging(big=True)
+            reader = self._leased_reader(cast(BinaryIO, raw), early.lease, big=True)
             raw.keep = reader.keep  # a client pausing does not cost the lease while it is within its limits
-            entries = _with_publisher(
-                tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels),
-                job.identity,
-                int(svc.clock()),
-            )
-            result.staged = staging.stage(f"/{svc.prefix}/{job.cid}", entries)
+            result.staged = self._stage(staging, reader, job)
             staging.seal()
             result.staging = staging
         except (IngestError, TreeError) as exc:
@@ -597,11 +604,7 @@ class RepositoryWorker(threading.Thread):
             svc.metrics.early_overlap_seconds.observe(early.handed_at - early.started)
         if result.staged is not None:
             svc.metrics.early_staging.labels("staged").inc()
-            log.info(
-                "staged", extra=fields(cid=durable.cid, repository=self.repo_name, files=result.staged.entries,
-                                       bytes=result.staged.stats.bytes_in, seconds=round(result.seconds, 3),
-                                       early=True),
-            )  # fmt: skip
+        self._log_staged(result, early=True)
         return [result]
 
     @staticmethod
