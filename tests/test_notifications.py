@@ -595,7 +595,8 @@ def test_a_silent_stream_is_reopened_quietly(tmp_path: Path) -> None:
                                  lambda m: received.append(m.revision), on_state=states.append,
                                  idle_timeout=0.5).start()  # fmt: skip
     try:
-        wait_until(lambda: stream.served >= 3, 10, "three streams")
+        # A stream counts as served when its request arrives; its message comes just after.
+        wait_until(lambda: stream.served >= 3 and len(received) >= 3, 10, "three streams and messages")
         assert False not in states and sub.connected
         assert received[:3] == [7, 7, 7]
     finally:
