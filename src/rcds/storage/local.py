@@ -42,8 +42,11 @@ def _syncfs() -> Callable[[int], int] | None:
 # After this many bytes put, a background syncfs starts writing them to disk while the ingest goes on: the
 # disk works during compression, and the commit's own syncfs finds little left (1 GiB ingest to a fresh
 # ext4: commit 1.9 s -> 0.3 s). One syncfs for many objects, where a per-object sync_file_range cost ~90 us
-# each on small files.
+# each on small files. Each object also counts as 16 KiB (its inode, directory entry and journal blocks):
+# 20,000 small files (60 MB compressed) left 0.4 s of writeback to the commit when only bytes counted,
+# 0.05 s now.
 EARLY_SYNC_BYTES = 64 << 20
+EARLY_SYNC_PER_FILE = 16 << 10
 
 
 _TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL: safe across the ingest threads
@@ -114,9 +117,7 @@ class LocalStore(ObjectStore):
                 view = view[n:]
         finally:
             os.close(fd)
-        self._unsynced += len(data)  # a lost update between threads only delays the next early sync
-        if self._unsynced >= self.early_sync_bytes:
-            self._start_early_sync()
+        self.note_written(len(data))
         try:
             os.replace(tmp, target)
         except FileNotFoundError:
@@ -159,6 +160,13 @@ class LocalStore(ObjectStore):
             rel = os.path.relpath(dirpath, self.root)
             for f in files:
                 yield f"{rel}/{f}"
+
+    def note_written(self, nbytes: int) -> None:
+        """Count bytes put under this root (here, or by a worker process): past ``early_sync_bytes``, a
+        background sync starts."""
+        self._unsynced += nbytes + EARLY_SYNC_PER_FILE  # a lost update between threads only delays the next
+        if self._unsynced >= self.early_sync_bytes:
+            self._start_early_sync()
 
     def _start_early_sync(self) -> None:
         with self._early_sync_lock:
