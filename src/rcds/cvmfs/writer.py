@@ -156,6 +156,9 @@ class Transaction:
         if hasattr(self, "content"):
             self.content.close()
         if hasattr(self, "index"):
+            # What a commit keeps it flushed after the sync; entries the content writer recorded since
+            # (work still running when the transaction was aborted) name objects nothing synced.
+            self.index.discard_pending()
             self.index.close()
         if hasattr(self, "work"):
             shutil.rmtree(self.work, ignore_errors=True)
