@@ -151,6 +151,44 @@ def test_publish_then_exists_then_read_back_over_http(server: RcdsServer) -> Non
         assert reader.revision == doc["revision"]
 
 
+def test_a_tarball_of_many_small_files_is_stored_by_the_servers_worker_processes(server: RcdsServer) -> None:
+    """Past 1,000 small files the server hands them to worker processes (rcds.cvmfs.smallfiles): the
+    tarball publishes whole and reads back, and the workers are the server's children."""
+    files = {f"pkg/m{i // 100}/f{i}.py": f"VALUE = {i}\n" * (1 + i % 50) for i in range(1500)}
+    data = make_tarball(files)
+    cid = cid_of(data)
+    assert server.publish(cid, data).text == "OK\n"
+    doc = server.wait_state(cid)
+    assert doc["state"] == "published", doc
+    workers = [
+        pid for pid in os.listdir("/proc")
+        if pid.isdigit() and server.proc is not None and _parent_of(int(pid)) == server.proc.pid
+        and b"worker_main" in _cmdline(int(pid))
+    ]  # fmt: skip
+    assert len(workers) == (os.cpu_count() or 2)
+    with reader_for(server, doc["repository"]) as reader:
+        for i in (0, 777, 1499):
+            assert (
+                reader.read(f"/sw/{cid}/pkg/m{i // 100}/f{i}.py")
+                == files[f"pkg/m{i // 100}/f{i}.py"].encode()
+            )
+        assert len(reader.listdir(f"/sw/{cid}/pkg/m7")) == 100
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_publishing_a_present_cid_answers_present_and_refreshes_its_last_use(server: RcdsServer) -> None:
     data = make_tarball({**CODE, "v": "2"})
     cid = cid_of(data)

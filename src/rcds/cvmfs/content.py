@@ -8,6 +8,7 @@ object, so re-publishing unchanged content costs one hash pass and no compressio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
 from ..storage import ObjectStore
+from ..storage.local import LocalStore
+from . import smallfiles
 from .catalog import Chunk
 from .chunking import ChunkParams, file_cuts, iter_chunks
 from .hashes import ContentHash, Suffix
@@ -250,6 +253,9 @@ class ContentWriter:
     """Stores file content as objects; use one per transaction, then ``close``."""
 
     file_cache: FileCache | None = None  # consulted by ``add_file`` before it reads a file
+    # Small files go to worker processes (``smallfiles``) once a transaction has this many, on a local
+    # store: below it, starting the workers (~0.1 s, once per process) costs more than it saves.
+    processes_after_files: int | None = 1000
 
     def __init__(
         self,
@@ -277,6 +283,8 @@ class ContentWriter:
         self._stored: set[bytes] = set()
         self._max_inflight_blocks = max(1, max_inflight // READ_BLOCK)
         self._batch = _Batch()
+        self._small_files = 0
+        self._in_workers: set[Future[list[_Stored | BaseException]]] = set()
 
     # --- pieces ----------------------------------------------------------------------------------
 
@@ -409,7 +417,64 @@ class ContentWriter:
         self._batch = _Batch()
         self._batch_slots.acquire()
         blocks = self._acquire(batch.nbytes)
-        batch.future = self.pool.submit(self._store_batch, batch, blocks)
+        self._small_files += len(batch.items)
+        batch.future = self._to_workers(batch, blocks) or self.pool.submit(self._store_batch, batch, blocks)
+
+    def _to_workers(self, batch: _Batch, blocks: int) -> Future[list[_Stored | BaseException]] | None:
+        """The batch's results from a worker process, or None where the threads store it."""
+        after = self.processes_after_files
+        if after is None or self._small_files <= after or not isinstance(self.store, LocalStore):
+            return None
+        index_path = str(self.index.path) if self.index is not None else None
+        stored = smallfiles.POOL.submit((str(self.store.root), index_path, list(batch.items)))
+        if stored is None:
+            return None
+        results: Future[list[_Stored | BaseException]] = Future()
+        self._in_workers.add(results)
+
+        def record(done: Future[list[smallfiles.FileOutcome | BaseException]]) -> None:
+            try:
+                results.set_result(self._record_stored(done.result()))
+            except BaseException as exc:  # a worker lost (killed): every file of the batch fails with it
+                results.set_exception(exc)
+            finally:
+                batch.items.clear()
+                self._release(blocks)
+                self._batch_slots.release()
+                self._in_workers.discard(results)
+
+        stored.add_done_callback(record)
+        return results
+
+    def _record_stored(
+        self, outcomes: list[smallfiles.FileOutcome | BaseException]
+    ) -> list[_Stored | BaseException]:
+        """What a worker process stored, recorded as ``_store_batch`` records its own: stats, index entries."""
+        out: list[_Stored | BaseException] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                out.append(outcome)
+                continue
+            key, digest, written = outcome
+            h = ContentHash(digest)
+            if written == smallfiles.FROM_INDEX:
+                with self._stats_lock:
+                    self.stats.pieces_from_index += 1
+                out.append((h, 0))
+                continue
+            name = digest + Suffix.NONE.value.encode()
+            with self._stats_lock:
+                first = name not in self._stored
+                self._stored.add(name)
+                if first:
+                    self.stats.objects_written += 1
+                    self.stats.bytes_written += written
+            assert isinstance(self.store, LocalStore)
+            self.store.note_written(written)
+            if key is not None and self.index is not None:
+                self.index.put(key, digest)
+            out.append((h, written if first else 0))
+        return out
 
     def _submit(self, data: bytes, suffix: Suffix) -> Future[tuple[ContentHash, int]]:
         blocks = self._acquire(len(data))
@@ -511,8 +576,12 @@ class ContentWriter:
         return h
 
     def close(self) -> None:
+        """Wait for everything handed out (threads and worker processes) to end."""
         self._submit_batch()
         self.pool.shutdown(wait=True)
+        for results in list(self._in_workers):
+            with contextlib.suppress(Exception):
+                results.result()
 
 
 def _read_exact(stream: BinaryIO, size: int) -> bytes:

@@ -1,0 +1,238 @@
+"""Small files stored by worker processes (``rcds.cvmfs.smallfiles``): what they publish equals what the
+ingest threads publish, re-publishing finds everything in the content index, a file that goes bad fails
+alone, a worker killed mid-batch fails the transaction instead of hanging it, and a command's workers end
+with it.
+
+Real worker processes, real repositories, real SQLite; ``processes_after_files = 0`` sends every batch
+to the workers (by default only a transaction past 1,000 small files uses them).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import new_repo, write_tree
+from rcds.cvmfs import smallfiles
+from rcds.cvmfs.checker import check_repository
+from rcds.cvmfs.content import ContentIndex
+from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.repository import Repository
+from rcds.cvmfs.writer import Transaction
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def small_tree(n: int, seed: int = 1) -> dict[str, object]:
+    """``n`` small text files in 10 directories, some with the same content."""
+    rng = random.Random(seed)
+    words = [b"import", b"numpy", b"def", b"return", b"self", b"event", b"track", b"energy", b"\n"]
+    tree: dict[str, dict[str, object]] = {}
+    for i in range(n):
+        body = b" ".join(rng.choice(words) for _ in range(rng.randrange(5, 400)))
+        tree.setdefault(f"d{i % 10}", {})[f"f{i}.py"] = body if i % 7 else b"# the same in every seventh\n"
+    return dict(tree)
+
+
+def in_workers(txn: Transaction) -> Transaction:
+    txn.content.processes_after_files = 0
+    return txn
+
+
+def content_objects(storage: Path) -> dict[str, bytes]:
+    """The store's objects without a suffix (file content, not catalogs or histories), by name."""
+    return {
+        f"{p.parent.name}/{p.name}": p.read_bytes()
+        for p in (storage / "data").glob("*/*")
+        if len(p.name) == 38  # 40 hex digits, the first two in the directory's name
+    }
+
+
+def files_of(reader: RepositoryReader, top: str) -> dict[str, bytes]:
+    out = {}
+    for d in reader.listdir(top):
+        if not d.is_dir:
+            continue  # the .cvmfscatalog marker
+        for f in reader.listdir(f"{top}/{d.name}"):
+            out[f"{d.name}/{f.name}"] = reader.read(f"{top}/{d.name}/{f.name}")
+    return out
+
+
+def test_workers_publish_what_the_threads_publish_and_republishing_hits_the_index(
+    tmp_path: Path, repo_template: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    src = write_tree(tmp_path / "src", small_tree(400))
+    by_threads = new_repo(tmp_path / "threads", repo_template)
+    by_workers = new_repo(tmp_path / "workers", repo_template)
+    with by_threads.transaction() as txn:
+        txn.content.processes_after_files = None
+        txn.add_directory("/sw/t", src)
+        threads_stats = txn.commit().stats
+    with in_workers(by_workers.transaction()) as txn:
+        txn.add_directory("/sw/t", src)
+        workers_stats = txn.commit().stats
+    assert smallfiles.POOL.pids()  # the workers ran (and stay for the next transaction)
+    assert workers_stats == threads_stats
+    distinct = {p.read_bytes() for p in src.rglob("*.py")}
+    assert workers_stats.objects_written == len(distinct) < 400  # each distinct content once
+    # The same content objects, byte for byte (the catalogs differ by their timestamps), and the same tree.
+    threads_objects, workers_objects = (
+        content_objects(tmp_path / "threads"),
+        content_objects(tmp_path / "workers"),
+    )
+    assert threads_objects == workers_objects and len(workers_objects) >= len(distinct)
+    reader = open_reader(by_workers)
+    assert files_of(reader, "/sw/t") == files_of(open_reader(by_threads), "/sw/t")
+    assert files_of(reader, "/sw/t")["d3/f3.py"] == (src / "d3" / "f3.py").read_bytes()
+    assert check_repository(reader).errors == []
+    # Again under another path: the workers find every file in the content index, write nothing.
+    with in_workers(by_workers.transaction()) as txn:
+        txn.add_directory("/sw/again", src)
+        again = txn.commit().stats
+    assert (again.files, again.objects_written, again.pieces_from_index) == (400, 0, 400)
+
+
+def test_tar_members_go_to_the_workers_as_bytes(
+    tmp_path: Path, repo_template: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    import io
+    import tarfile
+
+    from rcds.ingest.tarstream import tar_entries
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(150):
+            data = f"member {i}\n".encode() * (i + 1)
+            info = tarfile.TarInfo(f"pkg/m{i}.txt")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    repo = new_repo(tmp_path / "storage", repo_template)
+    with in_workers(repo.transaction()) as txn:
+        txn.add_tree("/sw/tar", tar_entries(buf))
+        stats = txn.commit().stats
+    assert stats.objects_written == 150
+    reader = open_reader(repo)
+    assert reader.read("/sw/tar/pkg/m42.txt") == b"member 42\n" * 43
+    assert check_repository(reader).errors == []
+
+
+def test_a_file_that_shrank_fails_the_transaction_and_nothing_is_published(
+    tmp_path: Path, repo_template: Path
+) -> None:
+    src = write_tree(tmp_path / "src", small_tree(50))
+    repo = new_repo(tmp_path / "storage", repo_template)
+    before = repo.manifest().revision
+    with in_workers(repo.transaction()) as txn:
+        size = os.path.getsize(src / "d0" / "f0.py")
+        pending = txn.content.add_file(src / "d0" / "f0.py", size + 10)  # listed longer than it is
+        good = txn.content.add_file(src / "d1" / "f1.py")
+        with pytest.raises(EOFError, match=r"f0\.py: ended 10 bytes early"):
+            pending.result()
+        assert good.result().hash is not None  # the rest of its batch is stored
+    assert repo.manifest().revision == before
+
+
+def _fifo(tmp_path: Path) -> Path:
+    fifo = tmp_path / "blocks"
+    os.mkfifo(fifo)
+    return fifo
+
+
+def test_a_worker_killed_mid_batch_fails_the_transaction_and_the_next_one_gets_a_new_worker(
+    tmp_path: Path, repo_template: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    repo = new_repo(tmp_path / "storage", repo_template)
+    before = repo.manifest().revision
+    fifo = _fifo(tmp_path)  # a worker that opens it waits there for a writer: busy, as long as we like
+    with in_workers(repo.transaction()) as txn:
+        pending = txn.content.add_file(fifo, 5)
+        txn.content._submit_batch()
+        deadline = time.monotonic() + 10
+        while not any(_opening_fifo(pid) for pid in smallfiles.POOL.pids()):
+            assert time.monotonic() < deadline, "no worker took the batch"
+            time.sleep(0.02)
+        killed = smallfiles.POOL.pids()
+        for pid in killed:  # the busy one and the idle one
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(smallfiles.WorkerGone, match="ended"):
+            pending.result()
+    assert repo.manifest().revision == before
+    # The idle worker's death shows on its next batch, which goes to a new worker instead of failing.
+    src = write_tree(tmp_path / "src", small_tree(30))
+    with in_workers(repo.transaction()) as txn:
+        txn.add_directory("/sw/after", src)
+        txn.commit()
+    assert not set(killed) & set(smallfiles.POOL.pids())
+    assert open_reader(repo).read("/sw/after/d2/f2.py") == (src / "d2" / "f2.py").read_bytes()
+
+
+def _opening_fifo(pid: int) -> bool:
+    """Whether process ``pid`` waits in ``open(2)`` for the other end of a FIFO."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    except OSError:
+        return False
+
+
+def test_an_aborted_transaction_records_nothing_its_workers_stored_after_the_abort(
+    tmp_path: Path, repo_template: Path
+) -> None:
+    """Work still running when a transaction is given up ends before the transaction closes, and what
+    it stored is not recorded in the content index: nothing synced those objects."""
+    src = write_tree(tmp_path / "src", {"a.txt": b"stored while the transaction is given up\n"})
+    repo = new_repo(tmp_path / "storage", repo_template)
+    fifo = _fifo(tmp_path)
+    txn = in_workers(repo.transaction())
+    txn.content.add_file(src / "a.txt")
+    txn.content.add_file(fifo, 5)  # the same batch: its outcome waits for the FIFO
+    txn.content._submit_batch()
+    closed = threading.Event()
+    threading.Thread(target=lambda: (txn.abort(), closed.set()), daemon=True).start()
+    assert not closed.wait(0.5)  # the abort waits for the batch
+    with open(fifo, "wb") as f:
+        f.write(b"12345")
+    assert closed.wait(10)
+    index = ContentIndex(repo.private / "content-index.db")
+    try:
+        assert index.db.execute("SELECT count(*) FROM pieces").fetchone()[0] == 0
+    finally:
+        index.close()
+
+
+def test_a_command_with_workers_leaves_none_behind(tmp_path: Path, repo_template: Path) -> None:
+    src = write_tree(tmp_path / "src", small_tree(1200))  # past the default 1,000: workers start
+    storage = tmp_path / "storage"
+    new_repo(storage, repo_template)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rcds.cli", "repo", "add", "--storage", str(storage), "/sw/cmd", str(src)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    session = [p for p in os.listdir("/proc") if p.isdigit() and _session_of(int(p)) == proc.pid]
+    assert session == []  # no worker outlived the command
+    reader = RepositoryReader.open(storage, Repository(storage).public_key_path, cache_dir=tmp_path / "c")
+    assert reader.read("/sw/cmd/d5/f1195.py") == (src / "d5" / "f1195.py").read_bytes()
+    assert check_repository(reader).errors == []
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
