@@ -45,7 +45,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import get as get_bench
 import ingest as ingest_bench
-import stock as stock_bench
 from rcds.client.materialize import materialize
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_fresh_fs(step: str, fn: Any) -> None:
         """Time ``fn(<a new, empty, mounted ext4>)``; making and mounting it is not timed."""
         images.mkdir(exist_ok=True)
-        with stock_bench.fresh_filesystem(images, image_bytes) as fs:
+        with ingest_bench.fresh_filesystem(images, image_bytes) as fs:
             record(step, get_bench.timed(partial(fn, fs), server))
 
     try:

@@ -44,7 +44,6 @@ serve``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -52,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,22 +125,6 @@ def objects(storage: Path) -> set[str]:
         for p in (storage / "data").glob("??/*")
         if p.is_file() and not p.name.startswith(".")
     }
-
-
-@contextlib.contextmanager
-def fresh_filesystem(where: Path, size_bytes: int) -> Iterator[Path]:
-    """A new ext4 file system on a sparse loop image under ``where``, mounted; removed afterwards."""
-    image, mount = where / "fs.img", where / "fs"
-    with open(image, "wb") as f:
-        f.truncate(size_bytes)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    mount.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        image.unlink()
 
 
 def ensure_tar(tree: Path, workdir: Path, key: str) -> Path:
@@ -263,7 +245,7 @@ def ingest_side_by_side(
     size = 4 * tar.stat().st_size + (1 << 30)
     for _ in range(repeat):
         for name in ("stock", "rcds"):
-            with fresh_filesystem(scratch, size) as fs:
+            with ingest_bench.fresh_filesystem(scratch, size) as fs:
                 storage = fs / "repo"
                 Repository.create(INGEST_FQRN, storage)
                 for step, path in (("tar ingest", TREE1), ("tar re-ingest", TREE2)):
@@ -275,7 +257,7 @@ def ingest_side_by_side(
                         r = timed(cmd, env, fs)
                     rows.setdefault(f"{name} {step}", []).append(r)
                     _say(name, step, r)
-            with fresh_filesystem(scratch, size + tar.stat().st_size) as fs:
+            with ingest_bench.fresh_filesystem(scratch, size + tar.stat().st_size) as fs:
                 storage, source = fs / "repo", fs / "scratch"
                 Repository.create(INGEST_FQRN, storage)
                 # the tree on the same file system, as in a cvmfs_server scratch area (copy not timed)
@@ -372,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": args.python,
     }
     header = f"{info.total_bytes / MB:.0f} MB tree; {os.cpu_count()} CPUs; median of {args.repeat}"
-    fresh_fs = os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None
+    fresh_fs = ingest_bench.can_make_filesystems()
     swissknife = found.get("cvmfs_swissknife")
     if args.no_ingest:
         pass
@@ -594,7 +576,7 @@ def reads_side_by_side(
         for i in range(repeat):
             seen: dict[str, set[tuple[str, str, int]]] = {}
             for name in list(tools) if i % 2 == 0 else list(tools)[::-1]:
-                with fresh_filesystem(scratch, size) as fs:
+                with ingest_bench.fresh_filesystem(scratch, size) as fs:
                     for step in ("cold", "warm"):  # warm: a new destination, the caches the cold run filled
                         os.sync()  # the previous step's writes are not charged to this one
                         r = tools[name](fs, fs / f"dest-{step}")
