@@ -11,7 +11,9 @@ the largest). rcds = ``bench/stock.py --rcds-ingest`` in a fresh interpreter: on
 ``add_tree(tar_entries(...))`` and ``commit`` (interpreter start-up and imports included). Both start
 from the same empty repository made by rcds (``Repository.create``, not timed), whose keys stock signs
 with. The same for the tree as a directory: ``swissknife sync`` (what ``cvmfs_server publish`` runs)
-against ``rcds repo add``.
+against ``rcds repo add``. ``--small-files`` ingests only the tree's small files (issue 19's part 2).
+Peak RSS is ``/usr/bin/time``'s: the largest single process, so rcds's small-file worker processes
+(about 25 MiB each) are not added in; ``bench/ingest.py`` adds them.
 
 **Snapshot**: the same repository (the ``get.py`` repository of the ``ingest.py`` tree, published once with rcds) is
 served by ``rcds.web.repo_http`` on 127.0.0.1; ``cvmfs_swissknife pull`` and ``rcds replicate`` each
@@ -315,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=8, help="download threads of the tools (default 8)")
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest comparison")
+    parser.add_argument(
+        "--small-files",
+        action="store_true",
+        help="ingest only the tree's small files (everything outside lib/ and bin/: 20,000 per GiB)",
+    )
     parser.add_argument("--no-snapshot", action="store_true", help="skip the snapshot comparison")
     parser.add_argument("--no-reads", action="store_true", help="skip the read comparison")
     parser.add_argument(
@@ -363,9 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     elif not fresh_fs:
         print("ingest: needs root and mkfs.ext4 (a fresh loop-mounted ext4 per run): skipped")
     else:
-        tar = ensure_tar(Path(info.root), workdir, spec.key)
-        rows = ingest_side_by_side(*swissknife, args.python, Path(info.root), tar, scratch, args.repeat)
-        print_rows(f"ingest of the tree (a tar; a directory), stock cvmfs_swissknife against rcds core: {header}",
+        tree, key, what = Path(info.root), spec.key, "the tree"
+        if args.small_files:
+            tree, key = ingest_bench.kind_subtree(info, "small-files", workdir), f"{spec.key}-small-files"
+            what = f"the tree's {sum(1 for p in tree.rglob('*') if p.is_file())} small files"
+        tar = ensure_tar(tree, workdir, key)
+        rows = ingest_side_by_side(*swissknife, args.python, tree, tar, scratch, args.repeat)
+        print_rows(f"ingest of {what} (a tar; a directory), stock cvmfs_swissknife against rcds core: {header}",
                    ("tar ingest", "tar re-ingest", "dir ingest", "dir re-ingest"), rows)  # fmt: skip
         result["ingest"] = rows
     if args.no_snapshot:
