@@ -436,3 +436,34 @@ def test_the_same_cid_uploaded_twice_at_once_is_staged_once(solo: RcdsServer) ->
     assert len([e for e in solo.log_events("published") if e.get("cid") == "dup"]) == 1
     no_leases_left(solo)
     assert spool_files(solo) == []
+
+
+def test_a_slow_upload_gives_its_slot_back_and_is_published_from_the_spool(tmp_path: Path) -> None:
+    """An early staging that waits for its uploader longer than ``early_staging_max_wait`` in all drops
+    its staging and frees its slot and lease at once; the upload goes on and publishes from the spool."""
+    srv = RcdsServer(tmp_path, repos=SOLO, top_config=f"{CONFIG}\nearly_staging_max_wait = 1.0",
+                     extra_config="[limits]\nmax_upload = 6000000")  # fmt: skip
+    srv.start()
+    try:
+        data = big_tar()
+        upload = Upload(srv, "slow", len(data))
+        upload.send(data[: len(data) // 3])
+        until(lambda: early_lease(srv, "slow"), srv)
+        # The uploader pauses well past a second: the staging gives up, and its lease goes with it.
+        until(lambda: metric(srv, "too_slow") == 1.0, srv, timeout=15)
+        no_leases_left(srv)
+        dropped = [e for e in srv.log_events("early staging dropped") if e.get("cid") == "slow"]
+        assert len(dropped) == 1 and "waiting for over 1 s" in dropped[0]["reason"], dropped
+        # Meanwhile the freed slot publishes others.
+        assert srv.publish("other", make_tarball({"b.txt": "small"})).text == "OK\n"
+        assert srv.wait_state("other")["state"] == "published"
+        upload.send(data[len(data) // 3 :])
+        assert upload.answer() == (200, "OK\n")
+        doc = srv.wait_state("slow")
+        assert doc["state"] == "published" and doc["files"] == 12 + 4, doc
+        staged = [e for e in srv.log_events("staged") if e.get("cid") == "slow"]
+        assert [e.get("early", False) for e in staged] == [False], staged  # ingested once, from the spool
+        assert metric(srv, "staged") == 0.0
+        assert spool_files(srv) == []
+    finally:
+        srv.close()

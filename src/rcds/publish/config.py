@@ -188,6 +188,9 @@ class ServiceSettings:
     lease_seconds: float = 120.0
     # Tarballs up to this size are small: with two slots or more one slot is kept for them alone.
     small_publish_bytes: int = 64 * MiB
+    # A big upload staged as it arrives gives its ingest slot back once the staging has waited this long
+    # for the uploader in all (a slow link): it is ingested from the spool when complete, as any other.
+    early_staging_max_wait: float = 300.0
     publish_attempts: int = 3
     retry_delay: float = 5.0  # seconds before the first retry; doubles with each attempt
     # Longest wait between tries of a job waiting for the storage (full disk...): how soon publishing
@@ -471,6 +474,7 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         ingest_slots=r.integer("ingest_slots", 0),
         lease_seconds=r.number("lease_seconds", 120.0),
         small_publish_bytes=r.integer("small_publish_bytes", 64 * MiB),
+        early_staging_max_wait=r.number("early_staging_max_wait", 300.0),
         publish_attempts=r.integer("publish_attempts", 3),
         retry_delay=r.number("retry_delay", 5.0),
         max_retry_delay=r.number("max_retry_delay", 60.0),
@@ -492,6 +496,8 @@ def settings_from_dict(raw: dict[str, Any], base: Path = Path(".")) -> ServiceSe
         raise ConfigError("retry_delay must be positive and max_retry_delay at least retry_delay")
     if settings.ingest_slots < 0 or settings.lease_seconds <= 0 or settings.small_publish_bytes < 0:
         raise ConfigError("ingest_slots and small_publish_bytes must not be negative, lease_seconds positive")
+    if settings.early_staging_max_wait < 0:
+        raise ConfigError("early_staging_max_wait must not be negative")
     if not settings.prefix or "/" in settings.prefix:
         raise ConfigError("prefix must be one path component")
     return settings

@@ -37,6 +37,11 @@ class SpoolDiscarded(Exception):
     """The upload being followed was aborted (client gone, too large, refused): stop its staging."""
 
 
+class UploadTooSlow(Exception):
+    """The staging has waited for the uploader longer than it may hold its slot: it gives the slot back,
+    and the upload, which goes on, is ingested from the spool once complete."""
+
+
 class SpoolProgress:
     """How much of a spool file is written, shared by its writer and a ``FollowingReader``."""
 
@@ -80,18 +85,30 @@ class FollowingReader:
     """A spool file read while it is written: ``read(n)`` returns ``n`` bytes, blocking for them, or fewer
     only at the end of the complete upload, as a finished file would."""
 
-    def __init__(self, path: Path, progress: SpoolProgress, cancelled: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        progress: SpoolProgress,
+        cancelled: Callable[[], bool],
+        max_wait: float | None = None,
+    ) -> None:
         self._fd = os.open(path, os.O_RDONLY)  # still readable after the rename to .tar
         self._progress = progress
         self._cancelled = cancelled
         self._offset = 0
+        self.max_wait = max_wait  # seconds of waiting for the writer, in all, before UploadTooSlow
+        self.waited = 0.0
+        self._wait_started = 0.0
         self.keep: Callable[[], None] = lambda: None  # called while waiting for the writer
 
     def read(self, n: int = -1) -> bytes:
         parts: list[bytes] = []
         wanted = n if n >= 0 else 1 << 62
         while wanted > 0:
-            available = self._progress.wait_beyond(self._offset, self._cancelled, self.keep)
+            self._wait_started = time.monotonic()
+            available = self._progress.wait_beyond(self._offset, self._cancelled, self._keep)
+            self.waited += time.monotonic() - self._wait_started
+            self._check_waited(0.0)
             if available == 0:
                 break
             data = os.pread(self._fd, min(wanted, available, 1 << 24), self._offset)
@@ -101,6 +118,15 @@ class FollowingReader:
             self._offset += len(data)
             wanted -= len(data)
         return b"".join(parts)
+
+    def _keep(self) -> None:
+        """While waiting: stop once the uploader has been waited for too long, else keep the lease."""
+        self._check_waited(time.monotonic() - self._wait_started)
+        self.keep()
+
+    def _check_waited(self, waiting: float) -> None:
+        if self.max_wait is not None and self.waited + waiting > self.max_wait:
+            raise UploadTooSlow(f"the upload kept its staging waiting for over {self.max_wait:g} s")
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         view = memoryview(buffer).cast("B")
@@ -180,4 +206,4 @@ class EarlyStaging:
             return self._job if self._state == _HANDED else None
 
 
-__all__ = ["EarlyStaging", "FollowingReader", "SpoolDiscarded", "SpoolProgress"]
+__all__ = ["EarlyStaging", "FollowingReader", "SpoolDiscarded", "SpoolProgress", "UploadTooSlow"]

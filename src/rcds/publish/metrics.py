@@ -88,7 +88,8 @@ class ServiceMetrics:
         self.early_staging = Counter(
             "rcds_early_staging",
             "Big uploads by how they were ingested: staged as they arrived (staged), or not: no free slot, "
-            "queued work first, lease busy, duplicate CID, upload abandoned, staging failed (requeued), error",
+            "queued work first, lease busy, duplicate CID, upload abandoned, upload too slow (the slot given back), "
+            "staging failed (requeued), error",
             ["outcome"],
             registry=r,
         )

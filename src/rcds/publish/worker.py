@@ -27,7 +27,7 @@ from ..cvmfs.writer import StagedTree, StagingTransaction, Transaction, TreeErro
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
 from .cid import cid_group
-from .early import EarlyStaging, FollowingReader
+from .early import EarlyStaging, FollowingReader, UploadTooSlow
 from .lastuse import write_records
 from .leases import Busy, Lease
 from .namespace import RULE, top_name
@@ -528,7 +528,8 @@ class RepositoryWorker(threading.Thread):
                           self.repo_name, None, None, 0, None)  # fmt: skip
         if not slots.fits(provisional):  # the commit's writer lock is not needed: a staging runs beside it
             return False
-        reader = FollowingReader(spool.part, spool.progress, svc.stopping.is_set)  # opened while it exists
+        reader = FollowingReader(spool.part, spool.progress, svc.stopping.is_set,
+                                 svc.settings.early_staging_max_wait)  # opened while it exists  # fmt: skip
         try:
             got = svc.leases.acquire(
                 self.repo_name, f"{svc.prefix}/{cid}", f"upload of {cid} (staged as it arrives)",
@@ -574,6 +575,9 @@ class RepositoryWorker(threading.Thread):
             result.staging = staging
         except (IngestError, TreeError) as exc:
             result.rejected = str(exc)
+        except UploadTooSlow as exc:  # the slot goes back now; accept queues the upload as any other
+            result.error = exc
+            early.abandon()
         except Exception as exc:  # the upload aborted, the service stopping, a full disk...
             result.error = exc
         finally:
@@ -592,7 +596,9 @@ class RepositoryWorker(threading.Thread):
             with contextlib.suppress(Exception):
                 svc.leases.release(early.lease.token)
             svc.metrics.publishing.labels(self.repo_name).dec()
-            svc.metrics.early_staging.labels("abandoned").inc()
+            svc.metrics.early_staging.labels(
+                "too_slow" if isinstance(result.error, UploadTooSlow) else "abandoned"
+            ).inc()
             log.info(
                 "early staging dropped",
                 extra=fields(cid=job.cid, repository=self.repo_name,
