@@ -16,6 +16,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -467,3 +468,56 @@ def test_a_slow_upload_gives_its_slot_back_and_is_published_from_the_spool(tmp_p
         assert spool_files(srv) == []
     finally:
         srv.close()
+
+
+class _HalfwaySource(BaseHTTPRequestHandler):
+    """Serves ``body`` with its Content-Length: the first half at once, the rest once ``go`` is set."""
+
+    body = b""
+    go = threading.Event()
+
+    def do_GET(self) -> None:
+        half = len(self.body) // 2
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body[:half])
+        self.wfile.flush()
+        self.go.wait(30)
+        self.wfile.write(self.body[half:])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_big_source_download_is_staged_while_it_arrives(tmp_path: Path) -> None:
+    """``source=``: the server's own download of a big tarball is ingested as it arrives, as an upload is."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _HalfwaySource)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    _HalfwaySource.body, _HalfwaySource.go = big_tar(), threading.Event()
+    srv = RcdsServer(tmp_path, repos=SOLO, top_config=CONFIG,
+                     extra_config=f'[limits]\nmax_upload = 6000000\n[source]\nscheme = "http"\n'
+                                  f'max_size = 6000000\nallow = ["127.0.0.1:{port}"]\n'
+                                  'allow_networks = ["127.0.0.1/32"]\n')  # fmt: skip
+    srv.start()
+    try:
+        answer: list[str] = []
+        publishing = threading.Thread(
+            target=lambda: answer.append(srv.publish("fetched", b"", source=f"127.0.0.1:{port}/x.tar").text)
+        )
+        publishing.start()
+        until(lambda: early_lease(srv, "fetched"), srv)  # half of it fetched: its staging runs already
+        assert srv.status("fetched")["state"] == "missing"
+        _HalfwaySource.go.set()
+        publishing.join(30)
+        assert answer == ["OK\n"]
+        doc = srv.wait_state("fetched")
+        assert doc["state"] == "published" and doc["files"] == 12 + 4, doc
+        staged = [e for e in srv.log_events("staged") if e.get("cid") == "fetched"]
+        assert [e.get("early") for e in staged] == [True], staged  # one ingest, while it arrived
+        assert metric(srv, "staged") == 1.0
+    finally:
+        _HalfwaySource.go.set()
+        srv.close()
+        httpd.shutdown()

@@ -25,7 +25,7 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urldefrag, urljoin
@@ -240,10 +240,17 @@ def _redirect_target(url: SourceUrl, location: str, settings: SourceSettings) ->
     return target
 
 
-async def download(url: SourceUrl, settings: SourceSettings, spool: SpoolFile) -> None:
+async def download(
+    url: SourceUrl,
+    settings: SourceSettings,
+    spool: SpoolFile,
+    sized: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """Fetch ``url`` into ``spool``; ``sized(n)`` is told the announced size (Content-Length), then the
+    bytes received so far after each write (so a big download can be staged as it arrives)."""
     try:
         async with asyncio.timeout(settings.timeout):
-            await _download(url, settings, spool)
+            await _download(url, settings, spool, sized)
     except TimeoutError as exc:
         raise DownloadError(f"download took longer than {settings.timeout:.0f} s") from exc
     except (httpcore.TimeoutException, httpcore.NetworkError) as exc:
@@ -254,7 +261,9 @@ async def download(url: SourceUrl, settings: SourceSettings, spool: SpoolFile) -
         raise DownloadError(str(exc)) from exc
 
 
-async def _download(url: SourceUrl, settings: SourceSettings, spool: SpoolFile) -> None:
+async def _download(
+    url: SourceUrl, settings: SourceSettings, spool: SpoolFile, sized: Callable[[int], Awaitable[None]] | None
+) -> None:
     backend = _CheckedBackend(tuple(ipaddress.ip_network(n, strict=False) for n in settings.allow_networks))
     tls = ssl.create_default_context(cafile=certifi.where())
     timeouts = {"connect": 30.0, "read": 60.0, "write": 30.0, "pool": 30.0}
@@ -277,6 +286,8 @@ async def _download(url: SourceUrl, settings: SourceSettings, spool: SpoolFile) 
                 length = fields.get("content-length", "")
                 if length.isdigit() and int(length) > settings.max_size:
                     raise DownloadError(f"source larger than {settings.max_size} bytes")
+                if sized is not None and length.isdigit():
+                    await sized(int(length))
                 received = 0
                 buffered: list[bytes] = []
                 async for block in resp.aiter_stream():
@@ -287,6 +298,8 @@ async def _download(url: SourceUrl, settings: SourceSettings, spool: SpoolFile) 
                     if sum(map(len, buffered)) >= _WRITE_BLOCK:  # ~1 MiB per write, off the event loop
                         await asyncio.to_thread(spool.write, b"".join(buffered))
                         buffered = []
+                        if sized is not None:
+                            await sized(spool.size)
                 if buffered:
                     await asyncio.to_thread(spool.write, b"".join(buffered))
                 return

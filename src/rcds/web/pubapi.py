@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -185,21 +185,12 @@ class PubApi:
         return await self._publish(request, cid, identity, info)
 
     async def _receive(
-        self, request: web.Request, spool: SpoolFile, stage_early: Callable[[int], bool] | None = None
+        self, request: web.Request, spool: SpoolFile, sized: Callable[[int], Awaitable[None]] | None = None
     ) -> None:
-        """The body into ``spool``. ``stage_early(size)`` is called once the upload is known to be big
-        (its Content-Length, or the bytes received so far, above ``small_publish_bytes``): from then on it
-        is ingested as it arrives (``rcds.publish.early``)."""
-        threshold = self.service.settings.small_publish_bytes
-        pending = stage_early
-
-        async def start_if_big(size: int) -> None:
-            nonlocal pending
-            if pending is not None and size > threshold:
-                start, pending = pending, None
-                await asyncio.to_thread(start, size)
-
-        await start_if_big(request.content_length or 0)
+        """The body into ``spool``; ``sized(n)`` is told the expected size (its Content-Length), then the
+        bytes received so far after each write (``_EarlyStart``)."""
+        if sized is not None:
+            await sized(request.content_length or 0)
         buffered: list[bytes] = []
         size = 0
         async for block in _body(request, self.upload_limits):
@@ -208,7 +199,8 @@ class PubApi:
             if size >= READ_BLOCK:  # write in ~1 MiB pieces, off the event loop
                 await asyncio.to_thread(spool.write, b"".join(buffered))
                 buffered, size = [], 0
-                await start_if_big(spool.size)
+                if sized is not None:
+                    await sized(spool.size)
         if buffered:
             await asyncio.to_thread(spool.write, b"".join(buffered))
 
@@ -300,12 +292,15 @@ class PubApi:
             raise bad_request(f"error getting publish data: {exc.strerror or exc}") from exc
         accepted = False
         try:
+            early = _EarlyStart(
+                svc.settings.small_publish_bytes,
+                functools.partial(svc.start_early, cid, spool, striplevels, identity.name),
+            )
             if url is not None:
                 await self._drain(request)
-                await download(url, svc.settings.source, spool)
+                await download(url, svc.settings.source, spool, early.sized)
             else:
-                stage = functools.partial(svc.start_early, cid, spool, striplevels, identity.name)
-                await self._receive(request, spool, stage)
+                await self._receive(request, spool, early.sized)
             if spool.size == 0:
                 raise bad_request("error getting publish data: empty upload")
             info["bytes"] = spool.size
@@ -414,6 +409,20 @@ async def _body(request: web.Request, limits: UploadLimits) -> AsyncIterator[byt
                 raise UploadStalled(f"slower than {limits.min_rate} bytes/s")
             waited, window_bytes = 0.0, 0
         yield block
+
+
+class _EarlyStart:
+    """Starts the early staging of an upload or a ``source=`` download (``rcds.publish.early``) once it is
+    known to be big: its announced size, or the bytes received so far, above ``small_publish_bytes``."""
+
+    def __init__(self, threshold: int, start: Callable[[int], bool]) -> None:
+        self.threshold = threshold
+        self._start: Callable[[int], bool] | None = start
+
+    async def sized(self, size: int) -> None:
+        if self._start is not None and size > self.threshold:
+            start, self._start = self._start, None
+            await asyncio.to_thread(start, size)
 
 
 async def _cut(request: web.Request, response: web.Response) -> web.Response:
