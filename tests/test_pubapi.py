@@ -166,6 +166,8 @@ def test_a_tarball_of_many_small_files_is_stored_by_the_servers_worker_processes
         and b"worker_main" in _cmdline(int(pid))
     ]  # fmt: skip
     assert len(workers) == (os.cpu_count() or 2)
+    started = server.log_events("small-file worker started")
+    assert sorted(e["pid"] for e in started) == sorted(map(int, workers))  # the operator's log names them
     with reader_for(server, doc["repository"]) as reader:
         for i in (0, 777, 1499):
             assert (

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
+from ..logs import fields
 from ..storage.local import LocalStore
 from .hashes import ContentHash, Suffix
 from .objects import compress
@@ -255,16 +256,23 @@ class WorkerPool:
         """(Under the lock.) Start the workers the pool lacks; False if it has none and can start none."""
         while not self._unavailable and len(self._workers) < self.size:
             try:
-                self._workers.append(_Worker(self._jobs, self._lost))
+                worker = _Worker(self._jobs, self._lost)
+                self._workers.append(worker)
+                log.info(
+                    "small-file worker started", extra=fields(pid=worker.proc.pid, workers=len(self._workers))
+                )
             except OSError as exc:
                 self._unavailable = not self._workers
-                log.warning("could not start a small-file worker process: %s", exc)
+                log.warning("could not start a small-file worker process", extra=fields(error=str(exc)))
                 break
         return bool(self._workers)
 
     def _lost(self, worker: _Worker) -> None:
         """A worker ended: start another; if none can run, fail the batches still queued (else they would
         wait for ever)."""
+        log.warning(
+            "small-file worker ended", extra=fields(pid=worker.proc.pid, status=worker.proc.returncode)
+        )
         with self._lock:
             if worker not in self._workers:
                 return  # of a stopped pool
