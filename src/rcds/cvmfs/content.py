@@ -363,19 +363,9 @@ class ContentWriter:
         its ``PendingContent.result()``; the other files of the batch are stored as usual.
         """
         try:
-            datas: list[bytes | BaseException] = []
-            for item, size in batch.items:
-                try:
-                    datas.append(item if isinstance(item, bytes) else _read_file(item, size))
-                except (OSError, EOFError) as exc:
-                    datas.append(exc)
-            keys: list[bytes | None] = [None] * len(datas)
+            datas, keys = smallfiles.read_batch(batch.items, keyed=self.index is not None)
             known: dict[bytes, bytes] = {}
             if self.index is not None:
-                suffix = Suffix.NONE.value.encode()
-                for i, data in enumerate(datas):
-                    if not isinstance(data, BaseException):
-                        keys[i] = hashlib.sha256(data).digest() + suffix
                 known = self.index.get_many([k for k in keys if k is not None])
             out: list[_Stored | BaseException] = []
             for data, key in zip(datas, keys, strict=True):

@@ -97,12 +97,11 @@ def _read(path: str, size: int) -> bytes:
         os.close(fd)
 
 
-def store_batch(
-    root: str, index_path: str | None, items: list[tuple[str | bytes, int]]
-) -> list[FileOutcome | BaseException]:
-    """Store whole files (a path to read, or the bytes) as objects under ``root``; one outcome per item,
-    an exception for a file that could not be read or stored (the others go on)."""
-    store = _store(root)
+def read_batch(
+    items: list[tuple[str | bytes, int]], keyed: bool
+) -> tuple[list[bytes | BaseException], list[bytes | None]]:
+    """The contents of whole files (a path to read, or the bytes), an exception for one that cannot be
+    read; and, if ``keyed``, their content index keys (None for those exceptions)."""
     datas: list[bytes | BaseException] = []
     for item, size in items:
         try:
@@ -110,11 +109,19 @@ def store_batch(
         except (OSError, EOFError) as exc:
             datas.append(exc)
     keys = [
-        None
-        if isinstance(d, BaseException) or index_path is None
-        else hashlib.sha256(d).digest() + _WHOLE_SUFFIX
+        hashlib.sha256(d).digest() + _WHOLE_SUFFIX if keyed and not isinstance(d, BaseException) else None
         for d in datas
     ]
+    return datas, keys
+
+
+def store_batch(
+    root: str, index_path: str | None, items: list[tuple[str | bytes, int]]
+) -> list[FileOutcome | BaseException]:
+    """Store whole files (a path to read, or the bytes) as objects under ``root``; one outcome per item,
+    an exception for a file that could not be read or stored (the others go on)."""
+    store = _store(root)
+    datas, keys = read_batch(items, keyed=index_path is not None)
     known = _index_hits(index_path, [k for k in keys if k is not None])
     written: set[bytes] = set()
     out: list[FileOutcome | BaseException] = []
