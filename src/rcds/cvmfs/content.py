@@ -1,7 +1,9 @@
 """Turning file content into stored objects, in parallel, with a persistent content index.
 
 Compression and hashing run on a thread pool (zlib and hashlib release the GIL), so ingest uses every
-core while the caller keeps reading its input in order. In-flight bytes are bounded, so memory does not
+core while the caller keeps reading its input in order; past ``processes_after_files`` small files, a
+transaction on a local store hands them to worker processes instead (``smallfiles``: per-file system
+calls make threads trade the GIL). In-flight bytes are bounded, so memory does not
 grow with the input. The content index maps the SHA-256 of a piece's *uncompressed* bytes to the stored
 object, so re-publishing unchanged content costs one hash pass and no compression.
 """
@@ -459,8 +461,8 @@ class ContentWriter:
                 if first:
                     self.stats.objects_written += 1
                     self.stats.bytes_written += written
-            assert isinstance(self.store, LocalStore)
-            self.store.note_written(written)
+            if first and isinstance(self.store, LocalStore):
+                self.store.note_written(written)  # toward its early sync, as its own puts count
             if key is not None and self.index is not None:
                 self.index.put(key, digest)
             out.append((h, written if first else 0))
