@@ -36,7 +36,7 @@ from conftest import GcExpectation as Expectation
 from conftest import write_tree
 from rcds.cvmfs import failpoints
 from rcds.cvmfs.checker import check_repository
-from rcds.cvmfs.content import ContentIndex
+from rcds.cvmfs.contentindex import ContentIndex
 from rcds.cvmfs.gc import GcError, GcReport, collect_garbage
 from rcds.cvmfs.hashes import ContentHash, Suffix
 from rcds.cvmfs.objects import compress

@@ -24,7 +24,7 @@ import pytest
 from conftest import new_repo, write_tree
 from rcds.cvmfs import smallfiles
 from rcds.cvmfs.checker import check_repository
-from rcds.cvmfs.content import ContentIndex
+from rcds.cvmfs.contentindex import ContentIndex
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
 from rcds.cvmfs.writer import Transaction

@@ -53,7 +53,7 @@ from .catalog import (
     CatalogError,
 )
 from .chunking import ChunkParams
-from .content import ContentIndex
+from .contentindex import ContentIndex
 from .hashes import ContentHash, Suffix
 from .history import History
 from .manifest import Manifest, ManifestError

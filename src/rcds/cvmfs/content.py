@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import sqlite3
 import struct
 import threading
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from ..storage.local import LocalStore
 from . import smallfiles
 from .catalog import Chunk
 from .chunking import ChunkParams, file_cuts, iter_chunks
+from .contentindex import ContentIndex
 from .hashes import ContentHash, Suffix
 from .objects import compress
 
@@ -35,102 +34,6 @@ READ_BLOCK = 1 << 20
 # an index query per file cost as much as deflating a small file. A batch closes at whichever comes first.
 BATCH_FILES = 64
 BATCH_BYTES = 1 << 20
-
-
-class ContentIndex:
-    """SQLite map: SHA-256 of uncompressed bytes (+ kind) -> stored object(s). Safe across threads."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        # Several writers at once (staged ingests, a transaction, GC): WAL, and waiting for each other.
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS pieces (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
-        self._pending: list[tuple[bytes, bytes]] = []
-
-    def get(self, key: bytes) -> bytes | None:
-        with self._lock:
-            row = self.db.execute("SELECT value FROM pieces WHERE key = ?", (key,)).fetchone()
-        return bytes(row[0]) if row else None
-
-    def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
-        """The entries of those ``keys`` the index has (one query for a batch of small files)."""
-        if not keys:
-            return {}
-        marks = ",".join("?" * len(keys))
-        with self._lock:
-            rows = self.db.execute(f"SELECT key, value FROM pieces WHERE key IN ({marks})", keys).fetchall()
-        return {bytes(k): bytes(v) for k, v in rows}
-
-    def put(self, key: bytes, value: bytes) -> None:
-        with self._lock:
-            self._pending.append((key, value))
-
-    def flush(self) -> None:
-        """Persist the entries recorded since the last flush (after their objects are durable)."""
-        with self._lock:
-            if self._pending:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany("INSERT OR REPLACE INTO pieces (key, value) VALUES (?, ?)", self._pending)
-                self.db.execute("COMMIT")
-                self._pending.clear()
-
-    def discard_pending(self) -> None:
-        with self._lock:
-            self._pending.clear()
-
-    def remove_objects(self, digests: Iterable[bytes]) -> int:
-        """Forget entries pointing at objects that were swept (used by garbage collection)."""
-        with self._lock:
-            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS swept (digest BLOB PRIMARY KEY) WITHOUT ROWID")
-            self.db.executemany(
-                "INSERT OR IGNORE INTO temp.swept (digest) VALUES (?)", ((d,) for d in digests)
-            )
-            try:
-                return self._remove_listed("temp.swept")
-            finally:
-                self.db.execute("DELETE FROM temp.swept")
-
-    def remove_objects_listed(self, database: Path, table: str) -> int:
-        """Forget entries pointing at an object whose digest is in ``table`` of the SQLite ``database``.
-
-        For millions of swept objects: the table (a ``digest BLOB`` column, indexed) stays on disk and the
-        matching runs inside SQLite. A file's chunk list is forgotten if any of its chunks is listed.
-        """
-        with self._lock:
-            self.db.execute("ATTACH DATABASE ? AS listed", (str(database),))
-            try:
-                return self._remove_listed(f"listed.{table}")
-            finally:
-                self.db.execute("DETACH DATABASE listed")
-
-    def _remove_listed(self, table: str) -> int:
-        """Delete entries naming an object in ``table``; the caller holds ``_lock``."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            removed = self.db.execute(
-                f"DELETE FROM pieces WHERE length(value) = 20 AND value IN (SELECT digest FROM {table})"
-            ).rowcount
-            doomed = [
-                (key,)
-                for key, value in self.db.execute("SELECT key, value FROM pieces WHERE length(value) != 20")
-                if any(
-                    self.db.execute(f"SELECT 1 FROM {table} WHERE digest = ?", (d,)).fetchone()
-                    for d in _object_digests(bytes(value))
-                )
-            ]
-            self.db.executemany("DELETE FROM pieces WHERE key = ?", doomed)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        return removed + len(doomed)
-
-    def close(self) -> None:
-        self.flush()
-        self.db.close()
 
 
 @dataclass
@@ -217,11 +120,6 @@ class PendingContent:
                 if self._index_key is not None and self._writer.index is not None:
                     self._writer.index.put(self._index_key, _encode_chunks(chunks))
         return self._result
-
-
-def _object_digests(value: bytes) -> list[bytes]:
-    """The object digests a chunk-list value of the index names (36 bytes per chunk)."""
-    return [value[i + 16 : i + 36] for i in range(0, len(value) - 35, 36)]
 
 
 def _encode_chunks(chunks: list[Chunk]) -> bytes:
@@ -553,7 +451,7 @@ class ContentWriter:
     ) -> tuple[ContentHash, int]:
         """Pool task: read ``length`` bytes of ``path`` at ``offset`` and store them as one piece."""
         try:
-            data = _read_file(path, length, offset)
+            data = smallfiles.read_file(path, length, offset)
         except BaseException:
             self._release(blocks)
             raise
@@ -586,26 +484,6 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
         parts.append(block)
         remaining -= len(block)
     return b"".join(parts) if len(parts) != 1 else parts[0]
-
-
-def _read_file(path: str, size: int, offset: int = 0) -> bytes:
-    """``size`` bytes of the file at ``path`` from ``offset`` (EOFError if it is shorter)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.pread(fd, size, offset)
-        if len(data) < size:
-            parts = [data]
-            got = len(data)
-            while got < size:
-                block = os.pread(fd, size - got, offset + got)
-                if not block:
-                    raise EOFError(f"{path}: ended {size - got} bytes early")
-                parts.append(block)
-                got += len(block)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
 
 
 class _Limited:

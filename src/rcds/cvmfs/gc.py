@@ -89,7 +89,7 @@ from ..logs import fields
 from ..storage import ObjectMissing, ObjectStore
 from . import failpoints
 from .catalog import Catalog, CatalogError
-from .content import ContentIndex
+from .contentindex import ContentIndex
 from .hashes import ContentHash, Suffix
 from .history import History
 from .manifest import Manifest

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..logs import fields
 from ..storage.local import LocalStore
+from .contentindex import ContentIndex
 from .hashes import ContentHash, Suffix
 from .objects import compress
 
@@ -47,7 +48,7 @@ _WHOLE_SUFFIX = Suffix.NONE.value.encode()
 # --- in a worker process -----------------------------------------------------------------------------
 
 _stores: dict[str, LocalStore] = {}
-_indexes: dict[str, sqlite3.Connection | None] = {}
+_indexes: dict[str, ContentIndex | None] = {}
 
 
 def _store(root: str) -> LocalStore:
@@ -59,39 +60,38 @@ def _store(root: str) -> LocalStore:
 
 
 def _index_hits(index_path: str | None, keys: list[bytes]) -> dict[bytes, bytes]:
-    """The index's entries for ``keys``: read-only here; entries are written by the transaction, at commit."""
+    """The index's entries for ``keys``: only read here; the transaction records entries, at commit."""
     if index_path is None or not keys:
         return {}
     if index_path not in _indexes:
         if len(_indexes) >= 16:  # the repositories of one server are few; a test run's are many
-            for db in _indexes.values():
-                if db is not None:
-                    db.close()
+            for index in _indexes.values():
+                if index is not None:
+                    index.close()
             _indexes.clear()
         try:
-            _indexes[index_path] = sqlite3.connect(index_path, isolation_level=None, timeout=60)
+            _indexes[index_path] = ContentIndex(Path(index_path))
         except sqlite3.Error:
             _indexes[index_path] = None
-    db = _indexes[index_path]
-    if db is None:
-        return {}
-    marks = ",".join("?" * len(keys))
-    try:
-        rows = db.execute(f"SELECT key, value FROM pieces WHERE key IN ({marks})", keys).fetchall()
-    except sqlite3.OperationalError:  # no table yet: an index nothing was recorded in
-        return {}
-    return {bytes(k): bytes(v) for k, v in rows}
+    index = _indexes[index_path]
+    return index.get_many(keys) if index is not None else {}
 
 
-def _read(path: str, size: int) -> bytes:
+def read_file(path: str, size: int, offset: int = 0) -> bytes:
+    """``size`` bytes of the file at ``path`` from ``offset`` (EOFError if it is shorter)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.read(fd, size)
-        while len(data) < size:
-            more = os.read(fd, size - len(data))
-            if not more:
-                raise EOFError(f"{path}: ended {size - len(data)} bytes early")
-            data += more
+        data = os.pread(fd, size, offset)
+        if len(data) < size:
+            parts = [data]
+            got = len(data)
+            while got < size:
+                block = os.pread(fd, size - got, offset + got)
+                if not block:
+                    raise EOFError(f"{path}: ended {size - got} bytes early")
+                parts.append(block)
+                got += len(block)
+            data = b"".join(parts)
         return data
     finally:
         os.close(fd)
@@ -105,7 +105,7 @@ def read_batch(
     datas: list[bytes | BaseException] = []
     for item, size in items:
         try:
-            datas.append(item if isinstance(item, bytes) else _read(item, size))
+            datas.append(item if isinstance(item, bytes) else read_file(item, size))
         except (OSError, EOFError) as exc:
             datas.append(exc)
     keys = [

@@ -43,7 +43,8 @@ from .catalog import (
     file_flags,
     make_hardlinks,
 )
-from .content import ContentIndex, ContentWriter, IngestStats, PendingContent
+from .content import ContentWriter, IngestStats, PendingContent
+from .contentindex import ContentIndex
 from .hashes import ContentHash, normalize_path, parent_path
 from .history import TRUNK, Tag
 from .manifest import Manifest
