@@ -1,11 +1,12 @@
 """Early staging: a big upload's ingest runs while its body arrives (issue 19, the service path).
 
 Without it a big tarball (uploaded, or fetched by the server for ``source=``) is spooled, fsynced and
-queued, and only then ingested: the upload and the ingest take turns. With it, as soon as an upload is known to be big (``PublishService.start_early``), a worker
-claims one of its ingest slots and the lease on the CID's path, as its dispatcher does for a queued job,
-and the slot stages the tarball from a ``FollowingReader`` over the spool's ``.part`` file: it gets the
-bytes as they are written and waits for more until the upload is complete (then end of file) or
-discarded (then ``SpoolDiscarded``, which stops the staging).
+queued, and only then ingested: the upload and the ingest take turns. With it, as soon as an upload is
+known to be big (``PublishService.start_early``), a worker claims one of its ingest slots and the lease
+on the CID's path, as its dispatcher does for a queued job, and the slot stages the tarball from a
+``FollowingReader`` over the spool's ``.part`` file: it gets the bytes as they are written and waits for
+more until the upload is complete (then end of file) or discarded (then ``SpoolDiscarded``, which stops
+the staging).
 
 The staged tree is never grafted on its own. The slot waits at an ``EarlyStaging`` gate until ``accept``
 has fsynced the spool and durably enqueued the job, claimed for the slot's repository in the same

@@ -185,12 +185,11 @@ class PubApi:
         return await self._publish(request, cid, identity, info)
 
     async def _receive(
-        self, request: web.Request, spool: SpoolFile, sized: Callable[[int], Awaitable[None]] | None = None
+        self, request: web.Request, spool: SpoolFile, sized: Callable[[int], Awaitable[None]]
     ) -> None:
         """The body into ``spool``; ``sized(n)`` is told the expected size (its Content-Length), then the
         bytes received so far after each write (``_EarlyStart``)."""
-        if sized is not None:
-            await sized(request.content_length or 0)
+        await sized(request.content_length or 0)
         buffered: list[bytes] = []
         size = 0
         async for block in _body(request, self.upload_limits):
@@ -199,8 +198,7 @@ class PubApi:
             if size >= READ_BLOCK:  # write in ~1 MiB pieces, off the event loop
                 await asyncio.to_thread(spool.write, b"".join(buffered))
                 buffered, size = [], 0
-                if sized is not None:
-                    await sized(spool.size)
+                await sized(spool.size)
         if buffered:
             await asyncio.to_thread(spool.write, b"".join(buffered))
 
