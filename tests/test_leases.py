@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from rcds.cvmfs.failpoints import FILE_ENV
+from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.repository import Repository
 from rcds.publish.leases import Busy, Lease, LeasePathError, Leases, conflicts, normalize
 from server import RcdsServer, make_tarball
 
@@ -302,5 +304,28 @@ def test_killed_with_leases_held_everything_acknowledged_publishes(tmp_path: Pat
         no_leases_left(srv)
         released = srv.log_events("lease released")
         assert {x.path for x in left_behind} <= {str(e["path"]) for e in released if e.get("reason")}
+    finally:
+        srv.close()
+
+
+def test_one_slot_is_the_serialized_design_and_still_publishes(tmp_path: Path) -> None:
+    """``ingest_slots = 1``: no slots, no leases; the worker ingests each queued tarball in its commit's own
+    transaction (the design before leases), with the same tree and ``.publisher`` as a slot would make."""
+    srv = RcdsServer(tmp_path, repos=SOLO, top_config="ingest_slots = 1")
+    srv.start()
+    try:
+        for cid in ("one/a", "one/b"):
+            assert srv.publish(cid, small(cid)).text == "OK\n"
+        for cid in ("one/a", "one/b"):
+            doc = srv.wait_state(cid)
+            assert doc["state"] == "published" and doc["files"] == 6, (
+                doc
+            )  # run.sh lib data.txt + root, .publisher, marker
+        staged = srv.log_events("staged")
+        assert staged == []  # nothing went through a slot
+        storage = srv.storage(SOLO[0])
+        reader = RepositoryReader.open(storage, Repository(storage).public_key_path, cache_dir=tmp_path / "c")
+        assert reader.read("/sw/one/b/lib/data.txt") == b"one/b" * 50
+        assert reader.read("/sw/one/a/.publisher") == b"localhost\n"
     finally:
         srv.close()

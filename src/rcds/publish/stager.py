@@ -103,11 +103,7 @@ class SlotStager:
     def _stage(self, staging: StagingTransaction, reader: LeasedReader, job: Job) -> StagedTree:
         """The job's tarball, read from ``reader``, staged at its CID's path (with its publisher file)."""
         svc = self.service
-        entries = with_publisher(
-            tar_entries(cast(BinaryIO, reader), svc.settings.limits, job.striplevels), job.identity,
-            int(svc.clock()),
-        )  # fmt: skip
-        return staging.stage(f"/{svc.prefix}/{job.cid}", entries)
+        return staging.stage(f"/{svc.prefix}/{job.cid}", job_entries(svc, cast(BinaryIO, reader), job))
 
     def _log_staged(self, result: SlotResult, **extra: object) -> None:
         if result.staged is not None:
@@ -227,7 +223,14 @@ class SlotStager:
                 r.error = r.error or error or RuntimeError("its staging failed with a later tarball")
 
 
-def with_publisher(entries: Iterator[TreeEntry], identity: str, now: int) -> Iterator[TreeEntry]:
+def job_entries(service: PublishService, tarball: BinaryIO, job: Job) -> Iterator[TreeEntry]:
+    """The tree a job publishes: its tarball's entries (under the service's limits, its striplevels) and
+    ``.publisher``."""
+    entries = tar_entries(tarball, service.settings.limits, job.striplevels)
+    return _with_publisher(entries, job.identity, int(service.clock()))
+
+
+def _with_publisher(entries: Iterator[TreeEntry], identity: str, now: int) -> Iterator[TreeEntry]:
     """The tarball's entries plus ``.publisher`` (who published it), replacing any the tarball brought."""
     for e in entries:
         if e.path.strip("/") == PUBLISHER_FILE:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from ..cvmfs.catalog import NESTED_MARKER
 from ..cvmfs.repository import Repository, RepositoryError
 from ..cvmfs.writer import Transaction, TreeError
-from ..ingest.tarstream import IngestError, tar_entries
+from ..ingest.tarstream import IngestError
 from ..logs import fields
 from .cid import cid_group
 from .lastuse import write_records
@@ -29,7 +29,7 @@ from .leases import Busy, Lease
 from .namespace import RULE, top_name
 from .presence import PUBLISHER_FILE
 from .slots import IngestSlots, LeaseLost, SlotResult
-from .stager import SlotStager, with_publisher
+from .stager import SlotStager, job_entries
 from .state import PUBLISHING, Job
 from .transient import environment_wait
 
@@ -358,10 +358,7 @@ class RepositoryWorker(threading.Thread):
                 return slot.staged.entries, slot.staged.stats.bytes_in
             before = txn.content.stats.bytes_in
             with open(job.spool, "rb") as f:
-                entries = with_publisher(
-                    tar_entries(f, svc.settings.limits, job.striplevels), job.identity, int(svc.clock())
-                )
-                n = txn.add_tree(path, entries, nested=True)
+                n = txn.add_tree(path, job_entries(svc, f, job), nested=True)
             return n, txn.content.stats.bytes_in - before
         except (IngestError, TreeError) as exc:
             if group_path is not None and new_group and _is_empty(txn, group_path):
