@@ -200,8 +200,9 @@ def test_an_aborted_transaction_records_nothing_its_workers_stored_after_the_abo
     closed = threading.Event()
     threading.Thread(target=lambda: (txn.abort(), closed.set()), daemon=True).start()
     assert not closed.wait(0.5)  # the abort waits for the batch
-    with open(fifo, "wb") as f:
-        f.write(b"12345")
+    # The writer's end opened and closed: the worker's open returns, its read of the FIFO fails (a FIFO
+    # cannot be read at an offset), and the batch ends with that file's error.
+    os.close(os.open(fifo, os.O_WRONLY))
     assert closed.wait(10)
     index = ContentIndex(repo.private / "content-index.db")
     try:
