@@ -232,6 +232,48 @@ def test_a_command_with_workers_leaves_none_behind(tmp_path: Path, repo_template
     assert check_repository(reader).errors == []
 
 
+@pytest.mark.parametrize("interpreter", ["missing", "not-python"])
+def test_where_no_worker_can_start_the_threads_store_the_files(
+    tmp_path: Path, repo_template: Path, interpreter: str
+) -> None:
+    """An interpreter path that is gone (a venv rebuilt under a running server), or a program that does
+    not run ``-c`` (a frozen executable): the command warns once and publishes through its threads,
+    instead of failing every transaction past 1,000 files on a worker that died at start-up."""
+    program = tmp_path / interpreter
+    if interpreter == "not-python":
+        program.write_text("#!/bin/sh\necho 'usage: app [options]' >&2\nexit 2\n")
+        program.chmod(0o755)
+    src = write_tree(tmp_path / "src", small_tree(2500))  # past 1,000 files, in many batches
+    storage = tmp_path / "storage"
+    new_repo(storage, repo_template)
+    run_cli = "import sys; sys.executable = sys.argv.pop(1); sys.argv[0] = 'rcds'; from rcds.cli import main; main()"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            run_cli,
+            str(program),
+            "repo",
+            "add",
+            "--storage",
+            str(storage),
+            "/sw/t",
+            str(src),
+        ],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("could not start a small-file worker process") == 1, proc.stderr
+    reader = RepositoryReader.open(storage, Repository(storage).public_key_path, cache_dir=tmp_path / "c")
+    assert files_of(reader, "/sw/t") == {
+        f"{d.name}/{f.name}": f.read_bytes() for d in src.iterdir() for f in d.iterdir()
+    }
+    assert check_repository(reader).errors == []
+
+
 def _session_of(pid: int) -> int | None:
     try:
         return os.getsid(pid)

@@ -21,10 +21,12 @@ import logging
 import os
 import pickle
 import queue
+import select
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -43,6 +45,13 @@ FileOutcome = tuple[bytes | None, bytes, int]
 FROM_INDEX = -1
 
 _WHOLE_SUFFIX = Suffix.NONE.value.encode()
+
+START_SECONDS = 30.0  # for a worker to import and say it is ready (about 0.1 s on an idle machine)
+RETRY_START_SECONDS = 300.0  # after a worker could not be started, no other is tried until then
+
+READY = b"R"
+"""What a worker writes first, once it runs: a program that is not one (an interpreter that cannot
+import rcds, a frozen executable that does not take ``-c``) never does."""
 
 
 # --- in a worker process -----------------------------------------------------------------------------
@@ -150,6 +159,8 @@ def worker_main() -> None:
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    replies.write(READY)  # imported and listening: the pool may send it batches
+    replies.flush()
     while True:
         try:
             root, index_path, items = pickle.load(requests)
@@ -189,6 +200,18 @@ class _Worker:
             stdout=subprocess.PIPE,
             close_fds=True,
         )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_SECONDS)
+        if not ready or self.proc.stdout.read(len(READY)) != READY:
+            # Every worker started the same way would fail too: the caller stores in threads instead of
+            # failing each transaction on a worker that is gone (or waiting for one that never answers).
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            status = self.proc.wait()
+            raise OSError(
+                f"{sys.executable} did not start a small-file worker within {START_SECONDS:g} s "
+                f"(exit status {status})"
+            )
         threading.Thread(target=self._run, name="rcds-smallfiles", daemon=True).start()
 
     def _run(self) -> None:
@@ -223,14 +246,15 @@ class _Worker:
 
 class WorkerPool:
     """Worker processes taking batches from one queue; started on the first batch, replaced when one
-    ends, stopped at exit."""
+    ends, stopped at exit. If one cannot be started (no process, or a program that does not answer as a
+    worker), none is tried for ``RETRY_START_SECONDS``; with none running, callers store in threads."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._workers: list[_Worker] = []
-        self._unavailable = False
+        self._no_start_before = 0.0  # (monotonic) after a worker could not be started
 
     def submit(self, request: _Request) -> Future[list[FileOutcome | BaseException]] | None:
         """The outcomes of ``store_batch(*request)`` in a worker; None if no worker can be started (where
@@ -261,7 +285,7 @@ class WorkerPool:
 
     def _start_missing(self) -> bool:
         """(Under the lock.) Start the workers the pool lacks; False if it has none and can start none."""
-        while not self._unavailable and len(self._workers) < self.size:
+        while len(self._workers) < self.size and time.monotonic() >= self._no_start_before:
             try:
                 worker = _Worker(self._jobs, self._lost)
                 self._workers.append(worker)
@@ -269,8 +293,13 @@ class WorkerPool:
                     "small-file worker started", extra=fields(pid=worker.proc.pid, workers=len(self._workers))
                 )
             except OSError as exc:
-                self._unavailable = not self._workers
-                log.warning("could not start a small-file worker process", extra=fields(error=str(exc)))
+                self._no_start_before = time.monotonic() + RETRY_START_SECONDS
+                log.warning(
+                    "could not start a small-file worker process",
+                    extra=fields(
+                        error=str(exc), workers=len(self._workers), retry_seconds=RETRY_START_SECONDS
+                    ),
+                )
                 break
         return bool(self._workers)
 
