@@ -195,6 +195,8 @@ def test_rcds_build_job_client_writes_the_same_file(tmp_path: Path, job_client: 
     assert p.returncode == 0, p.stderr
     assert out.read_bytes() == job_client.read_bytes()
     assert os.access(out, os.X_OK)
+    p = subprocess.run([sys.executable, "-m", "rcds.cli", "build-job-client", "-o", "-"], capture_output=True)
+    assert p.returncode == 0 and p.stdout == job_client.read_bytes(), p.stderr  # '-': to stdout
 
 
 def test_its_modules_keep_the_python_39_floor() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -26,7 +27,8 @@ def build_job_client(output: Path) -> None:
     """
     data = bundle.build()
     if str(output) == "-":
-        click.get_binary_stream("stdout").write(data)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
         return
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
