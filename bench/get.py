@@ -99,11 +99,9 @@ class RepoServer:
     def cpu_seconds(self) -> float:
         """CPU time the server process has used so far (Linux /proc)."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            return ingest_bench.process_cpu(self.proc.pid)
         except OSError:
             return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         self.proc.terminate()

@@ -616,6 +616,12 @@ class OtherLoad:
         return self.other / self.wall if self.wall else 0.0
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc; OSError if it is gone)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _own_cpu() -> float:
     """CPU seconds of this process and of its children that have been waited for."""
     me = resource.getrusage(resource.RUSAGE_SELF)

@@ -23,7 +23,6 @@ import asyncio
 import io
 import json
 import os
-import resource
 import shutil
 import socket
 import statistics
@@ -224,23 +223,15 @@ def large_tar(workdir: Path, size_gib: float) -> tuple[Path, Path]:
     return tree, tar_path
 
 
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process (all threads) and of its children that have ended."""
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime + u.ru_stime for u in usage)
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a running process and of its running descendants (the server's small-file workers),
     from /proc; 0 where /proc cannot tell."""
     total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
     pending = [pid]
     while pending:
         p = pending.pop()
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            total += ingest_bench.process_cpu(p)
             for task in os.listdir(f"/proc/{p}/task"):
                 pending += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
         except (OSError, IndexError, ValueError):
@@ -258,7 +249,7 @@ def core_ingest(storage: Path, what: str, source: Path) -> tuple[float, float]:
         shutil.rmtree(storage)
     repo = Repository.create("core.bench.local", storage)
     smallfiles.POOL.stop()
-    cpu0 = own_cpu_seconds()
+    cpu0 = ingest_bench._own_cpu()
     t0 = time.perf_counter()
     with repo.transaction() as txn:
         txn.mkdir("/sw", nested=True)
@@ -271,7 +262,7 @@ def core_ingest(storage: Path, what: str, source: Path) -> tuple[float, float]:
         txn.commit()
     seconds = time.perf_counter() - t0
     smallfiles.POOL.stop()
-    return seconds, own_cpu_seconds() - cpu0
+    return seconds, ingest_bench._own_cpu() - cpu0
 
 
 def warm(path: Path) -> None:

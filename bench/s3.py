@@ -101,12 +101,6 @@ def replicate_figures(
     )
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -161,13 +155,13 @@ def main() -> None:
             say(f"s3 server: {result['server_put_per_s']} bare 4 KiB PUT/s")
 
             for name, repo in (("local", local), ("s3", remote)):
-                cpu_before = time.process_time(), process_cpu(server.process.pid)
+                cpu_before = time.process_time(), ingest.process_cpu(server.process.pid)
                 seconds, objects = publish_tree(repo, "/tree", tree)
                 # CPU seconds of this process (writer and client) and of the S3 server: on 2 cores their
                 # sum, not the network, is what bounds the publish
                 result[f"tree_{name}_cpu_s"] = round(time.process_time() - cpu_before[0], 1)
                 result[f"tree_{name}_server_cpu_s"] = round(
-                    process_cpu(server.process.pid) - cpu_before[1], 1
+                    ingest.process_cpu(server.process.pid) - cpu_before[1], 1
                 )
                 result[f"tree_{name}_s"] = round(seconds, 2)
                 result[f"tree_{name}_mib_per_s"] = round(info.total_bytes / 2**20 / seconds, 1)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import ingest  # process_cpu, shared by the benchmarks
 from s3server import S3Server, run_s3_server
 
 PARALLEL = 16
@@ -48,12 +49,6 @@ def _md5_header(params: dict[str, Any], **_: Any) -> None:
 SERVER_PID = 0  # the S3 server's process, for its CPU per request
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Cpu:
     """Wall time and the CPU of client and server over a block: ``<op>/s``, ``<op> client ms``,
     ``<op> server ms`` (CPU milliseconds per request) into ``out``."""
@@ -62,13 +57,13 @@ class Cpu:
         self.op, self.n, self.out = op, n, out
 
     def __enter__(self) -> None:
-        self.t0, self.c0, self.s0 = time.perf_counter(), time.process_time(), process_cpu(SERVER_PID)
+        self.t0, self.c0, self.s0 = time.perf_counter(), time.process_time(), ingest.process_cpu(SERVER_PID)
 
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self.t0
         self.out[f"{self.op}/s"] = round(self.n / wall, 1)
         self.out[f"{self.op} client ms"] = round(1e3 * (time.process_time() - self.c0) / self.n, 3)
-        self.out[f"{self.op} server ms"] = round(1e3 * (process_cpu(SERVER_PID) - self.s0) / self.n, 3)
+        self.out[f"{self.op} server ms"] = round(1e3 * (ingest.process_cpu(SERVER_PID) - self.s0) / self.n, 3)
 
 
 def _timed(op: str, n: int, fn: Callable[[], object], out: dict[str, float]) -> None:
