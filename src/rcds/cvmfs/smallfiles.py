@@ -200,8 +200,12 @@ class _Worker:
             stdout=subprocess.PIPE,
             close_fds=True,
         )
+
+    def wait_ready(self, deadline: float) -> None:
+        """Take batches once the process says it runs; if it has not by ``deadline`` (monotonic), it is
+        killed and this raises OSError."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], START_SECONDS)
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
         if not ready or self.proc.stdout.read(len(READY)) != READY:
             # Every worker started the same way would fail too: the caller stores in threads instead of
             # failing each transaction on a worker that is gone (or waiting for one that never answers).
@@ -285,22 +289,32 @@ class WorkerPool:
 
     def _start_missing(self) -> bool:
         """(Under the lock.) Start the workers the pool lacks; False if it has none and can start none."""
-        while len(self._workers) < self.size and time.monotonic() >= self._no_start_before:
+        if len(self._workers) >= self.size or time.monotonic() < self._no_start_before:
+            return bool(self._workers)
+        started: list[_Worker] = []
+        error: OSError | None = None
+        try:
+            while len(self._workers) + len(started) < self.size:
+                started.append(_Worker(self._jobs, self._lost))
+        except OSError as exc:
+            error = exc
+        deadline = time.monotonic() + START_SECONDS
+        for worker in started:  # they start side by side: one start-up's wait, not one per worker
             try:
-                worker = _Worker(self._jobs, self._lost)
-                self._workers.append(worker)
-                log.info(
-                    "small-file worker started", extra=fields(pid=worker.proc.pid, workers=len(self._workers))
-                )
+                worker.wait_ready(deadline)
             except OSError as exc:
-                self._no_start_before = time.monotonic() + RETRY_START_SECONDS
-                log.warning(
-                    "could not start a small-file worker process",
-                    extra=fields(
-                        error=str(exc), workers=len(self._workers), retry_seconds=RETRY_START_SECONDS
-                    ),
-                )
-                break
+                error = exc
+                continue
+            self._workers.append(worker)
+            log.info(
+                "small-file worker started", extra=fields(pid=worker.proc.pid, workers=len(self._workers))
+            )
+        if error is not None:
+            self._no_start_before = time.monotonic() + RETRY_START_SECONDS
+            log.warning(
+                "could not start a small-file worker process",
+                extra=fields(error=str(error), workers=len(self._workers), retry_seconds=RETRY_START_SECONDS),
+            )
         return bool(self._workers)
 
     def _lost(self, worker: _Worker) -> None:
