@@ -165,16 +165,29 @@ def test_a_worker_killed_mid_batch_fails_the_transaction_and_the_next_one_gets_a
         killed = smallfiles.POOL.pids()
         for pid in killed:  # the busy one and the idle one
             os.kill(pid, signal.SIGKILL)
+        for pid in killed:  # both ended (zombies until reaped) before the pool learns of the busy one
+            deadline = time.monotonic() + 10
+            while _state(pid) not in ("Z", None):
+                assert time.monotonic() < deadline, f"worker {pid} still runs"
+                time.sleep(0.01)
         with pytest.raises(smallfiles.WorkerGone, match="ended"):
             pending.result()
     assert repo.manifest().revision == before
-    # The idle worker's death shows on its next batch, which goes to a new worker instead of failing.
+    # Both left the pool with the busy one's loss: the next batches go to new workers instead of failing.
     src = write_tree(tmp_path / "src", small_tree(30))
     with in_workers(repo.transaction()) as txn:
         txn.add_directory("/sw/after", src)
         txn.commit()
     assert not set(killed) & set(smallfiles.POOL.pids())
     assert open_reader(repo).read("/sw/after/d2/f2.py") == (src / "d2" / "f2.py").read_bytes()
+
+
+def _state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (R, S, Z, ...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
 
 
 def _opening_fifo(pid: int) -> bool:

@@ -318,7 +318,8 @@ class WorkerPool:
         return bool(self._workers)
 
     def _lost(self, worker: _Worker) -> None:
-        """A worker ended: start another; if none can run, fail the batches still queued (else they would
+        """A worker ended: it, and any other whose process has ended too (killed with it), leave the pool
+        and new ones start in their place; if none can run, fail the batches still queued (else they would
         wait for ever)."""
         log.warning(
             "small-file worker ended", extra=fields(pid=worker.proc.pid, status=worker.proc.returncode)
@@ -327,6 +328,9 @@ class WorkerPool:
             if worker not in self._workers:
                 return  # of a stopped pool
             self._workers.remove(worker)
+            # An idle worker would show its end only on its next batch, holding a place meanwhile (its
+            # thread, still waiting for a batch, requeues the one it takes and leaves).
+            self._workers = [w for w in self._workers if w.proc.poll() is None]
             if self._start_missing():
                 return
             jobs = self._jobs
