@@ -173,7 +173,12 @@ def test_a_worker_killed_mid_batch_fails_the_transaction_and_the_next_one_gets_a
         with pytest.raises(smallfiles.WorkerGone, match="ended"):
             pending.result()
     assert repo.manifest().revision == before
-    # Both left the pool with the busy one's loss: the next batches go to new workers instead of failing.
+    # Both leave the pool with the busy one's loss, the idle one before it is given another batch.
+    deadline = time.monotonic() + 10
+    while set(killed) & set(smallfiles.POOL.pids()):
+        assert time.monotonic() < deadline, f"a killed worker stays in the pool: {smallfiles.POOL.pids()}"
+        time.sleep(0.02)
+    # The next batches go to new workers instead of failing.
     src = write_tree(tmp_path / "src", small_tree(30))
     with in_workers(repo.transaction()) as txn:
         txn.add_directory("/sw/after", src)
