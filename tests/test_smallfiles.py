@@ -163,9 +163,11 @@ def test_a_worker_killed_mid_batch_fails_the_transaction_and_the_next_one_gets_a
             assert time.monotonic() < deadline, "no worker took the batch"
             time.sleep(0.02)
         killed = smallfiles.POOL.pids()
-        for pid in killed:  # the busy one and the idle one
+        # The idle one first, and ended (a zombie until reaped) before the busy one dies: the pool learns
+        # of the busy one's end at once, and must find the idle one's then.
+        killed.sort(key=_opening_fifo)
+        for pid in killed:
             os.kill(pid, signal.SIGKILL)
-        for pid in killed:  # both ended (zombies until reaped) before the pool learns of the busy one
             deadline = time.monotonic() + 10
             while _state(pid) not in ("Z", None):
                 assert time.monotonic() < deadline, f"worker {pid} still runs"
