@@ -38,6 +38,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..affinity import threads_on_one_cpu
 from ..compat import SLOTS
 from ..cvmfs.catalog import COMPRESSION_NONE, NESTED_MARKER, Dirent
 from ..cvmfs.hashes import ContentHash, Suffix, normalize_path
@@ -787,7 +788,8 @@ def _build(run: _Run, plan: _Plan, work: _Work, jobs: int) -> None:
         with contextlib.suppress(NotImplementedError, OSError):
             os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
-    with futures.ThreadPoolExecutor(jobs, thread_name_prefix="rcds-get") as pool:
+    # The pool's threads are made inside, on the caller's CPU: see rcds.affinity.
+    with threads_on_one_cpu(), futures.ThreadPoolExecutor(jobs, thread_name_prefix="rcds-get") as pool:
         pending: set[futures.Future[None]] = set()
         try:
             units = [(job, piece) for job in work.downloads for piece in job.content.pieces]

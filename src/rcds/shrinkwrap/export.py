@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..affinity import threads_on_one_cpu
 from ..cvmfs import failpoints
 from ..cvmfs.catalog import COMPRESSION_NONE, Dirent
 from ..cvmfs.pieces import (
@@ -688,17 +689,18 @@ def export(
         jobs_used = jobs
         if isinstance(reader.source, HttpSource):
             jobs_used = min(jobs, reader.source.settings.max_connections)
-        run = _Run(reader, base, cache_dir, jobs_used)
-        try:
-            with Progress(None, f"shrinkwrap {fqrn}", enabled=progress) as bar:
-                run._progress = bar
-                dirs = _sync(run, selector, tree)
-                run.drain()
-        except BaseException:
-            run.shutdown()
-            raise
-        finally:
-            run._pool.shutdown(wait=True)
+        with threads_on_one_cpu():  # the pool's threads are made in here: see rcds.affinity
+            run = _Run(reader, base, cache_dir, jobs_used)
+            try:
+                with Progress(None, f"shrinkwrap {fqrn}", enabled=progress) as bar:
+                    run._progress = bar
+                    dirs = _sync(run, selector, tree)
+                    run.drain()
+            except BaseException:
+                run.shutdown()
+                raise
+            finally:
+                run._pool.shutdown(wait=True)
         # Deepest first, so that a read-only directory is made read-only after everything inside it.
         for path, mode, mtime, _ in sorted(dirs, key=lambda x: -x[3]):
             os.chmod(path, mode)
