@@ -1,4 +1,5 @@
-"""The download threads of ``rcds get`` and ``rcds shrinkwrap`` share one CPU (``rcds.affinity``).
+"""The download threads of ``rcds get``, ``rcds shrinkwrap`` and ``rcds replicate`` share one CPU
+(``rcds.affinity``).
 
 Threads are observed from the inside: a profile hook that ``threading`` installs in every new thread
 reads that thread's own CPU affinity when it starts. The exports and gets are real ones, from a real
@@ -20,6 +21,8 @@ from conftest import new_repo, write_tree
 from rcds.affinity import ENV, threads_on_one_cpu
 from rcds.client.materialize import materialize
 from rcds.cvmfs.reader import RepositoryReader
+from rcds.cvmfs.replica import snapshot
+from rcds.cvmfs.repository import Repository
 from rcds.shrinkwrap.export import export
 from rcds.shrinkwrap.spec import Selector, parse_spec
 
@@ -28,7 +31,7 @@ pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs a process allowe
 
 
 class ThreadCpus:
-    """The CPUs each thread started while it is active may run on, read by the thread itself."""
+    """The CPUs each thread started while this is active may run on, as the thread itself reads them."""
 
     def __init__(self) -> None:
         self.seen: dict[str, set[int]] = {}
@@ -110,6 +113,20 @@ def test_get_download_threads_share_one_cpu(repo_reader: RepositoryReader, tmp_p
         materialize(repo_reader, "/sw/tree", tmp_path / "out", jobs=4, progress=False)
     assert (tmp_path / "out" / "d3" / "f29").read_bytes() == b"3.29\n" * 50
     workers = {name: s for name, s in cpus.seen.items() if name.startswith("rcds-get")}
+    assert len(workers) >= 2
+    assert len(set(map(frozenset, workers.values()))) == 1
+    assert len(next(iter(workers.values()))) == 1
+    assert os.sched_getaffinity(0) == ALLOWED
+
+
+def test_replica_pull_threads_share_one_cpu(repo_reader: RepositoryReader, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    with ThreadCpus() as cpus:
+        report = snapshot(
+            str(storage), tmp_path / "replica", public_keys=[Repository(storage).public_key_path], jobs=4
+        )
+    assert report.objects_fetched > 120
+    workers = {name: s for name, s in cpus.seen.items() if name.startswith("replica")}
     assert len(workers) >= 2
     assert len(set(map(frozenset, workers.values()))) == 1
     assert len(next(iter(workers.values()))) == 1

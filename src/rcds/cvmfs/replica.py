@@ -77,6 +77,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ..affinity import threads_on_one_cpu
 from ..logs import fields
 from ..storage import MANIFEST, MASTER_REPLICA, REFLOG, WHITELIST
 from . import failpoints, signing
@@ -160,10 +161,14 @@ def snapshot(
             current = replica.current_manifest()
             expected = fqrn or (current.fqrn if current else None) or _fqrn_from_url(source_url)
             source = _RootFilesFresh(_open(source_url, proxies, settings))
+            # Into a directory the pull's threads share one CPU (rcds.affinity); a bucket's client
+            # library has threads of its own that may use every CPU, and would inherit the pinning.
+            one_cpu = threads_on_one_cpu() if store is None else contextlib.nullcontext()
             try:
-                return _Snapshot(
-                    replica, source, _load_keys(public_keys), expected, current, jobs, progress
-                ).run(started)
+                with one_cpu:
+                    return _Snapshot(
+                        replica, source, _load_keys(public_keys), expected, current, jobs, progress
+                    ).run(started)
             finally:
                 source.close()
                 replica.finished()  # no staged files left behind (a killed run leaves the marker)
