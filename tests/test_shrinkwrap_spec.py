@@ -7,6 +7,8 @@ case); the same cases are exported from a real repository in ``test_shrinkwrap_e
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rcds.shrinkwrap.spec import Kind, Selector, SpecError, parse_spec
 
@@ -157,3 +159,27 @@ def test_child_candidates_limit_the_walk() -> None:
     assert Selector(parse_spec("/a*"), "2.12").child_candidates("/a/b") is None  # every child
     assert Selector(parse_spec("^/a/*"), "2.12").child_candidates("/a") is None
     assert Selector(parse_spec("^/a/*"), "2.12").child_candidates("/a/b") == set()
+
+
+CHILDREN: dict[str, list[str]] = {}
+for _p in PATHS:
+    CHILDREN.setdefault(_p.rsplit("/", 1)[0], []).append(_p)
+RULE_PATHS = [*PATHS, "/a/b/c/other", "/q"]
+RULE_FORMS = ["{}", "{}*", "^{}/*", "!{}"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(RULE_FORMS), st.sampled_from(RULE_PATHS)), min_size=1, max_size=6),
+    st.sampled_from(BOTH),
+)
+def test_where_no_rule_names_a_child_every_child_is_decided_alike(
+    rules: list[tuple[str, str]], dialect: str
+) -> None:
+    """What lets a walk decide once per directory: whenever ``same_for_every_child`` says so, every child
+    (and a name no rule mentions) gets the decision of the first."""
+    sel = Selector(parse_spec("\n".join(form.format(path) for form, path in rules)), dialect)
+    for parent, children in CHILDREN.items():
+        if sel.same_for_every_child(parent):
+            decisions = {sel.decide(c) for c in [*children, f"{parent}/unnamed"]}
+            assert len(decisions) == 1, (parent, decisions)

@@ -64,9 +64,13 @@ def walk_selected(reader: RepositoryReader, selector: Selector, top: str = "") -
     while stack:
         path, dirent, depth = stack.pop()
         visit = DirVisit(path, dirent, depth)
+        uniform = selector.same_for_every_child(path)
+        decision: tuple[bool, Rule | None] | None = None
         for d in list_children(reader, path, selector.child_candidates(path)):
             child_path = f"{path}/{d.name}"
-            selected, rule = selector.decide(child_path)
+            if decision is None or not uniform:
+                decision = selector.decide(child_path)
+            selected, rule = decision
             if selected:
                 visit.children.append(Child(d.name, child_path, d, rule))
             elif rule is not None:

@@ -225,6 +225,13 @@ class Selector:
             return True, None
         return False, rule
 
+    def same_for_every_child(self, path: str) -> bool:
+        """Whether every child of ``path`` gets the same decision: no rule names anything below it, so a
+        child's decision depends only on the rules along ``path`` and its depth, not on its name (a
+        walk decides once per directory instead of once per entry)."""
+        node = self._node(path)
+        return node is None or not node.children
+
     def _decide_rules(self, path: str) -> tuple[bool, Rule | None]:
         return self._decide_214(path) if self.dialect == "2.14" else self._decide_212(path)
 
