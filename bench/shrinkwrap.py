@@ -25,6 +25,8 @@ The tree, the repository and the server are those of ``bench/get.py`` (the ``ing
   tool removes that. ``cp -r`` runs there too (``cp_fresh``, reported on a line of its own): on a fresh
   file system it is the cheapest it gets (1.6-2.4 s for 1 GiB here, against 2.3-16 s on the long-used
   one), so that ratio is the strictest; the table's "vs cp" stays on the work directory's file system.
+  ``--compare-one-cpu`` adds the cold export once more with its threads free to use every CPU
+  (``RCDS_ONE_CPU=0``, see ``rcds.affinity``).
 
 Each export includes opening the repository (manifest, certificate, whitelist, catalogs into a fresh
 reader cache). ratio = cp seconds / export seconds (> 1: faster than cp), from the fastest run of each
@@ -46,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import get as get_bench
 import ingest as ingest_bench
+from rcds.affinity import ENV as ONE_CPU_ENV
 from rcds.client.materialize import materialize
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh-fs",
         action="store_true",
         help="also run cold rcds and stock side by side, each on a fresh loop-mounted ext4 (root only)",
+    )
+    parser.add_argument(
+        "--compare-one-cpu",
+        action="store_true",
+        help="with --fresh-fs: also the cold export with its threads on every CPU (RCDS_ONE_CPU=0)",
     )
     parser.add_argument("--seed", type=int, default=ingest_bench.DEFAULT_SEED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh_fs:
         runs["cold_fresh"] = []
         runs["cp_fresh"] = []
+        if args.compare_one_cpu:
+            runs["cold_fresh_any_cpu"] = []
         if stock is not None:
             runs["stock_fresh"] = []
     counter = iter(range(1_000_000))
@@ -163,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
+    def any_cpu(fn: Any, *fn_args: Any) -> Any:
+        """``fn`` with its download threads free to run on every CPU (``RCDS_ONE_CPU=0``)."""
+        os.environ[ONE_CPU_ENV] = "0"
+        try:
+            return fn(*fn_args)
+        finally:
+            del os.environ[ONE_CPU_ENV]
+
     def record(step: str, m: dict[str, Any]) -> None:
         stats = m.pop("result")
         if isinstance(stats, ExportStats):
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("cold_fresh", lambda fs: shrinkwrap(fs / "dest", None, fs / "reader")),
                     ("stock_fresh", lambda fs: stock_cold(fs / "dest", fs)),
                     ("cp_fresh", lambda fs: cp(fs / "copy")),
+                    ("cold_fresh_any_cpu", lambda fs: any_cpu(shrinkwrap, fs / "dest", None, fs / "reader")),
                 ]
                 for step, fn in pair if i % 2 == 0 else pair[::-1]:
                     if step in runs:
@@ -239,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold_fresh": "shrinkwrap, cold, fresh fs",
         "stock_fresh": "stock, cold, fresh fs",
         "cp_fresh": "cp -r, fresh fs",
+        "cold_fresh_any_cpu": "cold, fresh fs, any CPU",
     }
     for step, label in labels.items():
         if step not in best:
@@ -272,6 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"cold, each on a fresh file system: cp -r / rcds = "
             f"{best['cp_fresh']['seconds'] / best['cold_fresh']['seconds']:.2f} best of each "
+            f"(run by run: {', '.join(f'{p:.2f}' for p in pairs)})"
+        )
+    if "cold_fresh_any_cpu" in best:
+        pairs = [
+            a["seconds"] / r["seconds"]
+            for a, r in zip(runs["cold_fresh_any_cpu"], runs["cold_fresh"], strict=True)
+        ]
+        print(
+            f"cold, fresh file system: threads on any CPU / on one CPU = "
+            f"{best['cold_fresh_any_cpu']['seconds'] / best['cold_fresh']['seconds']:.2f} best of each "
             f"(run by run: {', '.join(f'{p:.2f}' for p in pairs)})"
         )
     if max(b["other_load_cpus"] for b in best.values()) > 0.2:
