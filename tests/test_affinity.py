@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,40 @@ def test_threads_started_inside_run_on_the_callers_cpu_and_the_caller_gets_its_c
         t.join()
     assert cpus.seen["inside"] == {cpu}
     assert os.sched_getaffinity(0) == ALLOWED
+
+
+def _run_for(seconds: float, step: Any) -> set[int]:
+    """Call ``step`` in a thread started inside ``threads_on_one_cpu`` until its CPUs widen or
+    ``seconds`` pass; the CPUs it may use at the end."""
+    seen: list[set[int]] = []
+
+    def work() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and len(os.sched_getaffinity(0)) == 1:
+            step()
+        seen.append(os.sched_getaffinity(0))
+
+    with threads_on_one_cpu() as cpu:
+        assert cpu is not None
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    return seen[0]
+
+
+def test_threads_busy_in_the_kernel_get_every_cpu_back() -> None:
+    """System calls run in parallel whatever the GIL: a thread whose time goes to the kernel (here
+    copying zeros out of /dev/zero, as file creation on a slow file system would) is spread again."""
+    buffer = bytearray(4 << 20)
+    with open("/dev/zero", "rb", buffering=0) as zero:
+        assert _run_for(5.0, lambda: zero.readinto(buffer)) == ALLOWED
+
+
+def test_threads_busy_in_python_stay_on_one_cpu() -> None:
+    def python_work() -> None:
+        sum(i * i for i in range(20_000))
+
+    assert len(_run_for(2.0, python_work)) == 1
 
 
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
