@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -56,12 +55,15 @@ def _current_cpu() -> int | None:
 
 
 class _KernelWatch(threading.Thread):
-    """Spreads the block's threads over every allowed CPU again once the process's time goes mostly to
-    the kernel: system calls run in parallel whatever the GIL, so file creation on a slow file system
-    (a long-used ext4 where each new file costs ~0.4 ms of kernel time) is better spread than queued
-    on one CPU. Measured into such a file system: a cold export took 12.3-12.5 s on one CPU (user 3.4 s,
-    system 8.9 s), 10.4-11.0 s on two, 11.2-11.3 s spread by this after its first second or two; into a
-    fresh ext4 the kernel's share of a second stays under 50% and the threads stay on one CPU."""
+    """Spreads the block's threads over every allowed CPU again once their time goes mostly to the
+    kernel: system calls run in parallel whatever the GIL, so file creation on a slow file system (a
+    long-used ext4 where each new file costs ~0.4 ms of kernel time) is better spread than queued on one
+    CPU. Measured into such a file system: a cold export took 12.3-12.5 s on one CPU (user 3.4 s, system
+    8.9 s), 10.4-11.0 s on two, 11.2-11.3 s spread by this after its first second or two; into a fresh
+    ext4 the kernel's share of a second stays under 50% and the threads stay on one CPU.
+
+    Only the block's threads (the caller and those started since) are counted, from
+    ``/proc/self/task/<tid>/stat``: in a server, other threads' work says nothing about these."""
 
     def __init__(self, allowed: set[int], caller: int, before: set[str]) -> None:
         super().__init__(name="rcds-affinity", daemon=True)
@@ -69,37 +71,59 @@ class _KernelWatch(threading.Thread):
         self.stop = threading.Event()
         self.spread = False
 
+    def _tids(self) -> set[int]:
+        try:
+            return {*map(int, set(os.listdir("/proc/self/task")) - self.before), self.caller}
+        except OSError:
+            return {self.caller}
+
     def run(self) -> None:
-        samples = [(time.monotonic(), *_process_cpu())]
+        last = _threads_cpu(self._tids())
+        ticks: list[tuple[float, float, float]] = []  # (seconds, user, system) of each interval
+        started = time.monotonic()
         while not self.stop.wait(CHECK_SECONDS):
-            samples = [*samples[-WINDOW_CHECKS:], (time.monotonic(), *_process_cpu())]
-            if len(samples) <= WINDOW_CHECKS:
+            now = time.monotonic()
+            current = _threads_cpu(self._tids())
+            user = sum(u - last[tid][0] for tid, (u, _) in current.items() if tid in last)
+            system = sum(s - last[tid][1] for tid, (_, s) in current.items() if tid in last)
+            last = current
+            ticks = [*ticks[-(WINDOW_CHECKS - 1) :], (now - started, user, system)]
+            started = now
+            if len(ticks) < WINDOW_CHECKS:
                 continue
-            (t0, user0, sys0), (t1, user1, sys1) = samples[0], samples[-1]
-            cpu = (user1 - user0) + (sys1 - sys0)
-            if cpu >= BUSY * (t1 - t0) and (sys1 - sys0) >= KERNEL_SHARE * cpu:
+            seconds = sum(t[0] for t in ticks)
+            user, system = sum(t[1] for t in ticks), sum(t[2] for t in ticks)
+            cpu = user + system
+            if cpu >= BUSY * seconds and system >= KERNEL_SHARE * cpu:
                 self._spread()
                 log.info(
                     "threads spread over every CPU: the kernel takes most of their time",
-                    extra=fields(kernel_share=round((sys1 - sys0) / cpu, 2)),
+                    extra=fields(kernel_share=round(system / cpu, 2)),
                 )
                 return
 
     def _spread(self) -> None:
-        """Every thread started since the block began, and the caller, back on the allowed CPUs."""
-        try:
-            tids = set(os.listdir("/proc/self/task")) - self.before
-        except OSError:
-            tids = set()
-        for tid in {*map(int, tids), self.caller}:
+        """The block's threads back on the allowed CPUs."""
+        for tid in self._tids():
             with contextlib.suppress(OSError):  # a thread that has ended meanwhile
                 os.sched_setaffinity(tid, self.allowed)
         self.spread = True
 
 
-def _process_cpu() -> tuple[float, float]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _threads_cpu(tids: set[int]) -> dict[int, tuple[float, float]]:
+    """User and system seconds of each of these threads of this process (those still running)."""
+    out: dict[int, tuple[float, float]] = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                values = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = (int(values[11]) / _TICK, int(values[12]) / _TICK)  # utime, stime: fields 14 and 15
+    return out
 
 
 @contextlib.contextmanager
