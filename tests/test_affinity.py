@@ -43,6 +43,14 @@ class ThreadCpus:
         with self._lock:
             self.seen[threading.current_thread().name] = os.sched_getaffinity(0)
 
+    def assert_on_one_cpu(self, prefix: str) -> None:
+        """Several threads named ``prefix...`` ran, all on the same single CPU; the caller has its CPUs back."""
+        workers = [frozenset(s) for name, s in self.seen.items() if name.startswith(prefix)]
+        assert len(workers) >= 2
+        assert len(set(workers)) == 1
+        assert len(workers[0]) == 1
+        assert os.sched_getaffinity(0) == ALLOWED
+
     def __enter__(self) -> ThreadCpus:
         threading.setprofile(self._hook)
         return self
@@ -136,22 +144,14 @@ def test_shrinkwrap_download_threads_share_one_cpu(repo_reader: RepositoryReader
             repo_reader, Selector(parse_spec("/sw/tree*"), "2.14"), tmp_path / "out", jobs=4, progress=False
         )
     assert stats.fetched_files == 120
-    workers = {name: s for name, s in cpus.seen.items() if name.startswith("rcds-shrinkwrap")}
-    assert len(workers) >= 2
-    assert len(set(map(frozenset, workers.values()))) == 1
-    assert len(next(iter(workers.values()))) == 1
-    assert os.sched_getaffinity(0) == ALLOWED
+    cpus.assert_on_one_cpu("rcds-shrinkwrap")
 
 
 def test_get_download_threads_share_one_cpu(repo_reader: RepositoryReader, tmp_path: Path) -> None:
     with ThreadCpus() as cpus:
         materialize(repo_reader, "/sw/tree", tmp_path / "out", jobs=4, progress=False)
     assert (tmp_path / "out" / "d3" / "f29").read_bytes() == b"3.29\n" * 50
-    workers = {name: s for name, s in cpus.seen.items() if name.startswith("rcds-get")}
-    assert len(workers) >= 2
-    assert len(set(map(frozenset, workers.values()))) == 1
-    assert len(next(iter(workers.values()))) == 1
-    assert os.sched_getaffinity(0) == ALLOWED
+    cpus.assert_on_one_cpu("rcds-get")
 
 
 def test_replica_pull_threads_share_one_cpu(repo_reader: RepositoryReader, tmp_path: Path) -> None:
@@ -161,11 +161,7 @@ def test_replica_pull_threads_share_one_cpu(repo_reader: RepositoryReader, tmp_p
             str(storage), tmp_path / "replica", public_keys=[Repository(storage).public_key_path], jobs=4
         )
     assert report.objects_fetched > 120
-    workers = {name: s for name, s in cpus.seen.items() if name.startswith("replica")}
-    assert len(workers) >= 2
-    assert len(set(map(frozenset, workers.values()))) == 1
-    assert len(next(iter(workers.values()))) == 1
-    assert os.sched_getaffinity(0) == ALLOWED
+    cpus.assert_on_one_cpu("replica")
 
 
 def test_switched_off_the_threads_run_anywhere(
