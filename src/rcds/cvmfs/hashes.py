@@ -36,11 +36,11 @@ class Algorithm(enum.Enum):
     @property
     def flag_value(self) -> int:
         """The number stored in catalog flags bits 8-10 (shash id - 1)."""
-        return {Algorithm.SHA1: 0, Algorithm.RMD160: 1, Algorithm.SHAKE128: 2}[self]
+        return _FLAG_VALUES[self._value_]  # keyed by the plain value: once per file or row, kept cheap
 
     @classmethod
     def from_flag_value(cls, value: int) -> Algorithm:
-        return {0: cls.SHA1, 1: cls.RMD160, 2: cls.SHAKE128}[value]
+        return _BY_FLAG_VALUE[value]
 
     def new(self) -> _Hasher:
         if self is Algorithm.SHA1:
@@ -48,6 +48,10 @@ class Algorithm(enum.Enum):
         if self is Algorithm.SHAKE128:
             return _Shake128()
         return hashlib.new("ripemd160")
+
+
+_FLAG_VALUES = {Algorithm.SHA1.value: 0, Algorithm.RMD160.value: 1, Algorithm.SHAKE128.value: 2}
+_BY_FLAG_VALUE = {0: Algorithm.SHA1, 1: Algorithm.RMD160, 2: Algorithm.SHAKE128}
 
 
 class _Hasher(Protocol):

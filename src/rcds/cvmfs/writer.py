@@ -544,13 +544,14 @@ class Transaction:
 
     def _finish_nodes(self, nodes: dict[str, _Node], boundaries: set[str]) -> None:
         """Resolve content, hard links and directory link counts."""
+        whole, chunked = file_flags(chunked=False), file_flags(chunked=True)  # once, not per file
         for node in nodes.values():
             if node.pending is not None:
                 stored = node.pending.result()
                 d = node.dirent
                 d.hash = stored.hash
                 d.chunks = stored.chunks
-                d.flags = file_flags(chunked=stored.hash is None)
+                d.flags = chunked if stored.hash is None else whole
                 d.size = stored.size
         groups: dict[str, list[str]] = {}
         for rel, node in nodes.items():
