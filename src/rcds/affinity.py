@@ -37,8 +37,8 @@ log = logging.getLogger("rcds.affinity")
 __all__ = ["ENV", "threads_on_one_cpu"]
 
 ENV = "RCDS_ONE_CPU"
-CHECK_SECONDS = 0.25  # how often the process's CPU time is looked at...
-WINDOW_CHECKS = 4  # ...over the last second: spread when the process kept its CPU busy (BUSY) with
+CHECK_SECONDS = 0.25  # how often the block's threads' CPU time is looked at...
+WINDOW_CHECKS = 4  # ...over the last second: spread when they kept their CPU busy (BUSY) with
 BUSY = 0.6  # mostly kernel time (KERNEL_SHARE)
 KERNEL_SHARE = 0.7  # into a fresh ext4 a cold export peaks at 0.49 over a second; a slow one at 0.8-0.97
 
