@@ -23,7 +23,8 @@ import tarfile
 import time
 import tomllib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,17 @@ def job(
         [python, "-S", "-I", str(client), *map(str, args)],
         capture_output=True, text=True, env=env, timeout=120, check=False, cwd=home,
     )  # fmt: skip
+
+
+def side_by_side(
+    mine: Callable[[], subprocess.CompletedProcess[str]],
+    theirs: Callable[[], subprocess.CompletedProcess[str]],
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """Two commands that each wait out their whole ``--timeout``, run at the same time: the suite waits
+    once instead of twice."""
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.submit(mine), pool.submit(theirs)
+        return a.result(), b.result()
 
 
 def job_json(python: str, client: Path, *args: object, home: Path, cfg: Path) -> dict[str, Any]:
@@ -319,8 +331,10 @@ def test_servers_down_are_reported_as_rcds_reports_them(job_client: Path, tmp_pa
     home.mkdir()
     cfg = home / "client.toml"
     cfg.write_text(f'servers = ["{dead_server()}", "{dead_server()}"]\nretries = 1\n')
-    mine = job(OLDEST, job_client, "wait", "x/y", "--timeout", "5", home=home, cfg=cfg)
-    theirs = rcds("wait", "x/y", "--timeout", "5", env=client_env(tmp_path / "i", cfg.read_text()))
+    mine, theirs = side_by_side(
+        lambda: job(OLDEST, job_client, "wait", "x/y", "--timeout", "5", home=home, cfg=cfg),
+        lambda: rcds("wait", "x/y", "--timeout", "5", env=client_env(tmp_path / "i", cfg.read_text())),
+    )
     # Both keep trying for the whole --timeout (a job may start while its server restarts): exit 3.
     assert mine.returncode == theirs.returncode == 3
     assert "ConnectError: [Errno 111] Connection refused" in mine.stderr
@@ -573,8 +587,10 @@ def test_over_https_with_an_x509_proxy_and_the_grid_ca_directory(
     # a server certificate from a CA this node does not trust: refused, as rcds refuses it
     other = {**grid.env, "X509_CERT_DIR": str(write_ca_dir(tmp_path / "other", [make_ca("Someone Else")]))}
     untrusted = ("wait", cid, "--mode", "http", "--timeout", "5")
-    mine = job(OLDEST, job_client, *untrusted, home=home, cfg=cfg, extra=other)
-    theirs = rcds(*untrusted, env=client_env(tmp_path / "i", cfg.read_text(), **other))
+    mine, theirs = side_by_side(
+        lambda: job(OLDEST, job_client, *untrusted, home=home, cfg=cfg, extra=other),
+        lambda: rcds(*untrusted, env=client_env(tmp_path / "i", cfg.read_text(), **other)),
+    )
     assert mine.returncode == theirs.returncode == 3  # kept trying for --timeout, then says why
     assert "CERTIFICATE_VERIFY_FAILED" in mine.stderr and "X509_CERT_DIR" in mine.stderr
     assert _verdict(_no_ssl_line(mine.stderr)) == _verdict(
