@@ -43,13 +43,17 @@ BUSY = 0.6  # mostly kernel time (KERNEL_SHARE)
 KERNEL_SHARE = 0.7  # into a fresh ext4 a cold export peaks at 0.49 over a second; a slow one at 0.8-0.97
 
 
+def _stat_after_name(path: str) -> list[bytes]:
+    """The fields of a ``/proc/.../stat`` file after the command name, from field 3 on (the name, field
+    2, may hold spaces and parentheses: the split is at the last ')'). Raises OSError."""
+    with open(path, "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
 def _current_cpu() -> int | None:
     """The CPU this thread last ran on (field 39 of ``/proc/thread-self/stat``), or None."""
     try:
-        with open("/proc/thread-self/stat", "rb") as f:
-            stat = f.read()
-        # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-        return int(stat.rsplit(b")", 1)[1].split()[36])
+        return int(_stat_after_name("/proc/thread-self/stat")[36])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -69,7 +73,6 @@ class _KernelWatch(threading.Thread):
         super().__init__(name="rcds-affinity", daemon=True)
         self.allowed, self.caller, self.before = allowed, caller, before
         self.stop = threading.Event()
-        self.spread = False
 
     def _tids(self) -> set[int]:
         try:
@@ -107,7 +110,6 @@ class _KernelWatch(threading.Thread):
         for tid in self._tids():
             with contextlib.suppress(OSError):  # a thread that has ended meanwhile
                 os.sched_setaffinity(tid, self.allowed)
-        self.spread = True
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -118,8 +120,7 @@ def _threads_cpu(tids: set[int]) -> dict[int, tuple[float, float]]:
     out: dict[int, tuple[float, float]] = {}
     for tid in tids:
         try:
-            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
-                values = f.read().rsplit(b")", 1)[1].split()
+            values = _stat_after_name(f"/proc/self/task/{tid}/stat")
         except OSError:
             continue
         out[tid] = (int(values[11]) / _TICK, int(values[12]) / _TICK)  # utime, stime: fields 14 and 15
@@ -130,9 +131,9 @@ def _threads_cpu(tids: set[int]) -> dict[int, tuple[float, float]]:
 def threads_on_one_cpu() -> Iterator[int | None]:
     """Run the calling thread, and the threads it starts inside the block, on one of the CPUs it may
     use: the one it is on, so that the kernel's choice stands. Yields that CPU, or None where nothing
-    was changed (one CPU allowed, no affinity support, ``RCDS_ONE_CPU=0``). If the process's time goes
-    mostly to the kernel for a while, those threads get every allowed CPU back (``_KernelWatch``). The
-    calling thread gets its former CPUs back at the end."""
+    was changed (one CPU allowed, no affinity support, ``RCDS_ONE_CPU=0``). If those threads' time goes
+    mostly to the kernel for a while, they get every allowed CPU back (``_KernelWatch``). The calling
+    thread gets its former CPUs back at the end."""
     if os.environ.get(ENV, "1") == "0" or not hasattr(os, "sched_setaffinity"):
         yield None
         return
