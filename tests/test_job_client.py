@@ -744,6 +744,9 @@ def test_pkcs1_reads_the_keys_and_certificates_as_cryptography_does(server: Rcds
         pkcs1.load_public_key(ec_pem)
     with pytest.raises(ValueError, match="no PEM block"):
         pkcs1.load_public_key(b"not a key")
+    for text in (b"MIIB*IjAN", b"QUJDRA=", b"QU=JD"):  # a stray character, short or misplaced padding
+        with pytest.raises(ValueError, match="bad base64 in the PUBLIC KEY block"):
+            pkcs1.load_public_key(b"-----BEGIN PUBLIC KEY-----\n" + text + b"\n-----END PUBLIC KEY-----\n")
 
 
 def base64_body(pem: bytes) -> bytes:

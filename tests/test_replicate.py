@@ -680,10 +680,15 @@ def test_date_stamp_is_date_utc_in_the_c_locale() -> None:
 # What a cron job polling many repositories pays per call is mostly imports: the no-op path must not load
 # these (cryptography: ~25 ms, verifying goes through rcds.cvmfs.pkcs1; ctypes: syncfs is looked up on
 # the first sync; sqlite3 and our catalog, history and reflog modules: only a snapshot with work reads a
-# catalog; http (http.client, with email under it) and ssl: plain HTTP goes over httptools; the rest
-# belong to the server and HTTPS paths).
+# catalog; http (http.client, with email under it) and ssl: plain HTTP goes over httptools; the pull, its
+# thread pool and the pinning of its threads: only a snapshot with work pulls; secrets, shutil, tempfile
+# (with bz2, lzma, random, hmac under them, ~5 ms): random names come from os.urandom; encodings.idna
+# (with unicodedata): host names go to getaddrinfo as bytes; base64: PEM is decoded with binascii; the
+# rest belong to the server and HTTPS paths).
 _HEAVY_MODULES = ("cryptography", "aiohttp", "numpy", "httpx", "ctypes", "sqlite3", "http", "email", "ssl",
-                  "rcds.cvmfs.catalog", "rcds.cvmfs.history", "rcds.cvmfs.reflog")  # fmt: skip
+                  "rcds.cvmfs.catalog", "rcds.cvmfs.history", "rcds.cvmfs.reflog", "rcds.cvmfs.replica_pull",
+                  "rcds.affinity", "concurrent", "secrets", "shutil", "tempfile", "bz2", "lzma", "random",
+                  "encodings.idna", "unicodedata", "signal", "base64")  # fmt: skip
 _NO_OP_COMMAND = f"""
 import sys
 from rcds.cli import main

@@ -95,9 +95,6 @@ def replicate(
     a directory, or an S3 bucket (--storage s3://BUCKET/PREFIX --state DIR) that clients and other
     stratum 1s read over its HTTP endpoint.
     """
-    import signal
-    import threading
-
     from .. import logs
     from ..cvmfs import replica
 
@@ -138,6 +135,9 @@ def replicate(
             raise click.ClickException(str(exc)) from exc
         show(report)
         return
+    import signal
+    import threading
+
     stop, wake = threading.Event(), threading.Event()
 
     def stop_now(*_args: object) -> None:

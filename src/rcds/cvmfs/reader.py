@@ -12,8 +12,6 @@ import contextlib
 import datetime as dt
 import io
 import os
-import secrets
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +26,8 @@ from .sources import HttpSettings, Source, open_source
 from .whitelist import Whitelist
 
 if TYPE_CHECKING:
+    import tempfile
+
     from .catalog import Catalog, Dirent
     from .history import History
 
@@ -60,7 +60,7 @@ class ObjectCache:
         return self.root / h.object_name(suffix)
 
     def temp(self) -> Path:
-        return self.root / "tmp" / secrets.token_hex(8)
+        return self.root / "tmp" / os.urandom(8).hex()
 
 
 class RepositoryReader:
@@ -81,6 +81,8 @@ class RepositoryReader:
         self.expected_fqrn = fqrn
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         if cache_dir is None:
+            import tempfile
+
             self._tmpdir = tempfile.TemporaryDirectory(prefix="rcds-cache-")
             cache_dir = Path(self._tmpdir.name)
         self.cache = ObjectCache(cache_dir)

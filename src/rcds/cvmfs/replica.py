@@ -67,24 +67,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
-import secrets
-import shutil
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ..affinity import threads_on_one_cpu
 from ..logs import fields
 from ..storage import MANIFEST, MASTER_REPLICA, REFLOG, WHITELIST
 from . import failpoints, signing
 from .hashes import ContentHash, Suffix
 from .manifest import Manifest
 from .reader import ReaderError, RepositoryReader
-from .replica_pull import STORED, CorruptObject, Progress, Pull, inflate
 from .replica_store import (
     IS_SNAPSHOTTING,
     LAST_SNAPSHOT,
@@ -96,11 +90,15 @@ from .replica_store import (
 from .sources import DIRECT, HttpSettings, HttpSource, NotFound, Source, SourceError, open_source
 
 if TYPE_CHECKING:
-    from .history import Tag
+    import threading
 
-# The catalog, history and reflog modules (sqlite3 and their own) are imported where a snapshot has work
-# for them: a snapshot with nothing new reads only the manifest ensemble, and ``rcds replicate`` polling
-# hundreds of repositories pays every module it imports on every call.
+    from .history import Tag
+    from .replica_pull import Progress, Pull
+
+# The pull (its thread pool, the pinning of its threads), the catalog, history and reflog modules (sqlite3
+# and their own) are imported where a snapshot has work for them: a snapshot with nothing new reads only
+# the manifest ensemble, and ``rcds replicate`` polling hundreds of repositories pays every module it
+# imports on every call (tests/test_replicate.py keeps that list short).
 
 log = logging.getLogger("rcds.replica")
 
@@ -161,14 +159,10 @@ def snapshot(
             current = replica.current_manifest()
             expected = fqrn or (current.fqrn if current else None) or _fqrn_from_url(source_url)
             source = _RootFilesFresh(_open(source_url, proxies, settings))
-            # Into a directory the pull's threads share one CPU (rcds.affinity); a bucket's client
-            # library has threads of its own that may use every CPU, and would inherit the pinning.
-            one_cpu = threads_on_one_cpu() if store is None else contextlib.nullcontext()
             try:
-                with one_cpu:
-                    return _Snapshot(
-                        replica, source, _load_keys(public_keys), expected, current, jobs, progress
-                    ).run(started)
+                return _Snapshot(
+                    replica, source, _load_keys(public_keys), expected, current, jobs, progress
+                ).run(started)
             finally:
                 source.close()
                 replica.finished()  # no staged files left behind (a killed run leaves the marker)
@@ -200,6 +194,8 @@ def watch(
     A failed snapshot (source down, bad signature, ...) is logged and retried at the next interval; the
     replica meanwhile serves what it has. ``on_report`` gets every successful report.
     """
+    import random
+
     failures = 0
     while not stop.is_set():
         try:
@@ -353,6 +349,26 @@ class _Snapshot:
                 # Nothing new and nothing re-signed (the polling case): only the stamps, no directories,
                 # no syncfs, no reflog rewrite. The ensemble was verified all the same.
                 return self._up_to_date(m, started)
+            return self._update(reader, m, changed, manifest_bytes, whitelist_bytes, started)
+        finally:
+            reader.close()
+
+    def _update(
+        self,
+        reader: RepositoryReader,
+        m: Manifest,
+        changed: bool,
+        manifest_bytes: bytes,
+        whitelist_bytes: bytes,
+        started: float,
+    ) -> SnapshotReport:
+        from ..affinity import threads_on_one_cpu
+        from .replica_pull import STORED, CorruptObject, Pull
+
+        cur = self.current
+        # Into a directory the pull's threads share one CPU (rcds.affinity); a bucket's client library has
+        # threads of its own that may use every CPU, and would inherit the pinning.
+        with contextlib.nullcontext() if self.replica.remote else threads_on_one_cpu():
             self.replica.prepare()
             if changed:
                 log.info(
@@ -381,8 +397,6 @@ class _Snapshot:
                         os.unlink(staged)
                 with contextlib.suppress(OSError):  # a stale one only tells monitors a pull was running
                     self.replica.remove_root_file(IS_SNAPSHOTTING)
-        finally:
-            reader.close()
         report = SnapshotReport(
             m.fqrn,
             m.revision,
@@ -507,8 +521,9 @@ class _Snapshot:
 
     def _tags(self, staged: str) -> list[Tag]:
         from .history import History
+        from .replica_pull import inflate
 
-        db = self.replica.tmp / f"history-{secrets.token_hex(4)}.db"
+        db = self.replica.tmp / f"history-{os.urandom(4).hex()}.db"
         try:
             inflate(staged, db)
             hist = History(db)
@@ -529,6 +544,8 @@ class _Snapshot:
         roots: list[ContentHash],
     ) -> None:
         """History, certificate, meta-info; syncfs; reflog; whitelist; manifest last; snapshot stamps."""
+        import shutil
+
         r = self.replica
         for staged, key in self.aux:
             r.place(staged, key)

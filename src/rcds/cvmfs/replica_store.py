@@ -31,19 +31,19 @@ import hashlib
 import itertools
 import json
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..storage import MANIFEST, REFLOG, STATUS_JSON, WHITELIST, ObjectMissing, ObjectStore
 from ..storage import PRIVATE_DIR as STRATUM0_PRIVATE_DIR
 from ..storage.local import LocalStore
 from .hashes import Algorithm, ContentHash, Suffix
 from .manifest import Manifest, ManifestError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 PRIVATE_DIR = ".rcds-replica"  # never served (repo_http serves only .cvmfs* root files and data/XX/)
 REPLICA_JSON = "replica.json"  # in PRIVATE_DIR, for a replica in a bucket: {"store": {"url": ...}}
@@ -55,7 +55,7 @@ IS_SNAPSHOTTING = ".cvmfs_is_snapshotting"
 _EMPTY_KEYS = frozenset(ContentHash.of(b"", a).object_name(Suffix.NONE) for a in Algorithm)
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_STAGING_TAG = secrets.token_hex(4)
+_STAGING_TAG = os.urandom(4).hex()
 _staging_counter = itertools.count()  # next() is atomic under the GIL: no lock needed
 
 
@@ -173,6 +173,8 @@ class ReplicaStorage:
     def prepare(self) -> None:
         """Ready for a pull: the stratum 1 layout (local: ``data/00``..``ff``, ``data/txn``), staging
         emptied, leftovers of a killed run removed."""
+        import shutil  # here: a snapshot with nothing new never prepares (rcds.cvmfs.replica)
+
         dirs = [self.tmp]
         if not self.remote:
             for i in range(256):
@@ -232,6 +234,8 @@ class ReplicaStorage:
                 self.place(staged, key)
             return
         if self._placer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._placer = ThreadPoolExecutor(parallelism, thread_name_prefix="replica-put")
         for future in [self._placer.submit(self.place, staged, key) for staged, key in items]:
             future.result()

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import itertools
 import os
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,7 +107,7 @@ class LocalStore(ObjectStore):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
-            tmp = os.path.join(self.staging, f"{secrets.token_hex(8)}.tmp")
+            tmp = os.path.join(self.staging, f"{os.urandom(8).hex()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
