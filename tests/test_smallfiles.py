@@ -101,6 +101,29 @@ def test_workers_publish_what_the_threads_publish_and_republishing_hits_the_inde
     assert (again.files, again.objects_written, again.pieces_from_index) == (400, 0, 400)
 
 
+def test_workers_start_half_way_to_the_threshold_and_the_first_batch_takes_them(
+    tmp_path: Path, repo_template: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    """Past half of ``processes_after_files`` the workers are spawned without waiting for them: they
+    import while the threads go on, and the batches past the threshold go to those very processes."""
+    smallfiles.POOL.stop()
+    repo = new_repo(tmp_path / "storage", repo_template)
+    src = write_tree(tmp_path / "src", small_tree(300))
+    with repo.transaction() as txn:
+        txn.content.processes_after_files = 400  # 300 files: past half, never past the threshold
+        txn.add_directory("/sw/t", src)
+        spawned = smallfiles.POOL.pids()
+        txn.commit()
+    assert len(spawned) == smallfiles.POOL.size
+    with in_workers(repo.transaction()) as txn:
+        txn.add_directory("/sw/again", src)
+        assert txn.commit().stats.files == 300
+    assert sorted(smallfiles.POOL.pids()) == sorted(spawned)  # taken, not spawned again
+    reader = open_reader(repo)
+    assert files_of(reader, "/sw/again") == files_of(reader, "/sw/t")
+    assert files_of(reader, "/sw/t")["d1/f11.py"] == (src / "d1" / "f11.py").read_bytes()
+
+
 def test_tar_members_go_to_the_workers_as_bytes(
     tmp_path: Path, repo_template: Path, open_reader: Callable[..., RepositoryReader]
 ) -> None:

@@ -309,6 +309,9 @@ class ContentWriter:
         blocks = self._acquire(batch.nbytes)
         self._small_files += len(batch.items)
         batch.future = self._to_workers(batch, blocks) or self.pool.submit(self._store_batch, batch, blocks)
+        after = self.processes_after_files
+        if after and after // 2 < self._small_files <= after and isinstance(self.store, LocalStore):
+            smallfiles.POOL.start_soon()  # half way there: the workers import while the threads go on
 
     def _to_workers(self, batch: _Batch, blocks: int) -> Future[list[_Stored | BaseException]] | None:
         """The batch's results from a worker process, or None where the threads store it."""
