@@ -16,12 +16,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from rcds.cvmfs import signing, whitelist
+from rcds.cvmfs.errors import TreeError
 from rcds.cvmfs.hashes import EMPTY_MD5_HEX, Algorithm, ContentHash, Suffix, md5_pair
 from rcds.cvmfs.manifest import Manifest, ManifestError
 from rcds.cvmfs.objects import EMPTY_HASH, EMPTY_OBJECT, ObjectCorrupt, compress, decompress, verify
 from rcds.cvmfs.signing import SignedText
+from rcds.cvmfs.treenodes import xattr_blob
 from rcds.cvmfs.whitelist import Whitelist, WhitelistError
-from rcds.cvmfs.writer import TreeError, _xattr_blob
 
 UTC = dt.UTC
 
@@ -364,7 +365,7 @@ def test_manifest_without_a_mandatory_field_is_rejected(
 
 
 def test_xattr_blob_is_version_count_then_sorted_length_prefixed_pairs() -> None:
-    blob = _xattr_blob({b"user.zz": b"", b"user.a": b"value-1", b"security.x": b"\x00\x01"})
+    blob = xattr_blob({b"user.zz": b"", b"user.a": b"value-1", b"security.x": b"\x00\x01"})
     expected = (
         bytes([1, 3])
         + bytes([10, 2])
@@ -378,8 +379,8 @@ def test_xattr_blob_is_version_count_then_sorted_length_prefixed_pairs() -> None
 
 
 def test_xattr_blob_is_null_without_attributes() -> None:
-    assert _xattr_blob(None) is None
-    assert _xattr_blob({}) is None
+    assert xattr_blob(None) is None
+    assert xattr_blob({}) is None
 
 
 @pytest.mark.parametrize(
@@ -394,4 +395,4 @@ def test_xattr_blob_is_null_without_attributes() -> None:
 )
 def test_xattr_blob_rejects_what_the_one_byte_fields_cannot_hold(xattrs: dict[bytes, bytes]) -> None:
     with pytest.raises(TreeError):
-        _xattr_blob(xattrs)
+        xattr_blob(xattrs)

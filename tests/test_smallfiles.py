@@ -9,6 +9,7 @@ to the workers (by default only a transaction past 1,000 small files uses them).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -16,17 +17,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import new_repo, write_tree
-from rcds.cvmfs import smallfiles
+from conftest import File, Hardlink, Symlink, new_repo, write_tree
+from rcds.cvmfs import content, smallfiles, treenodes, writer
 from rcds.cvmfs.checker import check_repository
 from rcds.cvmfs.contentindex import ContentIndex
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
+from rcds.cvmfs.tree import TreeEntry, entries_from_directory
 from rcds.cvmfs.writer import Transaction
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -164,6 +167,155 @@ def test_a_file_that_shrank_fails_the_transaction_and_nothing_is_published(
             pending.result()
         assert good.result().hash is not None  # the rest of its batch is stored
     assert repo.manifest().revision == before
+
+
+@pytest.mark.parametrize("processes_after_files", [None, 0], ids=["threads", "workers"])
+def test_a_file_failing_after_hundreds_of_rows_leaves_the_old_tree_and_the_transaction_whole(
+    tmp_path: Path,
+    repo_template: Path,
+    open_reader: Callable[..., RepositoryReader],
+    processes_after_files: int | None,
+) -> None:
+    """The tree's rows go into its catalog while content is stored; one file failing after hundreds of
+    them (its source shorter than listed) fails ``add_tree`` with nothing of the new tree attached: the
+    old tree stays, and the same transaction publishes its other changes."""
+    repo = new_repo(tmp_path / "storage", repo_template)
+    old = write_tree(tmp_path / "old", {"keep.txt": b"the old tree\n"})
+    with repo.transaction() as txn:
+        txn.add_directory("/sw/t", old)
+        txn.commit()
+    src = write_tree(tmp_path / "src", small_tree(900))
+
+    def one_file_listed_longer(entries: Iterator[TreeEntry]) -> Iterator[TreeEntry]:
+        for e in entries:
+            yield replace(e, size=e.size + 10) if e.path == "d7/f697.py" else e
+
+    with repo.transaction() as txn:
+        txn.content.processes_after_files = processes_after_files
+        with pytest.raises(EOFError, match=r"f697\.py: ended 10 bytes early"):
+            txn.add_tree("/sw/t", one_file_listed_longer(entries_from_directory(src)))
+        txn.write_file("/sw/other.txt", b"published\n", mtime=0)
+        txn.commit()
+    reader = open_reader(repo)
+    assert [d.name for d in reader.listdir("/sw/t")] == [".cvmfscatalog", "keep.txt"]
+    assert reader.read("/sw/t/keep.txt") == b"the old tree\n"
+    assert reader.read("/sw/other.txt") == b"published\n"
+    assert check_repository(reader).errors == []
+
+
+def test_hard_links_to_files_whose_rows_went_in_early_get_their_groups(
+    tmp_path: Path, repo_template: Path, open_reader: Callable[..., RepositoryReader]
+) -> None:
+    """A file's row may be written long before the walk meets its other names; joining a hard link
+    group within its directory, it is written again with the group's id."""
+    tree = small_tree(600)
+    tree["d0"]["g0.py"] = Hardlink("d0/f0.py")  # type: ignore[index]  # two names in the target's directory
+    tree["zz"] = {"a.py": Hardlink("d1/f1.py"), "b.py": Hardlink("d1/f1.py")}  # two in another one
+    src = write_tree(tmp_path / "src", tree)
+    repo = new_repo(tmp_path / "storage", repo_template)
+    with repo.transaction() as txn:
+        txn.add_directory("/sw/t", src)
+        txn.commit()
+    reader = open_reader(repo)
+    pair, others = [reader.stat(f"/sw/t/d0/{n}") for n in ("f0.py", "g0.py")], reader.stat("/sw/t/d0/f10.py")
+    assert [d.linkcount for d in pair] == [2, 2] and pair[0].hardlink_group == pair[1].hardlink_group > 0
+    assert (others.linkcount, others.hardlink_group) == (1, 0)
+    zz = [reader.stat(f"/sw/t/zz/{n}") for n in ("a.py", "b.py")]
+    assert [d.linkcount for d in zz] == [2, 2] and zz[0].hardlink_group == zz[1].hardlink_group > 0
+    assert zz[0].hardlink_group != pair[0].hardlink_group
+    assert reader.stat("/sw/t/d1/f1.py").linkcount == 1  # alone in its directory: a copy, as CVMFS has it
+    assert (
+        reader.read("/sw/t/zz/b.py") == reader.read("/sw/t/d1/f1.py") == (src / "d1" / "f1.py").read_bytes()
+    )
+    assert reader.read("/sw/t/d0/g0.py") == (src / "d0" / "f0.py").read_bytes()
+    assert check_repository(reader).errors == []
+
+
+def test_rows_written_as_content_is_stored_equal_rows_written_at_the_end(
+    tmp_path: Path,
+    repo_template: Path,
+    open_reader: Callable[..., RepositoryReader],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same tree published twice in one transaction: once with every file's row written as soon as
+    its content is stored (batches of one file, a look after every entry, the entries slowed so that
+    each file is stored before the next comes), once with every row written at the end (an interval no
+    tree reaches). Every row below the two roots is the same: content, chunks, modes, sizes, symlinks,
+    hard link counts and groups."""
+    rng = random.Random(5)
+    tree = small_tree(120)
+    tree["big"] = {"blob.bin": rng.randbytes(700_000), "empty": b"", "run.sh": File(b"#!/bin/sh\n", 0o755)}
+    tree["d0"]["g0.py"] = Hardlink("d0/f0.py")  # type: ignore[index]
+    tree["links"] = {"a.py": Hardlink("d1/f1.py"), "b.py": Hardlink("d1/f1.py"), "up": Symlink("../d2")}
+    src = write_tree(tmp_path / "src", tree)
+    repo = new_repo(tmp_path / "storage", repo_template)
+
+    def slowly(entries: Iterator[TreeEntry]) -> Iterator[TreeEntry]:
+        for e in entries:
+            yield e
+            time.sleep(0.004)
+
+    written: list[int] = []
+    write_nodes = writer.Transaction._write_nodes
+
+    def counting(self: Transaction, *args: object) -> None:
+        early = args[-1]
+        written.append(len(early.written) if isinstance(early, treenodes.EarlyRows) else -1)
+        write_nodes(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer.Transaction, "_write_nodes", counting)
+    with repo.transaction() as txn:
+        monkeypatch.setattr(treenodes.EarlyRows, "FLUSH_EVERY", 1)
+        monkeypatch.setattr(content, "BATCH_FILES", 1)
+        txn.add_tree("/sw/early", slowly(entries_from_directory(src)))
+        monkeypatch.setattr(treenodes.EarlyRows, "FLUSH_EVERY", 10**9)
+        monkeypatch.setattr(content, "BATCH_FILES", 64)
+        txn.add_tree("/sw/late", entries_from_directory(src))
+        txn.commit()
+    assert written[0] > 100 and written[1] == 0  # most rows early in the first; none in the second
+    reader = open_reader(repo)
+    rows = {  # all but the root and the .cvmfscatalog marker, whose mtimes are the time of the call
+        top: {
+            e.path[len(f"/sw/{top}") :]: e.dirent
+            for e in reader.walk(f"/sw/{top}")
+            if e.path not in (f"/sw/{top}", f"/sw/{top}/.cvmfscatalog")
+        }
+        for top in ("early", "late")
+    }
+    assert rows["early"] == rows["late"] and len(rows["early"]) > 130
+    assert rows["early"]["/d0/g0.py"].hardlink_group > 0 and rows["early"]["/links/b.py"].linkcount == 2
+    assert rows["early"]["/big/blob.bin"].is_chunked
+    assert check_repository(reader).errors == []
+
+
+def test_a_content_index_that_cannot_be_written_costs_later_dedup_not_the_revision(
+    tmp_path: Path,
+    repo_template: Path,
+    open_reader: Callable[..., RepositoryReader],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The index is written beside the catalogs, once the objects are durable; a failure there (a failing
+    disk under ``.rcds``) is logged and the revision published: the next publish of that content only
+    compresses it again, and records it."""
+    src = write_tree(tmp_path / "src", small_tree(300))
+    repo = new_repo(tmp_path / "storage", repo_template)
+    monkeypatch.setenv("RCDS_FAILPOINT", "index-flush:eio")
+    with caplog.at_level(logging.WARNING, logger="rcds.writer"), repo.transaction() as txn:
+        txn.add_directory("/sw/first", src)
+        first = txn.commit()
+    assert [r.getMessage() for r in caplog.records] == ["content index not updated"]
+    assert first.revision == repo.manifest().revision
+    monkeypatch.delenv("RCDS_FAILPOINT")
+    stats = []
+    for path in ("/sw/second", "/sw/third"):
+        with repo.transaction() as txn:
+            txn.add_directory(path, src)
+            stats.append(txn.commit().stats)
+    assert (stats[0].pieces_from_index, stats[1].pieces_from_index) == (0, 300)  # recorded the second time
+    reader = open_reader(repo)
+    assert files_of(reader, "/sw/first") == files_of(reader, "/sw/third")
+    assert check_repository(reader).errors == []
 
 
 def _fifo(tmp_path: Path) -> Path:

@@ -12,11 +12,12 @@ import pytest
 
 from conftest import Hardlink, Symlink, write_tree
 from rcds.cvmfs.checker import check_repository
+from rcds.cvmfs.errors import TransactionError, TreeError
 from rcds.cvmfs.gc import collect_garbage
 from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.repository import Repository
 from rcds.cvmfs.tree import EntryKind, TreeEntry, entries_from_directory
-from rcds.cvmfs.writer import StagedTree, TransactionError, TreeError
+from rcds.cvmfs.writer import StagedTree
 from test_gc import (
     Timeline,
     assert_healthy,

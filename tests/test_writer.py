@@ -21,6 +21,7 @@ import pytest
 from conftest import SMALL_CHUNKS, File, Hardlink, Symlink, new_repo, write_tree
 from rcds.cvmfs.catalog import COUNTER_KINDS, add_counts
 from rcds.cvmfs.checker import CheckReport, check_repository
+from rcds.cvmfs.errors import TransactionError, TreeError
 from rcds.cvmfs.hashes import ContentHash, Suffix
 from rcds.cvmfs.history import TRUNK, TRUNK_PREVIOUS
 from rcds.cvmfs.objects import EMPTY_HASH
@@ -28,7 +29,7 @@ from rcds.cvmfs.reader import RepositoryReader
 from rcds.cvmfs.reflog import Reflog, RefType
 from rcds.cvmfs.repository import Repository, RepositoryError
 from rcds.cvmfs.tree import EntryKind, TreeEntry
-from rcds.cvmfs.writer import TransactionError, TreeError, _xattr_blob
+from rcds.cvmfs.treenodes import xattr_blob
 from rcds.ingest.tarstream import tar_entries
 from rcds.storage.local import LocalStore
 
@@ -705,7 +706,7 @@ def test_add_tree_from_streams_keeps_owners_xattrs_and_special_files(
     assert (stat.S_IMODE(top.mode), top.mtime, top.uid, top.gid) == (0o750, 1_650_000_000, 1234, 5678)
     notes = reader.stat("/streamed/notes.txt")
     assert (stat.S_IMODE(notes.mode), notes.uid, notes.gid) == (0o640, 1234, 5678)
-    assert notes.xattr == _xattr_blob({b"user.a": b"1", b"user.origin": b"stream"})
+    assert notes.xattr == xattr_blob({b"user.a": b"1", b"user.origin": b"stream"})
     assert reader.read("/streamed/alias.txt") == b"notes from a stream\n"
     assert notes.linkcount == 2 == reader.stat("/streamed/alias.txt").linkcount
     assert reader.read("/streamed/big.bin") == BIG

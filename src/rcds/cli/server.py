@@ -22,11 +22,11 @@ if importlib.util.find_spec("numpy") is None:
     raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
 
 from ..cvmfs.checker import check_repository
+from ..cvmfs.errors import TransactionError
 from ..cvmfs.gc import GcReport, ProgressFn
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.reader import ReaderError, RepositoryReader
 from ..cvmfs.repository import DEFAULT_TTL, Repository, RepositoryError
-from ..cvmfs.writer import TransactionError
 from ..publish.config import RepositorySettings, ServiceSettings
 from ..storage import PRIVATE_DIR
 from ..storage.local import LocalStore

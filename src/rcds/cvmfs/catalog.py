@@ -181,6 +181,12 @@ def file_flags(algorithm: Algorithm = Algorithm.SHA1, chunked: bool = False, com
     return flags | FLAG_CHUNKED if chunked else flags
 
 
+def _root_entry(root_path: str, root: Dirent) -> Dirent:
+    """A catalog's root row: no transition flags; a nested catalog's is marked as its root."""
+    flags = root.flags & ~TRANSITION_FLAGS
+    return replace(root, flags=flags | FLAG_NESTED_ROOT if root_path else flags)
+
+
 def make_hardlinks(linkcount: int, group: int = 0) -> int:
     return (group << 32) | linkcount
 
@@ -292,11 +298,13 @@ class Catalog:
         db.execute("COMMIT")
         db.close()
         cat = cls(path, writable=True)
-        flags = root.flags & ~TRANSITION_FLAGS
-        if root_path:
-            flags |= FLAG_NESTED_ROOT
-        cat.insert(root_path, replace(root, flags=flags), parent=None if root_path else (0, 0))
+        cat.insert(root_path, _root_entry(root_path, root), parent=None if root_path else (0, 0))
         return cat
+
+    def set_root(self, root_path: str, root: Dirent) -> None:
+        """Rewrite the root entry, as ``create`` writes it (a writer that made the catalog before it knew
+        the root directory's final link count)."""
+        self.update(root_path, _root_entry(root_path, root))
 
     def close(self) -> None:
         self.db.close()

@@ -96,6 +96,16 @@ class PendingContent:
         pending._result = stored
         return pending
 
+    def ready(self) -> bool:
+        """Whether ``result`` would return (or raise) without waiting."""
+        if self._result is not None:
+            return True
+        if self._batch is not None:
+            return self._batch.future is not None and self._batch.future.done()
+        if self._whole is not None:
+            return self._whole.done()
+        return all(future.done() for _, _, future in self._pieces)
+
     def result(self) -> StoredContent:
         if self._result is None:
             if self._batch is not None:

@@ -17,24 +17,25 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import secrets
 import shutil
+import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..logs import fields
 from . import failpoints
 from .catalog import (
     COUNTER_KINDS,
     FLAG_DIR,
-    FLAG_FILE,
-    FLAG_LINK,
     FLAG_NESTED_MOUNTPOINT,
     FLAG_NESTED_ROOT,
-    FLAG_SPECIAL,
     NESTED_MARKER,
     Catalog,
     Counters,
@@ -43,27 +44,21 @@ from .catalog import (
     file_flags,
     make_hardlinks,
 )
-from .content import ContentWriter, IngestStats, PendingContent
+from .content import ContentWriter, IngestStats
 from .contentindex import ContentIndex
+from .errors import TransactionError, TreeError
 from .hashes import ContentHash, normalize_path, parent_path
 from .history import TRUNK, Tag
 from .manifest import Manifest
 from .objects import EMPTY_HASH, EMPTY_OBJECT
 from .reflog import Reflog, RefType
 from .tree import EntryKind, TreeEntry
+from .treenodes import DIR_SIZE, EarlyRows, Node, absolute, catalog_root, collect, dir_row, resolve
 
 if TYPE_CHECKING:
     from .repository import Repository
 
-DIR_SIZE = 4096
-
-
-class TransactionError(Exception):
-    """The requested change is invalid (bad path, missing parent, bad tree)."""
-
-
-class TreeError(TransactionError):
-    """A tree to add is malformed (e.g. a hard link to a path outside it)."""
+log = logging.getLogger("rcds.writer")
 
 
 @dataclass
@@ -88,15 +83,6 @@ class CommitResult:
     catalogs_written: int
     stats: IngestStats
     seconds: float
-
-
-@dataclass
-class _Node:
-    dirent: Dirent
-    kind: EntryKind
-    pending: PendingContent | None = None
-    link_target: str | None = None  # for HARDLINK
-    subdirs: int = 0
 
 
 class Transaction:
@@ -271,9 +257,15 @@ class Transaction:
             holder.cat.insert(path, row)
         self._touch_dir(parent, +1)
 
-    def _new_nested_catalog(self, path: str, row: Dirent, holder: _OpenCatalog) -> _OpenCatalog:
-        """Start a new catalog rooted at ``path``; its mountpoint row goes into ``holder``."""
-        cat = Catalog.create(self._work_file(), path, row)
+    def _new_nested_catalog(
+        self, path: str, row: Dirent, holder: _OpenCatalog, cat: Catalog | None = None
+    ) -> _OpenCatalog:
+        """Start a new catalog rooted at ``path`` (or take ``cat``, made for it before: its root row is
+        rewritten as ``row``); its mountpoint row goes into ``holder``."""
+        if cat is None:
+            cat = Catalog.create(self._work_file(), path, row)
+        else:
+            cat.set_root(path, row)
         holder.cat.insert(path, replace(row, flags=(row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT))
         # Placeholder until the child is finalized and its hash is known.
         holder.cat.set_nested(path, ContentHash(bytes(20)), 0)
@@ -382,24 +374,41 @@ class Transaction:
         if not path:
             raise TransactionError("cannot replace the repository root; add trees below it")
         now = self._now()
-        nodes = self._collect(entries, now)
-        root_node = nodes[""]
-        if not root_node.dirent.is_dir:
-            raise TreeError("the root of a tree must be a directory")
-        root_node.dirent.name = path.rsplit("/", 1)[1]
-        if nested and NESTED_MARKER not in {r.rsplit("/", 1)[-1] for r in nodes if r.count("/") == 0 and r}:
-            nodes[NESTED_MARKER] = _Node(self._marker_row(now), EntryKind.FILE)
-        boundaries = {
-            r for r in nodes if nodes[r].kind is EntryKind.DIRECTORY and r and f"{r}/{NESTED_MARKER}" in nodes
-        }
-        if nested or NESTED_MARKER in nodes:  # a marker at the tree's top nests the tree like any other
-            boundaries.add("")
-        # Content first (small files are read and stored in the background): a file that cannot be read
-        # fails the call before the old tree at ``path`` is touched.
-        self._finish_nodes(nodes, boundaries)
+        early: EarlyRows | None = None
+        if nested:
+            work_file = self._work_file()
+            placeholder = dir_row(path.rsplit("/", 1)[1], 0o755, now)  # its link count comes at the end
+            early = EarlyRows(path, Catalog.create(work_file, path, placeholder), work_file)
+        try:
+            nodes = collect(entries, now, self.content, early)
+            root_node = nodes[""]
+            if not root_node.dirent.is_dir:
+                raise TreeError("the root of a tree must be a directory")
+            root_node.dirent.name = path.rsplit("/", 1)[1]
+            if nested and NESTED_MARKER not in {
+                r.rsplit("/", 1)[-1] for r in nodes if r.count("/") == 0 and r
+            }:
+                nodes[NESTED_MARKER] = Node(self._marker_row(now), EntryKind.FILE)
+            boundaries = {
+                r
+                for r in nodes
+                if nodes[r].kind is EntryKind.DIRECTORY and r and f"{r}/{NESTED_MARKER}" in nodes
+            }
+            if nested or NESTED_MARKER in nodes:  # a marker at the tree's top nests the tree like any other
+                boundaries.add("")
+            if early is not None and boundaries != {""}:  # rows below an inner marker belong elsewhere
+                early.discard()
+                early = None
+            # Content first (small files are read and stored in the background): a file that cannot be
+            # read fails the call before the old tree at ``path`` is touched.
+            resolve(nodes)
+        except BaseException:
+            if early is not None:
+                early.discard()
+            raise
         parent = parent_path(path)
         holder = self._make_room(path)
-        self._write_nodes(path, nodes, boundaries, holder)
+        self._write_nodes(path, nodes, boundaries, holder, early)
         self._touch_dir(parent, +1)
         return len(nodes)
 
@@ -488,137 +497,48 @@ class Transaction:
         mount_row = replace(root_row, flags=(root_row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
         self.graft(StagedTree(path, catalog_hash, size, mount_row, totals, 0, IngestStats()))
 
-    def _collect(self, entries: Iterable[TreeEntry], now: int) -> dict[str, _Node]:
-        nodes: dict[str, _Node] = {}
-        for e in entries:
-            rel = _relative(e.path)
-            if rel in nodes and not (
-                e.kind is EntryKind.DIRECTORY and nodes[rel].kind is EntryKind.DIRECTORY
-            ):
-                raise TreeError(f"duplicate entry {rel!r}")
-            nodes[rel] = self._node(e, rel)
-        # Directories the stream implied but did not list (tar files often omit them).
-        for rel in list(nodes):
-            p = rel
-            while p:
-                p = p.rsplit("/", 1)[0] if "/" in p else ""
-                if p in nodes:
-                    if nodes[p].kind is not EntryKind.DIRECTORY:
-                        raise TreeError(f"{p!r} is used as a directory but is not one")
-                    break
-                nodes[p] = _Node(_dir_row(p.rsplit("/", 1)[-1], 0o755, now), EntryKind.DIRECTORY)
-        if "" not in nodes:
-            nodes[""] = _Node(_dir_row("", 0o755, now), EntryKind.DIRECTORY)
-        return nodes
-
-    def _node(self, e: TreeEntry, rel: str) -> _Node:
-        """The catalog row for one entry; file content is handed to the content writer now."""
-        perm = e.mode & 0o7777
-        xattr = _xattr_blob(e.xattrs)
-        name = rel.rsplit("/", 1)[-1]
-
-        def row(mode: int, flags: int, size: int = 0, symlink: str = "") -> Dirent:
-            return Dirent(name=name, mode=mode, flags=flags, size=size, mtime=int(e.mtime), uid=int(e.uid),
-                          gid=int(e.gid), symlink=symlink, xattr=xattr)  # fmt: skip
-
-        if e.kind is EntryKind.DIRECTORY:
-            return _Node(row(stat.S_IFDIR | perm, FLAG_DIR, DIR_SIZE), e.kind)
-        if e.kind is EntryKind.FILE:
-            if e.source is not None:
-                pending = self.content.add_file(e.source, e.size, e.lstat)
-            elif e.stream is not None:
-                pending = self.content.add_stream(e.stream, e.size)
-            else:
-                raise TreeError(f"{rel}: file entry without content")
-            return _Node(row(stat.S_IFREG | perm, FLAG_FILE, e.size), e.kind, pending)
-        if e.kind is EntryKind.SYMLINK:
-            target_len = len(e.target.encode("utf-8", "surrogateescape"))
-            return _Node(row(stat.S_IFLNK | 0o777, FLAG_FILE | FLAG_LINK, target_len, e.target), e.kind)
-        if e.kind is EntryKind.HARDLINK:
-            return _Node(row(stat.S_IFREG | perm, FLAG_FILE), e.kind, link_target=_relative(e.target))
-        fmt = stat.S_IFMT(e.mode)
-        if fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
-            raise TreeError(f"{rel}: unknown special file type {oct(e.mode)}")
-        size = e.rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0
-        return _Node(row(fmt | perm, FLAG_FILE | FLAG_SPECIAL, size), e.kind)
-
-    def _finish_nodes(self, nodes: dict[str, _Node], boundaries: set[str]) -> None:
-        """Resolve content, hard links and directory link counts."""
-        whole, chunked = file_flags(chunked=False), file_flags(chunked=True)  # once, not per file
-        for node in nodes.values():
-            if node.pending is not None:
-                stored = node.pending.result()
-                d = node.dirent
-                d.hash = stored.hash
-                d.chunks = stored.chunks
-                d.flags = chunked if stored.hash is None else whole
-                d.size = stored.size
-        groups: dict[str, list[str]] = {}
-        for rel, node in nodes.items():
-            if node.kind is EntryKind.HARDLINK:
-                target = node.link_target or ""
-                seen = set()
-                while target in nodes and nodes[target].kind is EntryKind.HARDLINK and target not in seen:
-                    seen.add(target)
-                    target = nodes[target].link_target or ""
-                if target not in nodes or nodes[target].kind is not EntryKind.FILE:
-                    raise TreeError(
-                        f"hard link {rel!r} points to {node.link_target!r}, not a file in the tree"
-                    )
-                groups.setdefault(target, [target]).append(rel)
-        # CVMFS forms hard link groups within one directory only (cvmfs_swissknife check counts the
-        # members per directory listing): names of one inode in different directories become copies.
-        for target, members in groups.items():
-            src = nodes[target].dirent
-            by_dir: dict[str, list[str]] = {}
-            for m in members:
-                by_dir.setdefault(m.rsplit("/", 1)[0] if "/" in m else "", []).append(m)
-            for directory, names in by_dir.items():
-                for m in names:
-                    d = nodes[m].dirent
-                    nodes[m].dirent = replace(
-                        src, name=d.name, chunks=list(src.chunks), hardlinks=make_hardlinks(len(names))
-                    )
-                    nodes[m].kind = EntryKind.FILE
-                    # group key, numbered per catalog when written
-                    nodes[m].link_target = f"{directory}/{target}" if len(names) > 1 else None
-        for rel, node in nodes.items():
-            if rel and node.kind is EntryKind.DIRECTORY:
-                nodes[rel.rsplit("/", 1)[0] if "/" in rel else ""].subdirs += 1
-        for node in nodes.values():
-            if node.kind is EntryKind.DIRECTORY:
-                node.dirent.hardlinks = make_hardlinks(2 + node.subdirs)
-
     def _write_nodes(
-        self, path: str, nodes: dict[str, _Node], boundaries: set[str], holder: _OpenCatalog
+        self,
+        path: str,
+        nodes: dict[str, Node],
+        boundaries: set[str],
+        holder: _OpenCatalog,
+        early: EarlyRows | None = None,
     ) -> None:
+        """The rows into the tree's catalogs (new, or ``early``'s for the tree's own, which holds some
+        already), the catalogs attached below ``holder``."""
+        written = early.written if early is not None else set()
         catalogs: dict[str, Catalog] = {}
         group_ids: dict[tuple[str, str], int] = {}
         next_group: dict[str, int] = {}
         top_holder_key = "\x00holder"
         for b in sorted(boundaries, key=lambda r: r.count("/") + (1 if r else 0)):
-            abs_b = _absolute(path, b)
-            enclosing = _catalog_root(b, boundaries - {b}) if b else None
+            abs_b = absolute(path, b)
+            enclosing = catalog_root(b, boundaries - {b}) if b else None
             if b == "":
-                oc = self._new_nested_catalog(abs_b, nodes[""].dirent, holder)
+                oc = self._new_nested_catalog(abs_b, nodes[""].dirent, holder, early.cat if early else None)
             else:
-                parent_oc = self.open[_absolute(path, enclosing)] if enclosing is not None else holder
+                parent_oc = self.open[absolute(path, enclosing)] if enclosing is not None else holder
                 oc = self._new_nested_catalog(abs_b, nodes[b].dirent, parent_oc)
             catalogs[b] = oc.cat
         # One SQLite transaction per catalog: row-by-row autocommit costs a journal file per row.
         touched = [holder.cat, *catalogs.values()]
         for cat in touched:
-            cat.begin()
+            if not cat.db.in_transaction:  # early's has been in one since it was made
+                cat.begin()
         rows: dict[int, list[tuple[str, Dirent]]] = {id(cat): [] for cat in touched}
         try:
-            for rel in sorted(nodes, key=lambda r: (r.count("/"), r)):
-                if rel in boundaries:
-                    continue  # root rows were written with their catalogs
+            # Root rows were written with their catalogs; most of early's rows while the content was stored
+            # (those in a hard link group are written again, with their group's id).
+            left = [r for r in nodes if r not in boundaries and (r not in written or nodes[r].link_target)]
+            for rel in sorted(left, key=lambda r: (r.count("/"), r)):
                 node = nodes[rel]
-                owner = _catalog_root(rel, boundaries)
+                owner = catalog_root(rel, boundaries)
                 cat = catalogs[owner] if owner is not None else holder.cat
                 key = owner if owner is not None else top_holder_key
                 d = node.dirent
+                if rel in written:
+                    cat.delete(absolute(path, rel))
                 if node.link_target is not None and d.linkcount > 1:
                     gkey = (key, node.link_target)
                     if gkey not in group_ids:
@@ -628,7 +548,7 @@ class Transaction:
                         next_group[key] += 1
                     d = replace(d, hardlinks=make_hardlinks(d.linkcount, group_ids[gkey]))
                 # without nesting this includes the tree's root row
-                rows[id(cat)].append((_absolute(path, rel), d))
+                rows[id(cat)].append((absolute(path, rel), d))
             for cat in touched:
                 cat.insert_many(rows[id(cat)])
         except BaseException:
@@ -661,6 +581,28 @@ class Transaction:
         revision = self.base.revision + 1
         repo.store.sync()  # every data object is durable before any catalog names it
         failpoints.hit("after-objects")
+        # Durable now: the content index may name them (tens of ms for 20,000 files), beside the catalogs.
+        indexing = threading.Thread(target=self._flush_index, name="rcds-index-flush")
+        indexing.start()
+        try:
+            return self._publish(tag, description, started, timestamp, revision)
+        finally:
+            indexing.join()
+
+    def _flush_index(self) -> None:
+        """The content index names this transaction's objects (durable now); if it cannot, later ingests
+        only compress that content again: the revision is not failed for it."""
+        try:
+            failpoints.hit("index-flush")
+            self.index.flush()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("content index not updated", extra=fields(repository=self.repo.fqrn, error=str(exc)))
+
+    def _publish(
+        self, tag: str | None, description: str, started: float, timestamp: int, revision: int
+    ) -> CommitResult:
+        """Catalogs (deepest first), history, reflog, manifest: the new revision."""
+        repo = self.repo
         dirty = sorted((oc for oc in self.open.values() if oc.dirty), key=lambda oc: -_depth(oc.mount))
         root_hash, root_size = self.base.root_catalog, self.base.root_catalog_size
         for i, oc in enumerate(dirty):
@@ -709,7 +651,6 @@ class Transaction:
         manifest = repo.publish_manifest(manifest, reflog_path, based_on=self.base_versions)
         failpoints.hit("after-manifest")
         reflog_path.unlink(missing_ok=True)
-        self.index.flush()
         return CommitResult(
             revision, root_hash, manifest, len(dirty), self.content.stats, time.monotonic() - started
         )
@@ -785,7 +726,7 @@ class StagingTransaction(Transaction):
         self.staged: list[StagedTree] = []
         try:
             self._open_work(workers)
-            root = Catalog.create(self._work_file(), "", _dir_row("", 0o755, self._now()))
+            root = Catalog.create(self._work_file(), "", dir_row("", 0o755, self._now()))
             zero = dict.fromkeys(COUNTER_KINDS, 0)
             self.open[""] = _OpenCatalog("", root, None, zero, None, dict(zero), 0)
         except BaseException:
@@ -858,49 +799,5 @@ def _recount_hardlinks(cat: Catalog) -> None:
         )
 
 
-def _dir_row(name: str, perm: int, mtime: int) -> Dirent:
-    return Dirent(name=name, mode=stat.S_IFDIR | perm, flags=FLAG_DIR, size=DIR_SIZE, mtime=mtime)
-
-
 def _depth(mount: str) -> int:
     return mount.count("/")
-
-
-def _relative(path: str) -> str:
-    if path and path[0] != "/" and path[-1] != "/" and "//" not in path and "/." not in "/" + path:
-        return path  # already relative and plain (a walk's paths): no split and join per entry
-    try:
-        rel = normalize_path(path)
-    except ValueError as exc:
-        raise TreeError(str(exc)) from exc
-    return rel[1:]
-
-
-def _absolute(base: str, rel: str | None) -> str:
-    return f"{base}/{rel}" if rel else base
-
-
-def _catalog_root(rel: str, boundaries: set[str]) -> str | None:
-    """The nearest boundary at or above ``rel`` (a directory that roots a new catalog), if any."""
-    p = rel
-    while True:
-        if p in boundaries:
-            return p
-        if not p:
-            return None
-        p = p.rsplit("/", 1)[0] if "/" in p else ""
-
-
-def _xattr_blob(xattrs: dict[bytes, bytes] | None) -> bytes | None:
-    """Serialize extended attributes the way CVMFS does (version 1, byte lengths, sorted keys)."""
-    if not xattrs:
-        return None
-    items = sorted(xattrs.items())
-    if len(items) > 255:
-        raise TreeError("too many extended attributes (255 at most)")
-    out = bytearray([1, len(items)])
-    for k, v in items:
-        if not 0 < len(k) < 256 or len(v) > 255 or b"\x00" in k:
-            raise TreeError("extended attribute key or value too long")
-        out += bytes([len(k), len(v)]) + k + v
-    return bytes(out)

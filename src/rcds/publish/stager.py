@@ -15,9 +15,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO, cast
 
+from ..cvmfs.errors import TreeError
 from ..cvmfs.repository import Repository
 from ..cvmfs.tree import EntryKind, TreeEntry
-from ..cvmfs.writer import StagedTree, StagingTransaction, TreeError
+from ..cvmfs.writer import StagedTree, StagingTransaction
 from ..ingest.tarstream import IngestError, tar_entries
 from ..logs import fields
 from .early import EarlyStaging, FollowingReader, UploadTooSlow

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cvmfs.catalog import NESTED_MARKER
+from ..cvmfs.errors import TreeError
 from ..cvmfs.repository import Repository, RepositoryError
-from ..cvmfs.writer import Transaction, TreeError
+from ..cvmfs.writer import Transaction
 from ..ingest.tarstream import IngestError
 from ..logs import fields
 from .cid import cid_group
