@@ -1036,10 +1036,12 @@ def main(argv: list[str] | None = None) -> int:
         f"tree {'reused' if reused else f'generated in {info.generate_seconds:.1f} s'}: "
         f"{info.text_files} text files, {info.binaries} binaries, {_fmt_bytes(info.total_bytes)}"
     )
-    target_ratio = TARGET_RATIO
+    target_ratio, target_speedup = TARGET_RATIO, TARGET_SPEEDUP
     if args.small_files:
         tree = kind_subtree(info, "small-files", workdir)
-        target_ratio = TARGET_RATIO_SMALL_FILES
+        # A re-publish of small files still reads and hashes every file; the 5x is the whole tree's,
+        # where the index spares the deflate of the binaries.
+        target_ratio, target_speedup = TARGET_RATIO_SMALL_FILES, None
         say(f"small files only ({tree.name})")
 
     files = content_files(tree)
@@ -1099,7 +1101,11 @@ def main(argv: list[str] | None = None) -> int:
             "max_other_load_cpus": other_load,
             "targets_met": {
                 f"ratio>={target_ratio:g}": ratio >= target_ratio,
-                "speedup>=5": speedup >= TARGET_SPEEDUP,
+                **(
+                    {}
+                    if target_speedup is None
+                    else {f"speedup>={target_speedup:g}": speedup >= target_speedup}
+                ),
                 "rss<300MiB": peak_rss < TARGET_RSS_MIB,
             },
         },
@@ -1172,8 +1178,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines.append(
         f"targets: ingest/raw {ratio:.2f} >= {target_ratio:g} {ok[ratio >= target_ratio]}; "
-        f"re-publish speed-up {speedup:.1f}x >= {TARGET_SPEEDUP:g}x {ok[speedup >= TARGET_SPEEDUP]}; "
-        f"peak RSS {peak_rss:.0f} MiB < {TARGET_RSS_MIB:g} MiB {ok[peak_rss < TARGET_RSS_MIB]}"
+        + (
+            f"re-publish speed-up {speedup:.1f}x (no target for small files alone); "
+            if target_speedup is None
+            else f"re-publish speed-up {speedup:.1f}x >= {target_speedup:g}x {ok[speedup >= target_speedup]}; "
+        )
+        + f"peak RSS {peak_rss:.0f} MiB < {TARGET_RSS_MIB:g} MiB {ok[peak_rss < TARGET_RSS_MIB]}"
     )
     if other_load > 0.2:
         lines.append(
