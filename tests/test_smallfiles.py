@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import File, Hardlink, Symlink, new_repo, write_tree
-from rcds.cvmfs import content, smallfiles, treenodes, writer
+from rcds.cvmfs import catalogtree, content, smallfiles, treenodes
 from rcds.cvmfs.checker import check_repository
 from rcds.cvmfs.contentindex import ContentIndex
 from rcds.cvmfs.reader import RepositoryReader
@@ -256,14 +256,14 @@ def test_rows_written_as_content_is_stored_equal_rows_written_at_the_end(
             time.sleep(0.004)
 
     written: list[int] = []
-    write_nodes = writer.Transaction._write_nodes
+    write_nodes = catalogtree.CatalogTree.write_nodes
 
-    def counting(self: Transaction, *args: object) -> None:
+    def counting(self: catalogtree.CatalogTree, *args: object) -> None:
         early = args[-1]
         written.append(len(early.written) if isinstance(early, treenodes.EarlyRows) else -1)
         write_nodes(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(writer.Transaction, "_write_nodes", counting)
+    monkeypatch.setattr(catalogtree.CatalogTree, "write_nodes", counting)
     with repo.transaction() as txn:
         monkeypatch.setattr(treenodes.EarlyRows, "FLUSH_EVERY", 1)
         monkeypatch.setattr(content, "BATCH_FILES", 1)

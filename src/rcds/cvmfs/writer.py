@@ -40,7 +40,7 @@ from .catalog import (
     file_flags,
     make_hardlinks,
 )
-from .catalogtree import CatalogTree, OpenCatalog, stored_totals
+from .catalogtree import CatalogTree, stored_totals
 from .content import ContentWriter, IngestStats
 from .contentindex import ContentIndex
 from .errors import TransactionError, TreeError
@@ -211,7 +211,7 @@ class Transaction:
             raise
         parent = parent_path(path)
         holder = self.catalogs.make_room(path)
-        self._write_nodes(path, nodes, boundaries, holder, early)
+        self.catalogs.write_nodes(path, nodes, boundaries, holder, early)
         self.catalogs.touch_dir(parent, +1)
         return len(nodes)
 
@@ -282,17 +282,6 @@ class Transaction:
             raise TransactionError(f"catalog {catalog_hash.hex} is not rooted at {path or '/'}")
         mount_row = replace(root_row, flags=(root_row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
         self.graft(StagedTree(path, catalog_hash, size, mount_row, totals, 0, IngestStats()))
-
-    def _write_nodes(
-        self,
-        path: str,
-        nodes: dict[str, Node],
-        boundaries: set[str],
-        holder: OpenCatalog,
-        early: EarlyRows | None = None,
-    ) -> None:
-        """``add_tree``'s rows into their catalogs (a seam the tests watch ``early`` through)."""
-        self.catalogs.write_nodes(path, nodes, boundaries, holder, early)
 
     # --- commit ----------------------------------------------------------------------------------
 
