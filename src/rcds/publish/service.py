@@ -21,34 +21,33 @@
   the state database in batches; a worker copies those that moved by ``share_seconds`` into its next
   revision as ts records (``lastuse``), so other servers see them.
 * Once a day per repository (``cleanup_due``), cleanup removes unused CIDs with that repository's
-  worker paused, then collects garbage (``cleanup``, ``rcds.cvmfs.gc``). Replicas of other servers'
+  worker paused, then collects garbage (``cleanup``; run by ``cleaner``). Replicas of other servers'
   repositories (``upstream``) are garbage collected on the same schedule (``rcds.cvmfs.replica_gc``;
-  their owners expire the CIDs), never while their replication thread snapshots them.
+  their owners expire the CIDs), never while their replication thread (``replication``) snapshots them.
 
 Nothing here knows about HTTP; the web layer (``rcds.web.pubapi``) is a thin face on this class.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from ..cvmfs.manifest import Manifest, ManifestError
 from ..cvmfs.repository import Repository
 from ..logs import fields
 from ..storage import MANIFEST, PRIVATE_DIR, ObjectMissing, ObjectStore
 from ..storage.local import fsync_path
-from .cleanup import CleanupPlan, apply_cleanup, plan_cleanup
+from .cleaner import Cleaner, CleanupReport
 from .config import RepositorySettings, ServiceSettings
 from .early import EarlyStaging, SpoolProgress
 from .lastuse import server_name
@@ -57,17 +56,14 @@ from .metrics import ServiceMetrics
 from .namespace import Namespace, NamespaceConflict, find_collisions, log_collisions
 from .notify import NotificationHub
 from .presence import Presence, PresenceIndex, scan_published_cids
+from .replication import Replication
 from .state import FAILED, PUBLISHED, PUBLISHING, QUEUED, StateDB
-from .status import ReplicaState, StatusHistory
+from .status import StatusHistory
+from .touches import Touches
 from .worker import RepositoryWorker
-
-if TYPE_CHECKING:
-    from ..cvmfs.gc import GcReport
-    from ..cvmfs.subscriber import Activity
 
 log = logging.getLogger("rcds.publish")
 
-REPLICA_BUSY_WAIT = 120.0  # seconds cleanup waits for a replica another process holds (rcds repo gc)
 CLOCK_OFFSET_ENV = (
     "RCDS_CLOCK_OFFSET"  # tests: seconds added to the service's clock (last-use, publish times)
 )
@@ -163,8 +159,6 @@ class PublishService:
         self._enqueue_lock = threading.Lock()
         # Per repository: the CID-like directories inside its one-level CIDs (collisions, see namespace).
         self._shadowed: dict[str, list[str]] = {}
-        self._replica_stores: dict[str, ObjectStore] = {}  # replicas kept in buckets, read by ``public``
-        self._replica_stores_lock = threading.Lock()
         self._collisions_warned: set[str] = set()
         self.repositories: dict[str, Repository] = {}
         self.workers: list[RepositoryWorker] = []
@@ -174,30 +168,26 @@ class PublishService:
         self.stopping = threading.Event()
         self._wake = threading.Condition()
         self._generation = 0
-        self._touches: dict[str, float] = {}
-        self._touch_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self.touches = Touches(self)  # last-use times, written in batches
         self._housekeeper: threading.Thread | None = None
-        self._replicators: list[threading.Thread] = []
         self.known_revision: dict[str, int] = {}  # per repository: the revision the presence index shows
-        self.cleanup_lock = threading.Lock()  # one cleanup at a time (daily schedule, or rcds cleanup)
-        # Per replica we snapshot: held by its replication thread around each snapshot and by cleanup
-        # around its garbage collection, so that neither finds the other holding the replica's lock.
-        self.replica_locks = {rs.name: threading.Lock() for rs in settings.repositories if rs.upstream}
-        # For the status page (``status``): what each replication thread last saw, and the sampled history.
-        self.replica_states = {rs.name: ReplicaState() for rs in settings.repositories if rs.upstream}
-        self.status_history: StatusHistory | None = None
+        self.replication = Replication(self)  # the threads that keep our replicas current
+        self.cleaner = Cleaner(self)
+        # The collaborators' shared pieces, under the names the rest of rcds (cli, status) knows them by.
+        self.cleanup_lock = self.cleaner.lock
+        self.replica_locks = self.replication.locks
+        self.replica_states = self.replication.states
+        self.status_history: StatusHistory | None = None  # the status page's sampled time series
         # New revisions of every repository held here, to the notification streams (rcds.web.notifications).
         self.notifications = NotificationHub(
             settings.notifications.max_subscribers,
             settings.notifications.queue,
             on_drop=lambda reason: self.metrics.notification_drops.labels(reason).inc(),
         )
-        self._replica_wakes: list[threading.Event] = []  # set on stop: replication threads wait on them
         self._early_cids: set[str] = set()  # CIDs being staged as they arrive (``start_early``)
         self._early_lock = threading.Lock()
 
-    # --- life cycle ------------------------------------------------------------------------------
+    # --- life cycle ----------------------------------------------------------------------------------
 
     def open(self) -> None:
         """Open the state and the repositories and build the presence index, without publishing.
@@ -233,17 +223,10 @@ class PublishService:
             worker = RepositoryWorker(self, name, repo)
             worker.start()
             self.workers.append(worker)
-        self._flusher = threading.Thread(target=self._flush_loop, name="touch-flusher", daemon=True)
-        self._flusher.start()
+        self.touches.start()
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
         self._housekeeper.start()
-        for rs in s.repositories:
-            if rs.upstream:
-                thread = threading.Thread(
-                    target=self._replicate_loop, args=(rs,), name=f"replica-{rs.name}", daemon=True
-                )
-                thread.start()
-                self._replicators.append(thread)
+        self.replication.start()
 
     def storage(self, name: str) -> Path:
         return next(r.storage for r in self.settings.repositories if r.name == name)
@@ -256,12 +239,7 @@ class PublishService:
             return rs.storage
         if name in self.repositories:
             return self.repositories[name].store
-        with self._replica_stores_lock:
-            if name not in self._replica_stores:
-                from ..storage import store_from_settings
-
-                self._replica_stores[name] = store_from_settings(rs.store)
-            return self._replica_stores[name]
+        return self.replication.store(rs)
 
     def refresh_presence(self, name: str, force: bool = False) -> bool:
         """Rescan a repository's CIDs if its live revision is not the one the index shows.
@@ -318,13 +296,12 @@ class PublishService:
         self.running = False
         self.stopping.set()
         self._notify()
-        for wake in self._replica_wakes:
-            wake.set()
+        self.replication.wake_all()
         self.notifications.close()
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.join(max(0.0, deadline - time.monotonic()))
-        for thread in (self._flusher, self._housekeeper, *self._replicators):
+        for thread in (self.touches.thread, self._housekeeper, *self.replication.threads):
             if thread is not None:
                 thread.join(5)
         self.flush_touches()
@@ -393,7 +370,7 @@ class PublishService:
         if requeue:
             log.info("requeued interrupted publishes", extra=fields(jobs=len(requeue)))
 
-    # --- queries ---------------------------------------------------------------------------------
+    # --- queries -------------------------------------------------------------------------------------
 
     @property
     def repository_names(self) -> list[str]:
@@ -444,7 +421,7 @@ class PublishService:
             doc["last_used"] = last
         return doc
 
-    # --- uploads ---------------------------------------------------------------------------------
+    # --- uploads -------------------------------------------------------------------------------------
 
     def before_upload(self, cid: str) -> Outcome | None:
         """The answer to give without storing the body, or None if the upload must be received.
@@ -585,288 +562,35 @@ class PublishService:
     def generation(self) -> int:
         return self._generation
 
-    # --- access times ----------------------------------------------------------------------------
+    # --- access times (``touches``) and cleanup (``cleaner``) ----------------------------------------
+    # Thin faces on the collaborators: the workers, the cli and the tests call them on the service.
 
     def touch(self, cid: str) -> None:
-        with self._touch_lock:
-            self._touches[cid] = self.clock()
+        self.touches.touch(cid)
 
     def flush_touches(self) -> None:
-        with self._touch_lock:
-            batch, self._touches = self._touches, {}
-        if batch and self.state is not None:
-            self.state.record_access(batch)
+        self.touches.flush()
 
     def last_used(self, cid: str) -> float | None:
-        with self._touch_lock:
-            pending = self._touches.get(cid)
-        stored = self.state.last_used(cid) if self.state is not None else None
-        known = [t for t in (pending, stored) if t is not None]
-        return max(known) if known else None
-
-    def _flush_loop(self) -> None:
-        while not self.stopping.wait(self.settings.touch_flush_seconds):
-            try:
-                self.flush_touches()
-                assert self.state is not None
-                self.state.prune(time.time() - 7 * 86400)
-            except Exception:
-                log.exception("flushing access times failed")
-
-    # --- cleanup ---------------------------------------------------------------------------------
+        return self.touches.last_used(cid)
 
     def cleanup(
         self, name: str, dry_run: bool = False, now: float | None = None, gc: bool = True
     ) -> CleanupReport:
-        """Expire the unused CIDs of one local repository, then collect its garbage.
-
-        Its publish worker is paused for the duration (the queue goes to the other repositories); the
-        service as a whole keeps accepting uploads. For a replica of another server's repository only
-        the garbage collection runs (``cleanup_replica``).
-        """
-        if name not in self.repositories and name in self.replica_locks:
-            return self.cleanup_replica(name, dry_run, now, gc)
-        repo = self.repositories[name]
-        now = self.clock() if now is None else now
-        started = time.monotonic()
-        with self.cleanup_lock, self.paused(name):
-            assert self.state is not None
-            self.flush_touches()
-            storages = {r.name: self.public(r.name) for r in self.settings.repositories}
-            plan = plan_cleanup(
-                name, storages, self.state.access_times(), self.prefix, self.settings.maxdays, now
-            )
-            report = CleanupReport(plan=plan, dry_run=dry_run)
-            if not dry_run:
-                report.revision = apply_cleanup(repo, plan, self.prefix, clock=self.clock)
-                self.refresh_presence(name, force=report.revision is not None)
-                gone = [e.cid for e in plan.expired if not self.presence.anywhere(e.cid)]
-                self.state.forget_access(gone + [c for c in plan.orphans if not self.presence.anywhere(c)])
-            if gc:
-                from ..cvmfs.gc import collect_garbage
-
-                report.gc = collect_garbage(
-                    repo, horizon=self.settings.gc_horizon_days * 86400, now=now, dry_run=dry_run
-                )
-        report.seconds = time.monotonic() - started
-        m = self.metrics
-        if not dry_run:
-            m.cids_expired.labels(name).inc(len(plan.expired))
-            m.cleanup_seconds.labels(name).observe(report.seconds)
-            if report.gc is not None:
-                m.gc_objects_swept.labels(name).inc(report.gc.objects_swept)
-                m.gc_bytes_freed.labels(name).inc(report.gc.bytes_freed)
-        for e in plan.expired:
-            log.info(
-                "expired" if not dry_run else "would expire",
-                extra=fields(repository=name, cid=e.cid, last_used=int(e.last_used), source=e.source),
-            )
-        log.info(
-            "cleanup",
-            extra=fields(
-                repository=name, dry_run=dry_run, expired=len(plan.expired), orphans=len(plan.orphans),
-                kept=plan.kept, revision=report.revision, seconds=round(report.seconds, 3),
-                objects_swept=report.gc.objects_swept if report.gc else None,
-                bytes_freed=report.gc.bytes_freed if report.gc else None,
-            ),
-        )  # fmt: skip
-        return report
+        return self.cleaner.cleanup(name, dry_run, now, gc)
 
     def cleanup_replica(
         self, name: str, dry_run: bool = False, now: float | None = None, gc: bool = True
     ) -> CleanupReport:
-        """Garbage-collect the replica ``name`` (the daily cleanup of a ``local = false`` repository with an
-        ``upstream``). Nothing expires here: the owner removes its unused CIDs and the replica follows.
+        return self.cleaner.cleanup_replica(name, dry_run, now, gc)
 
-        Serialised with the replica's snapshots through ``replica_locks`` (the replication thread waits
-        for the collection); a replica locked by another process (``rcds repo gc``) is waited for, up
-        to ``REPLICA_BUSY_WAIT`` seconds."""
-        from ..cvmfs.replica_gc import ReplicaBusy, collect_replica_garbage
-
-        storage = self.storage(name)
-        now = self.clock() if now is None else now
-        started = time.monotonic()
-        revision, collectable = 0, False
-        public = self.public(name)
-        with contextlib.suppress(OSError, ManifestError, ObjectMissing):
-            data = (
-                public.get(MANIFEST) if isinstance(public, ObjectStore) else (public / MANIFEST).read_bytes()
-            )
-            manifest = Manifest.parse(data)[0]
-            revision, collectable = manifest.revision, manifest.garbage_collectable
-        report = CleanupReport(plan=CleanupPlan(repository=name, revision=revision), dry_run=dry_run)
-        if gc and revision and not collectable:
-            # The owner keeps every revision (G=no), so must its replicas; as cvmfs_server's automatic GC
-            # of a stratum 1, skip it quietly rather than fail every day.
-            log.info(
-                "cleanup: replica not garbage-collectable (G=no), skipped", extra=fields(repository=name)
-            )
-        elif gc and revision:  # a replica without a first snapshot holds nothing to collect
-            deadline = time.monotonic() + REPLICA_BUSY_WAIT
-            with self.cleanup_lock:
-                while True:
-                    try:
-                        with self.replica_locks[name]:
-                            report.gc = collect_replica_garbage(
-                                storage, horizon=self.settings.gc_horizon_days * 86400, now=now,
-                                dry_run=dry_run,
-                            )  # fmt: skip
-                        break
-                    except ReplicaBusy:
-                        if time.monotonic() > deadline or self.stopping.is_set():
-                            raise
-                        time.sleep(0.5)
-        report.seconds = time.monotonic() - started
-        if not dry_run:
-            self.metrics.cleanup_seconds.labels(name).observe(report.seconds)
-            if report.gc is not None:
-                self.metrics.gc_objects_swept.labels(name).inc(report.gc.objects_swept)
-                self.metrics.gc_bytes_freed.labels(name).inc(report.gc.bytes_freed)
-        log.info(
-            "cleanup",
-            extra=fields(
-                repository=name, replica=True, dry_run=dry_run, revision=revision,
-                seconds=round(report.seconds, 3),
-                objects_swept=report.gc.objects_swept if report.gc else None,
-                bytes_freed=report.gc.bytes_freed if report.gc else None,
-            ),
-        )  # fmt: skip
-        return report
-
-    @contextlib.contextmanager
-    def paused(self, name: str) -> Iterator[None]:
-        """Stop repository ``name``'s worker taking jobs (they go to the others) and wait for its revision."""
-        worker = next((w for w in self.workers if w.repo_name == name), None)
-        if worker is None:
-            yield
-            return
-        worker.accepting.clear()
-        try:
-            # Ingests in flight are grafted (or given up) first: they hold the repository's ingest lock,
-            # which garbage collection waits for.
-            while worker.slots is not None and worker.slots.busy and worker.is_alive():
-                self._notify()
-                time.sleep(0.05)
-            with worker.busy:
-                yield
-        finally:
-            worker.accepting.set()
+    def paused(self, name: str) -> AbstractContextManager[None]:
+        return self.cleaner.paused(name)
 
     def cleanup_due(self, now: float) -> list[str]:
-        """Local repositories and replicas we snapshot whose daily cleanup hour is now and that were not
-        cleaned today.
+        return self.cleaner.due(now)
 
-        Repository i (1-based, in configuration order) is cleaned in hour (gcstarthour - 1 + i) % 24, as
-        the service rcds replaces did, so that one repository at a time is paused.
-        """
-        assert self.state is not None
-        local = time.localtime(now)
-        today = time.strftime("%Y-%m-%d", local)
-        due = []
-        for i, rs in enumerate(self.settings.repositories, start=1):
-            if not (rs.local or rs.upstream) or (self.settings.gcstarthour - 1 + i) % 24 != local.tm_hour:
-                continue
-            if self.state.last_cleanup_day(rs.name) != today:
-                due.append(rs.name)
-        return due
-
-    def _replicate_loop(self, rs: RepositorySettings) -> None:
-        """Keep the replica of another server's repository current: a snapshot every replica_interval, and
-        at once when the upstream's notification stream announces a revision newer than the replica's.
-
-        A message only wakes the loop; the snapshot verifies what it fetches, so a forged or stale message
-        costs one snapshot that finds nothing new. With the stream down the interval goes on as before.
-        A source that is down only delays the replica; ``exists`` goes on answering from what it holds.
-        """
-        from ..cvmfs.replica import snapshot
-        from ..cvmfs.subscriber import NotificationSubscriber
-
-        assert rs.public_key is not None
-        m = self.metrics
-        wake = threading.Event()
-        self._replica_wakes.append(wake)
-        lock = threading.Lock()
-        served = self.known_revision.get(rs.name, -1)
-        pending: list[tuple[int, float]] = []  # the newest announced revision not yet served, and when
-
-        def on_message(message: Activity) -> None:
-            revision = message.revision
-            if revision <= served:
-                return  # what the replica has (the message sent on subscribe, keep-alives)
-            with lock:
-                if not pending or revision > pending[0][0]:
-                    pending[:] = [(revision, message.announced or time.time())]
-            wake.set()
-
-        def on_state(up: bool) -> None:
-            m.notification_stream_up.labels(rs.name).set(1 if up else 0)
-            if not up:
-                m.notification_streams_lost.labels(rs.name).inc()
-
-        subscriber = None
-        if rs.notification_roots:
-            m.notification_stream_up.labels(rs.name).set(0)
-            subscriber = NotificationSubscriber(
-                list(rs.notification_roots), rs.name, on_message, on_state=on_state,
-                idle_timeout=max(100.0, 3 * self.settings.notifications.keepalive),
-            ).start()  # fmt: skip
-        failures, trigger = 0, "start"
-        try:
-            while not self.stopping.is_set():
-                wake.clear()  # a message arriving during this snapshot wakes the next one
-                try:
-                    with self.replica_locks[rs.name]:  # never while cleanup collects its garbage
-                        report = snapshot(
-                            list(rs.upstream), rs.storage, public_keys=[rs.public_key], fqrn=rs.name,
-                            store=rs.store or None,
-                        )  # fmt: skip
-                    if failures:
-                        log.info(
-                            "replica source back", extra=fields(repository=rs.name, after_failures=failures)
-                        )
-                    failures = 0
-                    self.replica_states[rs.name].succeeded(report.revision, report.changed, time.time())
-                    served = report.revision
-                    lag = None
-                    with lock:
-                        announced = pending[0] if pending else None
-                        if announced is not None and (announced[0] <= served or trigger == "notification"):
-                            pending.clear()
-                    if announced is not None and announced[0] <= served:
-                        lag = max(0.0, time.time() - announced[1])
-                        m.notification_lag.labels(rs.name).observe(lag)
-                    elif announced is not None and trigger == "notification":
-                        m.notifications_unconfirmed.labels(rs.name).inc()
-                        log.warning(
-                            "notification not confirmed by the snapshot",
-                            extra=fields(repository=rs.name, announced=announced[0], revision=served),
-                        )
-                    if report.changed:
-                        self.announce(rs.name)  # verified and live here: a chain of servers passes it on
-                        self.refresh_presence(rs.name)
-                        log.info(
-                            "replicated",
-                            extra=fields(
-                                repository=rs.name, revision=report.revision, objects=report.objects_fetched,
-                                bytes=report.bytes_fetched, seconds=round(report.seconds, 3), trigger=trigger,
-                                notification_lag=None if lag is None else round(lag, 3),
-                            ),
-                        )  # fmt: skip
-                except Exception as exc:
-                    failures += 1
-                    self.replica_states[rs.name].failed(f"{type(exc).__name__}: {exc}", time.time())
-                    if failures == 1 or failures % 20 == 0:  # a dead peer must not flood the log
-                        log.warning(
-                            "replication failed",
-                            extra=fields(
-                                repository=rs.name, failures=failures, error=f"{type(exc).__name__}: {exc}"
-                            ),
-                        )
-                interval = self.settings.replica_interval
-                trigger = "notification" if wake.wait(interval * random.uniform(0.8, 1.2)) else "interval"
-        finally:
-            if subscriber is not None:
-                subscriber.stop()
+    # --- notifications and housekeeping --------------------------------------------------------------
 
     def announce(self, name: str, manifest: bytes | None = None) -> bool:
         """Announce repository ``name``'s live signed manifest to its notification subscribers, once per
@@ -923,40 +647,13 @@ class PublishService:
                         self.refresh_presence(rs.name)
                 if self.settings.auto_cleanup and time.monotonic() >= next_schedule_check:
                     next_schedule_check = time.monotonic() + 60
-                    now = self.clock()
-                    for name in self.cleanup_due(now):
-                        assert self.state is not None
-                        self.state.record_cleanup_day(name, time.strftime("%Y-%m-%d", time.localtime(now)))
-                        self.cleanup(name)
+                    self.cleaner.run_due()
             except Exception:
                 log.exception("housekeeping failed")
 
     def update_gauges(self, name: str, revision: int) -> None:
         self.metrics.revision.labels(name).set(revision)
         self.metrics.cids_present.labels(name).set(self.presence.count(name))
-
-
-@dataclass
-class CleanupReport:
-    plan: CleanupPlan
-    dry_run: bool
-    revision: int | None = None  # the revision that removed them (None: nothing removed)
-    gc: GcReport | None = None
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "repository": self.plan.repository,
-            "dry_run": self.dry_run,
-            "expired": [
-                {"cid": e.cid, "last_used": int(e.last_used), "source": e.source} for e in self.plan.expired
-            ],
-            "orphans": self.plan.orphans,
-            "kept": self.plan.kept,
-            "revision": self.revision,
-            "gc": None if self.gc is None else dataclasses.asdict(self.gc),
-            "seconds": round(self.seconds, 3),
-        }
 
 
 __all__ = ["Outcome", "PublishService", "ServiceUnavailable", "SpoolFile", "UploadTooLarge"]
