@@ -187,6 +187,12 @@ def _root_entry(root_path: str, root: Dirent) -> Dirent:
     return replace(root, flags=flags | FLAG_NESTED_ROOT if root_path else flags)
 
 
+def mountpoint_entry(root: Dirent) -> Dirent:
+    """The row that mounts a nested catalog in its parent: the nested catalog's root row, marked as a
+    mountpoint (the inverse of ``_root_entry``)."""
+    return replace(root, flags=(root.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
+
+
 def make_hardlinks(linkcount: int, group: int = 0) -> int:
     return (group << 32) | linkcount
 

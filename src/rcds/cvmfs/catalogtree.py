@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 from .catalog import (
     COUNTER_KINDS,
     FLAG_DIR,
-    FLAG_NESTED_MOUNTPOINT,
-    FLAG_NESTED_ROOT,
     NESTED_MARKER,
     Catalog,
     Counters,
@@ -31,6 +29,7 @@ from .catalog import (
     add_counts,
     file_flags,
     make_hardlinks,
+    mountpoint_entry,
 )
 from .errors import TransactionError
 from .hashes import ContentHash, parent_path
@@ -242,7 +241,7 @@ class CatalogTree:
             cat = Catalog.create(self.new_file(), path, row)
         else:
             cat.set_root(path, row)
-        holder.cat.insert(path, replace(row, flags=(row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT))
+        holder.cat.insert(path, mountpoint_entry(row))
         # Placeholder until the child is finalized and its hash is known.
         holder.cat.set_nested(path, ContentHash(bytes(20)), 0)
         zero = dict.fromkeys(COUNTER_KINDS, 0)
@@ -398,8 +397,7 @@ class CatalogTree:
             parent = self.open[oc.parent]
             parent.cat.set_nested(oc.mount, h, size)
             assert root_row is not None
-            mount_row = replace(root_row, flags=(root_row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
-            parent.cat.update(oc.mount, mount_row)
+            parent.cat.update(oc.mount, mountpoint_entry(root_row))
             parent.child_delta = add_counts(
                 parent.child_delta, add_counts(counters.totals(), oc.old_totals, -1)
             )

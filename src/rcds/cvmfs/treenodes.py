@@ -114,7 +114,7 @@ def collect(
     for rel in list(nodes):
         p = rel
         while p:
-            p = p.rsplit("/", 1)[0] if "/" in p else ""
+            p = _parent(p)
             if p in nodes:
                 if nodes[p].kind is not EntryKind.DIRECTORY:
                     raise TreeError(f"{p!r} is used as a directory but is not one")
@@ -179,7 +179,7 @@ def resolve(nodes: dict[str, Node]) -> None:
         src = nodes[target].dirent
         by_dir: dict[str, list[str]] = {}
         for m in members:
-            by_dir.setdefault(m.rsplit("/", 1)[0] if "/" in m else "", []).append(m)
+            by_dir.setdefault(_parent(m), []).append(m)
         for directory, names in by_dir.items():
             for m in names:
                 d = nodes[m].dirent
@@ -191,7 +191,7 @@ def resolve(nodes: dict[str, Node]) -> None:
                 nodes[m].link_target = f"{directory}/{target}" if len(names) > 1 else None
     for rel, node in nodes.items():
         if rel and node.kind is EntryKind.DIRECTORY:
-            nodes[rel.rsplit("/", 1)[0] if "/" in rel else ""].subdirs += 1
+            nodes[_parent(rel)].subdirs += 1
     for node in nodes.values():
         if node.kind is EntryKind.DIRECTORY:
             node.dirent.hardlinks = make_hardlinks(2 + node.subdirs)
@@ -214,6 +214,11 @@ def relative(path: str) -> str:
     return rel[1:]
 
 
+def _parent(rel: str) -> str:
+    """The directory holding ``rel`` in the tree ("" is the root)."""
+    return rel.rsplit("/", 1)[0] if "/" in rel else ""
+
+
 def absolute(base: str, rel: str | None) -> str:
     """The repository path of ``rel`` in the tree at ``base``."""
     return f"{base}/{rel}" if rel else base
@@ -227,7 +232,7 @@ def catalog_root(rel: str, boundaries: set[str]) -> str | None:
             return p
         if not p:
             return None
-        p = p.rsplit("/", 1)[0] if "/" in p else ""
+        p = _parent(p)
 
 
 def xattr_blob(xattrs: dict[bytes, bytes] | None) -> bytes | None:

@@ -31,14 +31,13 @@ from typing import TYPE_CHECKING
 from ..logs import fields
 from . import failpoints
 from .catalog import (
-    FLAG_NESTED_MOUNTPOINT,
-    FLAG_NESTED_ROOT,
     NESTED_MARKER,
     Catalog,
     Counters,
     Dirent,
     file_flags,
     make_hardlinks,
+    mountpoint_entry,
 )
 from .catalogtree import CatalogTree, stored_totals
 from .content import ContentWriter, IngestStats
@@ -280,8 +279,7 @@ class Transaction:
             cat.close()
         if prefix != path or root_row is None or not root_row.is_dir:
             raise TransactionError(f"catalog {catalog_hash.hex} is not rooted at {path or '/'}")
-        mount_row = replace(root_row, flags=(root_row.flags & ~FLAG_NESTED_ROOT) | FLAG_NESTED_MOUNTPOINT)
-        self.graft(StagedTree(path, catalog_hash, size, mount_row, totals, 0, IngestStats()))
+        self.graft(StagedTree(path, catalog_hash, size, mountpoint_entry(root_row), totals, 0, IngestStats()))
 
     # --- commit ----------------------------------------------------------------------------------
 
